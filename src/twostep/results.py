@@ -1,0 +1,73 @@
+"""Command-written sections of ``docs/results.md``: tables plus the bars they are held to, with verdicts.
+
+Nothing here holds an expected number: each verdict compares a measured value with the bar of its issue.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from .evaluate import format_table
+from .reports import update_section
+from .teacher import Teacher, platform_summary
+
+TEACHER_FD_BAR = 2.0
+NAIVE_GAP_BAR = 3.0
+TEACHER_TRAIN_BAR_S = 8 * 60
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
+
+
+def teacher_bars(result: dict, meta: dict | None) -> list[str]:
+    steps = result["steps"]
+    lines = []
+    if "8" in steps:
+        fd8 = steps["8"]["fd_real"]
+        lines.append(f"- 8-step teacher FD to held-out real ≤ {TEACHER_FD_BAR} at {result['num_samples']} samples: "
+                     f"{fd8:.3f} — {_verdict(fd8 <= TEACHER_FD_BAR)} "
+                     f"(real-vs-real floor at the same count: {result['real_floor']['fd_real']:.3f})")
+        if "2" in steps:
+            ratio = steps["2"]["fd_real"] / fd8
+            lines.append(f"- naive 2-step FD ≥ {NAIVE_GAP_BAR}× the 8-step FD: {steps['2']['fd_real']:.3f} / "
+                         f"{fd8:.3f} = {ratio:.2f}× — {_verdict(ratio >= NAIVE_GAP_BAR)}")
+            if "samples_per_s" in steps["2"] and "samples_per_s" in steps["8"]:
+                speed = steps["2"]["samples_per_s"] / steps["8"]["samples_per_s"]
+                lines.append(f"- 2-step vs 8-step sampling throughput (same batch, same process): {speed:.2f}×")
+    if meta:
+        wall = meta["train_wall_s"]
+        lines.append(f"- teacher training ≤ {TEACHER_TRAIN_BAR_S // 60} min on this machine: {wall:.0f} s "
+                     f"({meta['steps']} steps, {meta['torch_threads']} threads) — "
+                     f"{_verdict(wall <= TEACHER_TRAIN_BAR_S)}")
+    return lines
+
+
+def read_meta(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, "meta.json")
+    return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else None
+
+
+def teacher_section(result: dict, teacher: Teacher) -> str:
+    meta = read_meta(teacher.run_dir)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([
+        "### Teacher on the offline digits world",
+        "",
+        f"Written by `{result.get('command', 'twostep eval')}` on {date}; machine: {platform_summary()}.",
+        f"{result['num_samples']} samples per row (balanced over the ten prompts, noise seed {result['noise_seed']}), "
+        f"FD against {result['heldout_real']} held-out real digits in the evaluator's 64-d feature space "
+        f"(evaluator accuracy on held-out real digits: {result['evaluator_heldout_accuracy']:.3f}).",
+        "",
+        format_table(result),
+        "",
+        "Bars (issue: foundation):",
+        "",
+        *teacher_bars(result, meta),
+    ])
+
+
+def write_teacher_section(path: str, result: dict, teacher: Teacher) -> None:
+    update_section(path, "teacher", teacher_section(result, teacher))

@@ -1,0 +1,43 @@
+import pytest
+
+from twostep.config import ConfigError, load_config, save_config
+from twostep.teacher import TeacherConfig
+
+
+def test_defaults_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 42\nmodel:\n  dim: 64\n  axes_dims: [4, 6, 6]\n")
+    cfg = load_config(TeacherConfig, str(path), ["train.lr=3e-4", "sampling.shift=2", "seed=7"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.sampling.shift, cfg.seed, cfg.model.dim) == (42, 3e-4, 2.0, 7, 64)
+    assert cfg.train.batch_size == TeacherConfig().train.batch_size
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TeacherConfig, None, ["train.steps=5"])
+    save_config(cfg, str(tmp_path / "resolved.yaml"))
+    assert load_config(TeacherConfig, str(tmp_path / "resolved.yaml")) == cfg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stepz=3", "train.stepz"),
+    ("train.steps=many", "train.steps"),
+    ("train.steps=0", "train.steps"),
+    ("model.dim=90", "model.dim"),
+    ("model.dim=100", "model.axes_dims"),
+    ("trian.steps=3", "trian"),
+    ("train.lr=true", "train.lr"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}"):
+        load_config(TeacherConfig, None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TeacherConfig, str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TeacherConfig, str(bad))
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(TeacherConfig, None, ["train.steps"])
