@@ -52,18 +52,6 @@ def test_sample_and_eval(teacher_run, tmp_path, capsys):
     assert open(results).read().count("twostep:teacher:begin") == 1
 
 
-def test_demo_runs_and_reuses_teacher(tmp_path, capsys):
-    out = str(tmp_path / "demo")
-    assert main(["demo", "--out", out, *TINY]) == 0
-    for name in ["report.md", "metrics.json", "teacher_8_vs_2_steps.png", "teacher/teacher.safetensors"]:
-        assert os.path.isfile(os.path.join(out, name)), name
-    stamp = os.path.getmtime(os.path.join(out, "teacher", "teacher.safetensors"))
-    capsys.readouterr()
-    assert main(["demo", "--out", out, *TINY]) == 0
-    assert "reusing the teacher" in capsys.readouterr().out
-    assert os.path.getmtime(os.path.join(out, "teacher", "teacher.safetensors")) == stamp
-
-
 def test_teacher_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
     """Stop after step 2 (a checkpoint), resume, and end with the same weights as one uninterrupted run."""
     from safetensors.torch import load_file

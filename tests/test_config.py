@@ -41,3 +41,13 @@ def test_bad_files(tmp_path):
         load_config(TeacherConfig, str(bad))
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(TeacherConfig, None, ["train.steps"])
+
+
+def test_shipped_configs_load_and_agree():
+    from twostep.train import DistillConfig
+
+    teacher = load_config(TeacherConfig, "configs/toy_teacher.yaml")
+    assert teacher == TeacherConfig(), "toy_teacher.yaml and the code defaults must not drift apart"
+    demo = load_config(DistillConfig, "configs/toy_demo.yaml")
+    assert demo.teacher == teacher, "the demo must train (and so reuse) the same teacher as train-teacher"
+    assert demo.student.sigmas == demo.teacher_data.student_sigmas == [1.0, 0.75]

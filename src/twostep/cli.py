@@ -15,6 +15,7 @@ import warnings
 from .errors import TwostepError
 
 DEFAULT_TEACHER_CONFIG = "configs/toy_teacher.yaml"
+DEFAULT_DEMO_CONFIG = "configs/toy_demo.yaml"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,11 +43,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _config_path(path: str | None) -> str | None:
+def _config_path(path: str | None, default: str = DEFAULT_TEACHER_CONFIG) -> str | None:
     """The given config, else the repo's default when run from a checkout, else built-in defaults."""
     if path:
         return path
-    return DEFAULT_TEACHER_CONFIG if os.path.isfile(DEFAULT_TEACHER_CONFIG) else None
+    return default if os.path.isfile(default) else None
 
 
 def _command_line(args) -> str:
@@ -106,12 +107,34 @@ def cmd_eval(args) -> None:
         print(f"updated {args.results}")
 
 
+def cmd_teacher_data(args) -> None:
+    from .config import load_config
+    from .distill import make_teacher_data
+    from .train import DistillConfig
+
+    cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
+    manifest = make_teacher_data(args.teacher, cfg, args.out)
+    print(f"teacher data: {manifest['provenance']['num_samples']} trajectories in {len(manifest['shards'])} shards "
+          f"-> {args.out}")
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .distill import train_student
+    from .train import DistillConfig
+
+    cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
+    meta = train_student(args.teacher, args.data, cfg, args.out, resume=args.resume)
+    print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {args.out}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    report = run_demo(args.out, config_path=_config_path(args.config), overrides=args.overrides,
-                      results_path=args.results)
-    print(f"report: {report}")
+    report = run_demo(args.out, config_path=_config_path(args.config, DEFAULT_DEMO_CONFIG),
+                      overrides=args.overrides, results_path=args.results)
+    html = os.path.splitext(report)[0] + ".html"
+    print(f"report: {report} (open {html} in a browser)")
 
 
 # --------------------------------------------------------------------------- parser
@@ -144,8 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="also rewrite the teacher section of this markdown file (docs/results.md)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("teacher-data", help="cache teacher trajectories (noise, states at the student sigmas, final)")
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
+    p.add_argument("--teacher", default="runs/teacher", help="teacher run folder")
+    p.add_argument("--out", default="runs/teacher_data", help="cache folder; a rerun finishes what is missing")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher_data.num_samples=2000")
+    p.set_defaults(func=cmd_teacher_data)
+
+    p = sub.add_parser("train", help="distil the teacher into a 2-step student (Turbo++ recipe)")
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
+    p.add_argument("--teacher", default="runs/teacher", help="teacher run folder")
+    p.add_argument("--data", default="runs/teacher_data", help="teacher-data cache folder")
+    p.add_argument("--out", default="runs/student", help="run folder")
+    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest (or a given) checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. recipe.end_to_end=false train.steps=200")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help="the main job on the offline world (make demo)")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_TEACHER_CONFIG} if present)")
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
     p.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
     p.add_argument("--results", help="also rewrite the sections of this markdown file (docs/results.md)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")

@@ -1,87 +1,238 @@
 """``twostep demo``: the main job on the offline world, start to finish, with a report to look at.
 
-Today (foundation): train or reuse the toy teacher, compare it at 8 and 2 steps on the same noise,
-evaluate every step count, and write ``OUT/report.md`` + ``OUT/metrics.json``. The distillation stage
-plugs in after the teacher.
+1. train the toy teacher (or reuse it when ``OUT/teacher`` was made with the same config);
+2. build the teacher-data cache (finished shards are kept);
+3. distil the 2-step student with the full recipe (reused when ``OUT/student`` has the same config);
+4. evaluate teacher 8-step, naive teacher 2-step, student 2-step and its step-1 estimate on the same noise;
+5. write ``OUT/report.md``, ``OUT/report.html`` (self-contained), ``OUT/metrics.json``, grids and loss curves.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
+import shutil
 
 import torch
 import yaml
 
 from .config import load_config, to_dict
-from .evaluate import build_evaluator, evaluate_teacher_steps, format_table
+from .distill import STUDENT_WEIGHTS, evaluate_student, load_student, make_teacher_data, train_student
+from .errors import TwostepError
+from .evaluate import build_evaluator, evaluate_teacher_steps
 from .reports import image_grid, save_image
-from .results import read_meta, teacher_bars, write_teacher_section
-from .sampling import generate, make_noise
-from .teacher import TeacherConfig, load_teacher, train_teacher
+from .results import write_distill_section, write_teacher_section
+from .teacher import load_teacher, train_teacher
 from .toy.data import NUM_CLASSES
+from .train import DistillConfig
 from .utils import ensure_writable_dir, write_text
 
 EVAL_STEPS = [1, 2, 4, 8, 16]
 
 
-def teacher_is_current(run_dir: str, cfg: TeacherConfig) -> bool:
-    """A finished teacher run made with exactly this config can be reused."""
+def same_config(run_dir: str, cfg_dict: dict, required_file: str) -> bool:
+    """A finished run made with exactly this (resolved) config can be reused."""
     path = os.path.join(run_dir, "config.yaml")
-    if not (os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, "teacher.safetensors"))):
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, required_file))):
         return False
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) == to_dict(cfg)
+        return yaml.safe_load(f) == cfg_dict
 
 
-def comparison_grid(teacher, steps: list[int], per_prompt: int = 6, seed: int = 0):
-    """Rows = prompts 0..9; column blocks = step counts, all from the same noise."""
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_prompt)
-    noise = make_noise(len(labels), teacher.image_shape, seed)
-    blocks = [generate(teacher.backbone, noise, teacher.cond(labels), n, teacher.config.sampling.shift)
-              .reshape(NUM_CLASSES, per_prompt, *teacher.image_shape) for n in steps]
-    gap = torch.ones(NUM_CLASSES, 1, *teacher.image_shape)  # a white column between blocks
+def comparison_grid(images: dict[str, torch.Tensor], labels: torch.Tensor, per_prompt: int):
+    """Rows = prompts 0..9; one block of ``per_prompt`` columns per sampler, same noise in every block."""
+    names = list(images)
+    shape = next(iter(images.values())).shape[1:]
+    blocks = []
+    for name in names:
+        imgs = images[name]
+        picked = torch.stack([imgs[labels == c][:per_prompt] for c in range(NUM_CLASSES)])  # (10, P, C, H, W)
+        blocks.append(picked)
+    gap = torch.ones(NUM_CLASSES, 1, *shape)
     rows = torch.cat([b if i == 0 else torch.cat([gap, b], 1) for i, b in enumerate(blocks)], dim=1)
-    ncols = rows.shape[1]
     header = []
-    for i, n in enumerate(steps):
-        header += [f"{n} steps"] + [""] * (per_prompt - 1) + ([""] if i < len(steps) - 1 else [])
-    return image_grid(rows.reshape(-1, *teacher.image_shape), ncols=ncols,
-                      row_labels=[str(d) for d in range(NUM_CLASSES)], col_labels=header)
+    for i, name in enumerate(names):
+        header += [name.replace("_", " ")] + [""] * (per_prompt - 1) + ([""] if i < len(names) - 1 else [])
+    return image_grid(rows.reshape(-1, *shape), ncols=rows.shape[1], row_labels=[str(d) for d in range(NUM_CLASSES)],
+                      col_labels=header, scale=4)
+
+
+def loss_curves(log_path: str, out_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in open(log_path, encoding="utf-8")]
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for key in ["g_adv", "g_step1", "d_loss"]:
+        axes[0].plot(steps, [r[key] for r in records], label=key)
+    axes[0].set_title("losses")
+    axes[1].plot(steps, [r["d_accuracy"] for r in records], label="D accuracy")
+    axes[1].plot(steps, [r["d_real_logit"] for r in records], label="real logit")
+    axes[1].plot(steps, [r["d_fake_logit"] for r in records], label="fake logit")
+    axes[1].set_title("discriminator")
+    axes[2].plot(steps, [r["out_std"] for r in records], label="output std")
+    axes[2].plot(steps, [r["step1_mse_to_teacher"] for r in records], label="step-1 MSE to teacher")
+    axes[2].set_title("student outputs")
+    for ax in axes:
+        ax.set_xlabel("generator step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+
+
+def metrics_table(result: dict) -> str:
+    lines = ["| sampler | FD to held-out real ↓ | FD to teacher-8 ↓ | class accuracy ↑ | per-prompt diversity | "
+             "PSNR vs teacher-8 (dB) |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in result["rows"].items():
+        psnr = "–" if row["psnr_vs_teacher"] == float("inf") else f"{row['psnr_vs_teacher']:.2f}"
+        lines.append(f"| {name.replace('_', ' ')} | {row['fd_real']:.3f} | {row['fd_teacher']:.3f} | "
+                     f"{row['class_accuracy']:.3f} | {row['diversity']:.3f} | {psnr} |")
+    floor = result["real_floor"]
+    lines.append(f"| real training digits (floor) | {floor['fd_real']:.3f} | – | {floor['class_accuracy']:.3f} | "
+                 f"{floor['diversity']:.3f} | – |")
+    return "\n".join(lines)
+
+
+def distill_bars(result: dict) -> list[str]:
+    rows = result["rows"]
+    names = list(rows)
+    teacher, student = rows[names[0]], rows[names[2]]
+    verdict = lambda ok: "**met**" if ok else "**NOT met**"  # noqa: E731
+    gc = result["gap_closure"]
+    acc_gap = (teacher["class_accuracy"] - student["class_accuracy"]) * 100
+    div_ratio = student["diversity"] / teacher["diversity"]
+    lines = [
+        f"- gap closure ≥ 0.8: {gc:.3f} — {verdict(gc >= 0.8)}",
+        f"- class accuracy within 2 points of the teacher's: student {student['class_accuracy']:.3f} vs teacher "
+        f"{teacher['class_accuracy']:.3f} ({acc_gap:+.1f} points below) — {verdict(acc_gap <= 2.0)}",
+        f"- per-prompt diversity ≥ 0.9× the teacher's: {div_ratio:.3f}× — {verdict(div_ratio >= 0.9)}",
+    ]
+    if "speed" in result:
+        sp = result["speed"]["speedup"]
+        lines.append(f"- 2-step throughput ≥ 3.5× the 8-step teacher's (batch {result['speed']['batch']}, same "
+                     f"process): {sp:.2f}× — {verdict(sp >= 3.5)}")
+    return lines
+
+
+def _img_tag(path: str, alt: str) -> str:
+    data = base64.b64encode(open(path, "rb").read()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def markdown_to_html_table(md: str) -> str:
+    rows = [r.strip().strip("|").split("|") for r in md.strip().splitlines()]
+    head, body = rows[0], rows[2:]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"]
+    for r in body:
+        out.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def write_reports(out: str, result: dict, bars: list[str], meta: dict) -> str:
+    table = metrics_table(result)
+    md = "\n".join([
+        "# twostep demo: 2-step distillation on the offline world", "",
+        f"Teacher: tiny `ZImageTransformer2DModel`, {meta['teacher_steps']} steps on the Turbo schedule. Student: "
+        f"{meta['student']} trained {meta['student_steps']} generator steps with the full Turbo++ recipe "
+        f"({meta['recipe']}).", "",
+        "Same prompts (rows: digit 0..9) and same noise in every block:", "",
+        "![comparison](comparison.png)", "",
+        table, "",
+        f"Gap closure (FD_naive2 − FD_student2) / (FD_naive2 − FD_teacher8) = **{result['gap_closure']:.3f}**", "",
+        *bars, "",
+        "Training curves:", "", "![loss curves](loss_curves.png)", "",
+        f"Wall time: teacher {meta['teacher_wall_s']:.0f} s, teacher data {meta['data_wall_s']:.0f} s, student "
+        f"{meta['student_wall_s']:.0f} s, evaluation {meta['eval_wall_s']:.0f} s.",
+    ])
+    write_text(os.path.join(out, "report.md"), md + "\n")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>twostep demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}</style></head><body>
+<h1>twostep demo: 2-step distillation on the offline world</h1>
+<p>Teacher {meta['teacher_steps']} steps vs naive 2 steps vs the 2-step student ({html.escape(meta['student'])}) and
+its step-1 estimate, same prompts (rows: digit 0..9) and same noise.</p>
+{_img_tag(os.path.join(out, 'comparison.png'), 'comparison grid')}
+<h2>Metrics</h2>{markdown_to_html_table(table)}
+<p>Gap closure: <b>{result['gap_closure']:.3f}</b></p>
+<ul>{''.join('<li>' + html.escape(b.lstrip('- ').replace('**', '')) + '</li>' for b in bars)}</ul>
+<h2>Training</h2>{_img_tag(os.path.join(out, 'loss_curves.png'), 'loss curves')}
+</body></html>"""
+    write_text(os.path.join(out, "report.html"), page)
+    return os.path.join(out, "report.md")
 
 
 def run_demo(out: str, config_path: str | None = None, overrides=(), results_path: str | None = None) -> str:
-    cfg = load_config(TeacherConfig, config_path, overrides)
+    import time
+
+    cfg = load_config(DistillConfig, config_path, overrides)
     ensure_writable_dir(out, what="demo folder")
-    teacher_dir = os.path.join(out, "teacher")
-    if teacher_is_current(teacher_dir, cfg):
+    teacher_dir, data_dir, student_dir = (os.path.join(out, n) for n in ("teacher", "teacher_data", "student"))
+
+    started = time.perf_counter()
+    if same_config(teacher_dir, to_dict(cfg.teacher), "teacher.safetensors"):
         print(f"reusing the teacher in {teacher_dir} (same config)")
     else:
         print(f"training the teacher into {teacher_dir}")
-        train_teacher(cfg, teacher_dir)
-    teacher = load_teacher(teacher_dir)
+        train_teacher(cfg.teacher, teacher_dir)
+    teacher_wall = time.perf_counter() - started
 
-    save_image(comparison_grid(teacher, [8, 2]), os.path.join(out, "teacher_8_vs_2_steps.png"))
-    result = evaluate_teacher_steps(teacher, EVAL_STEPS, evaluator=build_evaluator(teacher))
+    started = time.perf_counter()
+    try:
+        make_teacher_data(teacher_dir, cfg, data_dir)
+    except TwostepError as err:
+        if "was made with" not in str(err):
+            raise
+        print(f"teacher data in {data_dir} belongs to another teacher or schedule; regenerating it")
+        shutil.rmtree(data_dir)
+        make_teacher_data(teacher_dir, cfg, data_dir)
+    data_wall = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if same_config(student_dir, to_dict(cfg), STUDENT_WEIGHTS) and os.path.isfile(os.path.join(student_dir,
+                                                                                                 "meta.json")):
+        print(f"reusing the student in {student_dir} (same config)")
+    else:
+        print(f"distilling the student into {student_dir}")
+        train_student(teacher_dir, data_dir, cfg, student_dir)
+    student_wall = time.perf_counter() - started
+
+    started = time.perf_counter()
+    student, teacher, _ = load_student(student_dir, teacher_run=teacher_dir)
+    evaluator = build_evaluator(teacher)
+    result, images = evaluate_student(student, teacher, cfg.teacher.eval.num_samples, evaluator=evaluator)
+    steps_result = evaluate_teacher_steps(load_teacher(teacher_dir), EVAL_STEPS, evaluator=evaluator)
+    eval_wall = time.perf_counter() - started
+
+    labels = torch.arange(len(next(iter(images.values())))) % NUM_CLASSES
+    save_image(comparison_grid(images, labels, per_prompt=5), os.path.join(out, "comparison.png"))
+    loss_curves(os.path.join(student_dir, "train_log.jsonl"), os.path.join(out, "loss_curves.png"))
+    sc = cfg.student
+    meta = {"teacher_steps": cfg.teacher.sampling.steps, "student_steps": cfg.train.steps,
+            "student": f"{sc.num_steps}-step {sc.params}/{sc.form}" + (f" (rank {sc.lora_rank})" if sc.form == "lora"
+                                                                       else ""),
+            "recipe": f"real_source={cfg.recipe.real_source}, end_to_end={cfg.recipe.end_to_end}, "
+                      f"step1_loss={cfg.recipe.step1_loss}, renoise={cfg.student.renoise}",
+            "teacher_wall_s": teacher_wall, "data_wall_s": data_wall, "student_wall_s": student_wall,
+            "eval_wall_s": eval_wall}
     result["command"] = "twostep demo" + (f" --out {out}" if out != "runs/demo" else "")
+    result["teacher_steps_eval"] = steps_result
+    result["walls"] = meta
     write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2) + "\n")
-
-    report = "\n".join([
-        "# twostep demo: the offline world",
-        "",
-        "Teacher (tiny `ZImageTransformer2DModel`, flow matching, Turbo schedule shift 3) at 8 steps and naively "
-        "at 2 steps, same prompts (rows: digit 0..9) and same noise:",
-        "",
-        "![teacher 8 vs 2 steps](teacher_8_vs_2_steps.png)",
-        "",
-        format_table(result),
-        "",
-        *teacher_bars(result, read_meta(teacher_dir)),
-        "",
-        "The 2-step student (distillation) is not part of this build yet.",
-    ])
-    report_path = os.path.join(out, "report.md")
-    write_text(report_path, report + "\n")
+    bars = distill_bars(result)
+    report = write_reports(out, result, bars, meta)
     if results_path:
-        write_teacher_section(results_path, result, teacher)
-    return report_path
+        steps_result["command"] = result["command"] + f" --results {results_path}"
+        write_teacher_section(results_path, steps_result, teacher)
+        write_distill_section(results_path, result, bars, meta)
+    return report
+

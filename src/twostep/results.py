@@ -71,3 +71,33 @@ def teacher_section(result: dict, teacher: Teacher) -> str:
 
 def write_teacher_section(path: str, result: dict, teacher: Teacher) -> None:
     update_section(path, "teacher", teacher_section(result, teacher))
+
+
+def distill_section(result: dict, bars: list[str], meta: dict) -> str:
+    from .demo import metrics_table
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    speed = result.get("speed", {})
+    return "\n".join([
+        "### 2-step student (full recipe) on the offline digits world",
+        "",
+        f"Written by `{result.get('command', 'twostep demo')}` on {date}; machine: {platform_summary()}.",
+        f"Student: {meta['student']}, {meta['student_steps']} generator steps; recipe: {meta['recipe']}. "
+        f"{result['num_samples']} samples per row, same noise and prompts for every row.",
+        "",
+        metrics_table(result),
+        "",
+        f"Gap closure: **{result['gap_closure']:.3f}**. Throughput (batch {speed.get('batch', '–')}): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in speed.items() if k.endswith("per_s")) + ".",
+        "",
+        "Bars (issue: distillation engine):",
+        "",
+        *bars,
+        f"- `make demo` wall time on this machine (after installation): teacher {meta['teacher_wall_s']:.0f} s + "
+        f"teacher data {meta['data_wall_s']:.0f} s + student {meta['student_wall_s']:.0f} s + evaluation "
+        f"{meta['eval_wall_s']:.0f} s = {sum(meta[k] for k in meta if k.endswith('_wall_s')) / 60:.1f} min",
+    ])
+
+
+def write_distill_section(path: str, result: dict, bars: list[str], meta: dict) -> None:
+    update_section(path, "distill", distill_section(result, bars, meta))

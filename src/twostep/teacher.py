@@ -42,7 +42,7 @@ STATE = "state.pt"
 
 @dataclass
 class TeacherTrainConfig:
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -51,7 +51,7 @@ class TeacherTrainConfig:
     ema_decay: float = 0.998
     sigma_mean: float = 0.0  # logit-normal training noise levels, then shifted like the sampler
     sigma_std: float = 1.0
-    sigma_shift: float = 3.0
+    sigma_shift: float = 1.0  # measured: 1.0 beats 3.0 at equal steps (FD 4.7 vs 6.9, 600 steps)
     log_every: int = 50
     checkpoint_every: int = 500
     threads: int = 0  # torch CPU threads; 0 = leave torch's default

@@ -45,6 +45,12 @@ def ensure_parent_writable(path: str, what: str = "output file") -> str:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary file name next to ``path``; rename it over ``path`` only if the block succeeds."""
@@ -54,6 +60,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -68,6 +75,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if os.path.isdir(path):
             old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
             os.rmdir(old)

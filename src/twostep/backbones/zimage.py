@@ -13,7 +13,6 @@ The same class serves the tiny offline model and the 6.15B release (``from_pretr
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -47,10 +46,6 @@ class ZImageBackbone(nn.Module):
         self.transformer = transformer
         self.patch_size = int(transformer.config.all_patch_size[0])
         self.f_patch_size = int(transformer.config.all_f_patch_size[0])
-        self._capture: dict[int, Tensor] | None = None
-        self._stop_after: int | None = None
-        for index, block in enumerate(transformer.layers):
-            block.register_forward_hook(self._make_hook(index))
 
     # ------------------------------------------------------------------ construction
 
@@ -135,23 +130,6 @@ class ZImageBackbone(nn.Module):
 
     forward = velocity
 
-    def _make_hook(self, index: int):
-        def hook(module, args, output):
-            if self._capture is None:  # also inactive while checkpointed blocks are recomputed in backward
-                return
-            self._capture[index] = output
-            if self._stop_after is not None and index >= self._stop_after:
-                raise _StopForward
-        return hook
-
-    @contextmanager
-    def _capturing(self, stop_after: int | None):
-        self._capture, self._stop_after = {}, stop_after
-        try:
-            yield self._capture
-        finally:
-            self._capture, self._stop_after = None, None
-
     def features(self, x: Tensor, sigma: Tensor, cond: Conditioning, blocks: Sequence[int]) -> list[Tensor]:
         """Image tokens after each block in ``blocks`` as maps ``(B, dim, H/p, W/p)``.
 
@@ -163,15 +141,29 @@ class ZImageBackbone(nn.Module):
         if not blocks or bad:
             raise ValueError(f"feature blocks must be in [0, {self.num_blocks}), got {blocks}")
         height, width = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        with self._capturing(stop_after=max(blocks)) as captured:
-            try:
-                self._raw(x, sigma, cond)
-            except _StopForward:
-                pass
-            maps = []
-            for b in blocks:
-                tokens = captured[b][:, : height * width]  # (B, H*W, dim), padding and caption dropped
-                maps.append(tokens.transpose(1, 2).reshape(x.shape[0], -1, height, width))
+        captured: dict[int, Tensor] = {}
+        last = max(blocks)
+
+        def hook(index):
+            def capture(module, args, output):
+                captured[index] = output
+                if index == last:
+                    raise _StopForward
+            return capture
+
+        # hooks live only for this call: a checkpoint recompute in backward, or a deep copy, never sees them
+        handles = [self.transformer.layers[b].register_forward_hook(hook(b)) for b in set(blocks)]
+        try:
+            self._raw(x, sigma, cond)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        maps = []
+        for b in blocks:
+            tokens = captured[b][:, : height * width]  # (B, H*W, dim), padding and caption dropped
+            maps.append(tokens.transpose(1, 2).reshape(x.shape[0], -1, height, width))
         return maps
 
 
@@ -180,7 +172,7 @@ class TinyZImageConfig:
     """A small ``ZImageTransformer2DModel`` for the offline world (same class as the 6B model)."""
 
     dim: int = 96
-    n_layers: int = 4
+    n_layers: int = 6
     n_refiner_layers: int = 1
     n_heads: int = 4
     patch_size: int = 2

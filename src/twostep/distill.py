@@ -1,0 +1,189 @@
+"""Wires the offline world into the engine: teacher data, student training, loading, evaluation.
+
+The engine (``student``, ``discriminator``, ``recipe``, ``train``) knows nothing of digits; this module
+supplies the teacher run, the cached prompt table, the real images for ``real_source: data`` and the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import load_config
+from .discriminator import Discriminator
+from .errors import TwostepError
+from .evaluate import build_evaluator, measure_throughput
+from .reports import image_grid, save_image
+from .sampling import generate, make_noise
+from .student import Student
+from .teacher import Teacher, load_teacher
+from .teacher_data import TeacherData, TeacherSource, _provenance, generate_teacher_data
+from .toy.data import NUM_CLASSES, balanced_labels, load_digit_splits
+from .toy.evaluator import Evaluator, frechet_distance
+from .train import DistillConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
+from .utils import atomic_path, file_sha256, is_main_process
+
+STUDENT_WEIGHTS = "student.safetensors"
+
+
+def teacher_source(teacher: Teacher) -> TeacherSource:
+    table = teacher.prompt_table
+    return TeacherSource(
+        velocity=lambda x, s, p: teacher.backbone.velocity(x, s, table[p]),
+        teacher_id=f"toy:{os.path.abspath(teacher.run_dir)}",
+        weights_sha256=file_sha256(os.path.join(teacher.run_dir, "teacher.safetensors")),
+        sample_shape=teacher.image_shape, num_prompts=len(teacher.prompts))
+
+
+def make_teacher_data(teacher_run: str, cfg: DistillConfig, out_dir: str) -> dict:
+    teacher = load_teacher(teacher_run)
+    return generate_teacher_data(cfg.teacher_data, teacher_source(teacher), out_dir)
+
+
+def load_teacher_data(teacher: Teacher, cfg: DistillConfig, data_dir: str) -> TeacherData:
+    """The cache, checked to come from this teacher and this schedule before anything is trained."""
+    expected = _provenance(cfg.teacher_data, teacher_source(teacher))
+    return TeacherData(data_dir, expected=expected)
+
+
+def build_student(teacher_run: str, cfg: DistillConfig) -> tuple[Student, Discriminator, Teacher]:
+    """A fresh student on its own copy of the teacher's weights, plus the discriminator heads."""
+    base = load_teacher(teacher_run)  # the student owns (and, for LoRA, wraps) this copy
+    student = Student(base.backbone, cfg.student)
+    blocks = cfg.discriminator.blocks
+    if max(blocks) >= base.backbone.num_blocks:
+        raise TwostepError(f"config key 'discriminator.blocks' {blocks}: the teacher has only "
+                           f"{base.backbone.num_blocks} blocks")
+    torch.manual_seed(cfg.train.seed)
+    disc = Discriminator(base.backbone.transformer.config.dim, base.prompt_table.embeds.shape[-1], cfg.discriminator)
+    return student, disc, base
+
+
+def grid_writer(teacher: Teacher, per_prompt: int = 6, seed: int = 0):
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_prompt)
+    noise = make_noise(len(labels), teacher.image_shape, seed)
+    cond = teacher.cond(labels)
+
+    def write(student: Student, path: str) -> None:
+        images = student.sample(noise, cond)["final"]
+        save_image(image_grid(images, ncols=per_prompt, row_labels=[str(d) for d in range(NUM_CLASSES)]), path)
+
+    return write
+
+
+def real_image_sampler(teacher: Teacher):
+    """``real_source: data``: a real training digit of the same class for every prompt in the batch."""
+    train, _ = load_digit_splits(teacher.config.data.heldout_fraction, teacher.config.data.split_seed)
+    by_class = [train.images[train.labels == c] for c in range(NUM_CLASSES)]
+
+    def sample(prompt_index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = []
+        for c in prompt_index.tolist():
+            pool = by_class[c]
+            out.append(pool[torch.randint(0, len(pool), (1,), generator=generator)])
+        return torch.cat(out)
+
+    return sample
+
+
+def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: str,
+                  resume: str | None = None) -> dict:
+    """Distil the toy teacher into ``cfg.student`` in ``out_dir``; returns the run's meta."""
+    checkpoint = setup_run(cfg, out_dir, resume)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    student, disc, base = build_student(teacher_run, cfg)
+    data = load_teacher_data(base, cfg, data_dir)
+    trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
+                      sample_fn=grid_writer(base))
+    resume_trainer(trainer, checkpoint)
+    trainer.fit()
+    with trainer.ema.applied():
+        state = trainable_state(student)
+    if is_main_process():
+        with atomic_path(os.path.join(out_dir, STUDENT_WEIGHTS)) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    meta = {"kind": "toy-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
+            "teacher_run": os.path.abspath(teacher_run), "teacher_data": os.path.abspath(data_dir),
+            "trainable_parameters": sum(v.numel() for v in state.values()), "torch_threads": torch.get_num_threads()}
+    write_meta(out_dir, meta)
+    return meta
+
+
+def load_student(run_dir: str, teacher_run: str | None = None) -> tuple[Student, Teacher, DistillConfig]:
+    """A trained student (EMA weights) from its run folder."""
+    weights = os.path.join(run_dir, STUDENT_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train`")
+    cfg = load_config(DistillConfig, os.path.join(run_dir, "config.yaml"))
+    if teacher_run is None:
+        teacher_run = json.load(open(os.path.join(run_dir, "meta.json")))["teacher_run"]
+    student, _, base = build_student(teacher_run, cfg)
+    state = load_file(weights)
+    own = dict(student.named_parameters())
+    for name, value in state.items():
+        if name not in own or own[name].shape != value.shape:
+            raise TwostepError(f"{weights} does not fit the student its config builds ('{name}'); use the run's "
+                               "own config")
+        with torch.no_grad():
+            own[name].copy_(value)
+    student.eval()
+    return student, base, cfg
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(4.0 / mse)).mean())
+
+
+def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evaluator: Evaluator | None = None,
+                     measure_speed: bool = True) -> dict:
+    """Teacher 8-step, teacher naive 2-step, student 2-step and its step-1 estimate, on the same noise."""
+    ec = teacher.config.eval
+    evaluator = evaluator or build_evaluator(teacher)
+    labels = balanced_labels(num_samples)
+    noise = make_noise(num_samples, teacher.image_shape, ec.seed)
+    cond = teacher.cond(labels)
+    shift = teacher.config.sampling.shift
+    teacher_steps = teacher.config.sampling.steps
+    k = student.cfg.num_steps
+    images = {
+        f"teacher_{teacher_steps}": generate(teacher.backbone, noise, cond, teacher_steps, shift, ec.batch_size),
+        f"teacher_naive_{k}": generate(teacher.backbone, noise, cond, k, shift, ec.batch_size),
+    }
+    out = student.sample(noise, cond, batch_size=ec.batch_size)
+    images[f"student_{k}"] = out["final"]
+    images["student_step1_estimate"] = out["step1"]
+    reference = images[f"teacher_{teacher_steps}"]
+    ref_feats = evaluator.features(reference)
+    rows = {}
+    for name, imgs in images.items():
+        row = evaluator.score(imgs, labels)
+        row["fd_teacher"] = frechet_distance(evaluator.features(imgs), ref_feats)
+        row["psnr_vs_teacher"] = psnr(imgs, reference) if name != f"teacher_{teacher_steps}" else float("inf")
+        row["mean"], row["std"] = float(imgs.mean()), float(imgs.std())
+        rows[name] = row
+    fd_naive = rows[f"teacher_naive_{k}"]["fd_real"]
+    fd_teacher = rows[f"teacher_{teacher_steps}"]["fd_real"]
+    fd_student = rows[f"student_{k}"]["fd_real"]
+    result = {"num_samples": num_samples, "heldout_real": len(evaluator.heldout), "noise_seed": ec.seed,
+              "rows": rows, "real_floor": evaluator.real_floor(num_samples),
+              "gap_closure": (fd_naive - fd_student) / (fd_naive - fd_teacher) if fd_naive != fd_teacher else
+              float("nan")}
+    if measure_speed:
+        b = ec.throughput_batch
+        tn, tc = noise[:b], cond[:b]
+        t_speed = measure_throughput(lambda: generate(teacher.backbone, tn, tc, teacher_steps, shift, b), b,
+                                     ec.throughput_repeats)
+        s_speed = measure_throughput(lambda: student.sample(tn, tc, batch_size=b), b, ec.throughput_repeats)
+        result["speed"] = {f"teacher_{teacher_steps}_samples_per_s": t_speed, f"student_{k}_samples_per_s": s_speed,
+                           "speedup": s_speed / t_speed, "batch": b}
+    return result, images
+

@@ -1,0 +1,217 @@
+"""The K-step student: step ``k`` starts at ``sigmas[k]`` and has its own parameters ``theta_k``.
+
+Parameter forms (DESIGN §1.2):
+
+- ``decoupled`` + ``lora``: one frozen base (the teacher's weights) plus one PEFT LoRA adapter per step.
+  With adapters disabled the module *is* the teacher, which also serves as the discriminator's backbone,
+  so a 6B model is held once.
+- ``decoupled`` + ``full``: one trainable full copy per step (FSDP2-shardable later).
+- ``shared``: one parameter set (one adapter, or one copy) for every step: the ablation baseline.
+
+Sampling (:meth:`Student.sample`): ``x_hat_k = x - sigma_k * v_k``; between steps the state moves to
+``sigma_{k+1}`` by the deterministic Euler step (``renoise="euler"``; from sigma=1 that is exactly
+``sigma2 * eps + (1 - sigma2) * x_hat_1``) or by fresh noise (``renoise="fresh"``).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from . import flow
+from .backbones.base import Conditioning
+from .backbones.zimage import ZImageBackbone
+from .config import require
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class StudentConfig:
+    sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75])
+    params: Literal["decoupled", "shared"] = "decoupled"
+    form: Literal["lora", "full"] = "lora"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    # attention and feed-forward linears of every block (module-name suffixes, as peft matches them)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"])
+    renoise: Literal["euler", "fresh"] = "euler"
+
+    def validate(self) -> None:
+        require(len(self.sigmas) >= 1 and self.sigmas[0] == 1.0, "sigmas", "must start at 1.0")
+        require(all(0 < b < a for a, b in zip(self.sigmas, self.sigmas[1:])), "sigmas",
+                "must be strictly decreasing and above 0")
+        require(self.lora_rank >= 1, "lora_rank", "must be at least 1")
+        require(len(self.lora_targets) >= 1, "lora_targets", "must name at least one module")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas)
+
+
+class Student(nn.Module):
+    """``velocity(k, x, sigma, cond)`` with parameter set ``k``; ``teacher()`` gives the frozen base view."""
+
+    def __init__(self, teacher: ZImageBackbone, cfg: StudentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_sets = cfg.num_steps if cfg.params == "decoupled" else 1
+        self._active: str | None = "<unset>"  # LoRA routing: adapter name, or None for the teacher
+        teacher.requires_grad_(False)
+        if cfg.form == "lora":
+            from peft import LoraConfig
+
+            self.base = teacher
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+                              init_lora_weights=True)
+            for name in self.adapter_names:
+                teacher.transformer.add_adapter(lora, adapter_name=name)
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_params = {name: [p for n, p in teacher.named_parameters() if f".{name}." in n]
+                                 for name in self.adapter_names}
+            for params in self._lora_params.values():
+                for p in params:
+                    p.requires_grad_(True)
+            self._tuner_layers = [m for m in teacher.transformer.modules() if isinstance(m, BaseTunerLayer)]
+            self._teacher_view = teacher
+            self.copies = None
+            self._set_adapter_state(self.adapter_names[0])
+        else:
+            self.base = None
+            self.copies = nn.ModuleList(copy.deepcopy(teacher).requires_grad_(True) for _ in range(self.num_sets))
+            self._teacher_view = teacher  # a frozen submodule (moves with .to()), never in parameter_groups()
+
+    # ------------------------------------------------------------------ parameter sets
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [f"step{k}" for k in range(self.num_sets)]
+
+    def set_index(self, step: int) -> int:
+        return step if self.num_sets > 1 else 0
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters per step set: ``{"step0": [...], "step1": [...]}`` (or one ``step0``)."""
+        if self.cfg.form == "lora":
+            return {name: list(params) for name, params in self._lora_params.items()}
+        return {f"step{k}": list(c.parameters()) for k, c in enumerate(self.copies)}
+
+    def _select(self, step: int) -> ZImageBackbone:
+        index = self.set_index(step)
+        if self.cfg.form == "full":
+            return self.copies[index]
+        self._set_adapter_state(self.adapter_names[index])
+        return self.base
+
+    def _set_adapter_state(self, name: str | None) -> None:
+        """Route every LoRA layer to adapter ``name`` (None: all adapters off = the teacher).
+
+        Set on the layers directly rather than with peft's ``set_adapter``, which also flips ``requires_grad``:
+        every step's adapter keeps training, and a recomputed checkpoint must not change anyone's flags.
+        """
+        if name == self._active:
+            return
+        for layer in self._tuner_layers:
+            layer._disable_adapters = name is None
+            if name is not None:
+                layer._active_adapter = [name]
+        self._active = name
+
+    @contextmanager
+    def _adapter_state(self, name: str | None):
+        previous = self._active
+        self._set_adapter_state(name)
+        try:
+            yield
+        finally:
+            self._set_adapter_state(previous)
+
+    @contextmanager
+    def teacher(self):
+        """The frozen teacher (LoRA: the same module with every adapter off)."""
+        if self.cfg.form == "lora":
+            with self._adapter_state(None):
+                yield self.base
+        else:
+            yield self._teacher_view
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Checkpoint transformer blocks. For LoRA the recompute in backward reruns a block with the adapter
+        that was active in its forward (steps and the teacher share one module)."""
+        if self.cfg.form == "full":
+            for backbone in self.copies:
+                backbone.set_gradient_checkpointing(enabled)
+            return
+        if not enabled:
+            self.base.set_gradient_checkpointing(False)
+            return
+
+        def checkpoint_with_adapter(block, *args):
+            state = self._active
+
+            def run(*inner):
+                with self._adapter_state(state):
+                    return block(*inner)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        self.base.transformer.enable_gradient_checkpointing(checkpoint_with_adapter)
+
+    # ------------------------------------------------------------------ calls
+
+    def velocity(self, step: int, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        return self._select(step).velocity(x, sigma, cond)
+
+    def step_sigma(self, step: int, batch: int, device=None) -> Tensor:
+        return torch.full((batch,), float(self.cfg.sigmas[step]), device=device)
+
+    def transition(self, x_hat: Tensor, x: Tensor, v: Tensor, step: int,
+                   fresh_noise: Tensor | None = None) -> Tensor:
+        """The state at ``sigmas[step + 1]`` from step ``step``'s clean estimate."""
+        s_next = self.cfg.sigmas[step + 1]
+        if self.cfg.renoise == "fresh":
+            return flow.renoise(x_hat, fresh_noise, s_next)
+        return flow.euler_step(x, v, self.cfg.sigmas[step], s_next)
+
+    def run(self, noise: Tensor, cond: Conditioning, detach_between: bool = False,
+            generator: torch.Generator | None = None) -> dict[str, list[Tensor]]:
+        """All K steps with autograd on. Returns ``{"x_hat": [K x (B,C,H,W)], "states": [K x (B,C,H,W)]}``.
+
+        ``states[k]`` is the input of step ``k`` (``states[0]`` = noise). With ``detach_between`` no gradient
+        crosses from step ``k+1`` into step ``k`` (the classic per-step scheme).
+        """
+        x, x_hats, states = noise, [], [noise]
+        for k in range(self.cfg.num_steps):
+            sigma = self.step_sigma(k, x.shape[0], x.device)
+            v = self.velocity(k, x, sigma, cond)
+            x_hat = flow.x0_from_velocity(x, v, sigma)
+            x_hats.append(x_hat)
+            if k + 1 < self.cfg.num_steps:
+                fresh = None
+                if self.cfg.renoise == "fresh":
+                    fresh = torch.randn(x.shape, generator=generator).to(x.device)
+                if detach_between:
+                    x_hat_in, x_in, v_in = x_hat.detach(), x.detach(), v.detach()
+                else:
+                    x_hat_in, x_in, v_in = x_hat, x, v
+                x = self.transition(x_hat_in, x_in, v_in, k, fresh)
+                states.append(x)
+        return {"x_hat": x_hats, "states": states}
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond: Conditioning, batch_size: int = 500,
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Inference in batches: ``{"final": x_hat_K, "step1": x_hat_1}``, on CPU."""
+        finals, firsts = [], []
+        for start in range(0, noise.shape[0], batch_size):
+            out = self.run(noise[start:start + batch_size], cond[start:start + batch_size], generator=generator)
+            finals.append(out["x_hat"][-1].cpu())
+            firsts.append(out["x_hat"][0].cpu())
+        return {"final": torch.cat(finals), "step1": torch.cat(firsts)}

@@ -1,0 +1,211 @@
+"""Teacher trajectories for distillation: the discriminator's "real" samples and the step-1 targets.
+
+For sample ``i`` (prompt ``i % num_prompts``, noise from seed ``seed + i``) the teacher runs its full schedule
+(8 Euler steps, shift 3) from that noise, and the cache keeps
+
+- ``noise_seed`` ``(N,)`` int64 and ``noise`` ``(N, C, H, W)``: the starting noise (the seed reproduces it);
+- ``prompt_index`` ``(N,)`` int64;
+- ``states`` ``(N, K, C, H, W)``: the teacher's state at every student sigma (``states[:, 0]`` at sigma=1 is the
+  noise itself; ``states[:, 1]`` at 0.75 is the state after 4 of 8 steps: the same trajectory);
+- ``final`` ``(N, C, H, W)``: the teacher's 8-step output.
+
+Layout: ``OUT/shard-00000.safetensors ...`` plus ``OUT/manifest.json`` (provenance: teacher id and weight hash,
+schedule, steps, shift, resolution, dtype, count, per-shard sha256). A rerun skips finished shards; a shard
+whose checksum or provenance does not match is reported by name and never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from . import flow
+from .config import require
+from .errors import TwostepError
+from .utils import atomic_path, ensure_writable_dir, file_sha256, progress, write_text
+
+Tensor = torch.Tensor
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TeacherDataConfig:
+    num_samples: int = 4000
+    shard_size: int = 500
+    seed: int = 100_000  # sample i uses noise seed (seed + i)
+    teacher_steps: int = 8
+    shift: float = 3.0
+    student_sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75])
+    dtype: str = "float32"
+    batch_size: int = 500
+
+    def validate(self) -> None:
+        require(self.num_samples >= 1 and self.shard_size >= 1, "num_samples", "and shard_size must be >= 1")
+        require(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
+        require(len(self.student_sigmas) >= 1 and self.student_sigmas[0] == 1.0, "student_sigmas",
+                "must start at 1.0 (the student starts from pure noise)")
+        require(all(a > b for a, b in zip(self.student_sigmas, self.student_sigmas[1:])), "student_sigmas",
+                "must be strictly decreasing")
+
+
+def state_indices(teacher_sigmas: Tensor, student_sigmas: list[float]) -> list[int]:
+    """Where each student sigma sits on the teacher's grid; a sigma off the grid is an error."""
+    indices = []
+    for s in student_sigmas:
+        hit = torch.nonzero((teacher_sigmas - s).abs() < 1e-4).flatten()
+        if len(hit) == 0:
+            grid = [round(v, 4) for v in teacher_sigmas.tolist()]
+            raise TwostepError(f"student sigma {s} is not on the teacher's {len(teacher_sigmas) - 1}-step grid {grid}; "
+                               "pick student sigmas from that grid")
+        indices.append(int(hit[0]))
+    return indices
+
+
+@dataclass
+class TeacherSource:
+    """What generates trajectories: ``velocity(x, sigma, prompt_index)`` plus identity for provenance."""
+
+    velocity: Callable[[Tensor, Tensor, Tensor], Tensor]
+    teacher_id: str
+    weights_sha256: str
+    sample_shape: tuple[int, ...]  # (C, H, W)
+    num_prompts: int
+
+
+def _provenance(cfg: TeacherDataConfig, source: TeacherSource) -> dict:
+    sigmas = flow.turbo_sigmas(cfg.teacher_steps, cfg.shift)
+    return {
+        "format_version": FORMAT_VERSION, "teacher_id": source.teacher_id,
+        "teacher_weights_sha256": source.weights_sha256, "schedule": "turbo", "teacher_steps": cfg.teacher_steps,
+        "shift": cfg.shift, "student_sigmas": list(cfg.student_sigmas),
+        "state_indices": state_indices(sigmas, cfg.student_sigmas), "sample_shape": list(source.sample_shape),
+        "dtype": cfg.dtype, "num_samples": cfg.num_samples, "shard_size": cfg.shard_size, "seed": cfg.seed,
+        "num_prompts": source.num_prompts,
+    }
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+@torch.no_grad()
+def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count: int) -> dict[str, Tensor]:
+    sigmas = flow.turbo_sigmas(cfg.teacher_steps, cfg.shift)
+    picks = state_indices(sigmas, cfg.student_sigmas)
+    seeds = torch.arange(start, start + count, dtype=torch.int64) + cfg.seed
+    noise = torch.stack([torch.randn(source.sample_shape, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds])
+    prompt_index = torch.arange(start, start + count, dtype=torch.int64) % source.num_prompts
+    finals, states = [], []
+    for b in range(0, count, cfg.batch_size):
+        p = prompt_index[b:b + cfg.batch_size]
+        final, path = flow.euler_sample(lambda x, s, i: source.velocity(x, s, p), noise[b:b + cfg.batch_size],
+                                        sigmas, return_states=True)
+        finals.append(final)
+        states.append(torch.stack([path[i] for i in picks], dim=1))
+    dtype = DTYPES[cfg.dtype]
+    return {"noise_seed": seeds, "prompt_index": prompt_index, "noise": noise.to(dtype),
+            "states": torch.cat(states).to(dtype), "final": torch.cat(finals).to(dtype)}
+
+
+def _read_manifest(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return json.load(open(path, encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TwostepError(f"{path} is not valid JSON ({err}); delete the cache folder and rerun") from err
+
+
+def _check_same_provenance(manifest: dict, provenance: dict, where: str) -> None:
+    for key, value in provenance.items():
+        if manifest.get("provenance", {}).get(key) != value:
+            raise TwostepError(f"the teacher-data cache in {where} was made with {key}="
+                               f"{manifest.get('provenance', {}).get(key)!r}, not {value!r}; use another --out "
+                               "or delete that folder")
+
+
+def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir: str) -> dict:
+    """Write (or finish) the sharded cache in ``out_dir``; returns the manifest."""
+    ensure_writable_dir(out_dir, what="teacher-data folder")
+    provenance = _provenance(cfg, source)
+    manifest = _read_manifest(out_dir)
+    if manifest is not None:
+        _check_same_provenance(manifest, provenance, out_dir)
+    else:
+        manifest = {"provenance": provenance, "shards": {}, "complete": False}
+    num_shards = (cfg.num_samples + cfg.shard_size - 1) // cfg.shard_size
+    bar = progress(range(num_shards), desc="teacher data")
+    for index in bar:
+        name = _shard_name(index)
+        path = os.path.join(out_dir, name)
+        entry = manifest["shards"].get(name)
+        if entry and os.path.isfile(path) and file_sha256(path) == entry["sha256"]:
+            continue  # finished in an earlier run
+        if entry or os.path.isfile(path):
+            bar.write(f"teacher data: {name} is incomplete or does not match the manifest; regenerating it")
+        start = index * cfg.shard_size
+        count = min(cfg.shard_size, cfg.num_samples - start)
+        tensors = _make_shard(cfg, source, start, count)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"provenance": json.dumps(provenance, sort_keys=True)})
+        manifest["shards"][name] = {"first_index": start, "count": count, "sha256": file_sha256(path)}
+        write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    manifest["complete"] = True
+    write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+class TeacherData:
+    """A verified cache held in memory (the toy's is a few MB). Tensors as documented in the module."""
+
+    def __init__(self, out_dir: str, expected: dict | None = None, verify: bool = True):
+        manifest = _read_manifest(out_dir)
+        if manifest is None:
+            raise TwostepError(f"no teacher data in {out_dir} ({MANIFEST} missing); run `twostep teacher-data` first")
+        if not manifest.get("complete"):
+            raise TwostepError(f"the teacher data in {out_dir} is unfinished; rerun `twostep teacher-data` to finish it")
+        if expected is not None:
+            _check_same_provenance(manifest, expected, out_dir)
+        self.provenance = manifest["provenance"]
+        parts: dict[str, list[Tensor]] = {}
+        for name, entry in sorted(manifest["shards"].items()):
+            path = os.path.join(out_dir, name)
+            if not os.path.isfile(path):
+                raise TwostepError(f"teacher-data shard {name} is missing from {out_dir}; rerun `twostep teacher-data`")
+            if verify and file_sha256(path) != entry["sha256"]:
+                raise TwostepError(f"teacher-data shard {name} in {out_dir} is corrupt (checksum mismatch); delete "
+                                   "it and rerun `twostep teacher-data`")
+            with safe_open(path, framework="pt") as f:
+                shard_prov = json.loads((f.metadata() or {}).get("provenance", "{}"))
+            if shard_prov != self.provenance:
+                raise TwostepError(f"teacher-data shard {name} in {out_dir} was made by another teacher or schedule; "
+                                   "delete it and rerun `twostep teacher-data`")
+            for key, value in load_file(path).items():
+                parts.setdefault(key, []).append(value)
+        data = {k: torch.cat(v) for k, v in parts.items()}
+        self.noise = data["noise"].float()
+        self.states = data["states"].float()
+        self.final = data["final"].float()
+        self.prompt_index = data["prompt_index"]
+        self.noise_seed = data["noise_seed"]
+        self.student_sigmas = list(self.provenance["student_sigmas"])
+
+    def __len__(self) -> int:
+        return len(self.prompt_index)
+
+    def batch(self, index: Tensor) -> dict[str, Tensor]:
+        return {"noise": self.noise[index], "states": self.states[index], "final": self.final[index],
+                "prompt_index": self.prompt_index[index]}
+
+
+
