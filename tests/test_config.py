@@ -51,3 +51,13 @@ def test_shipped_configs_load_and_agree():
     demo = load_config(DistillConfig, "configs/toy_demo.yaml")
     assert demo.teacher == teacher, "the demo must train (and so reuse) the same teacher as train-teacher"
     assert demo.student.sigmas == demo.teacher_data.student_sigmas == [1.0, 0.75]
+
+
+def test_demo_yaml_equals_engine_defaults():
+    """configs/toy_demo.yaml spells out the defaults; the two must not drift apart."""
+    from twostep.train import DistillConfig
+
+    demo = load_config(DistillConfig, "configs/toy_demo.yaml")
+    defaults = DistillConfig()
+    for section in ("teacher_data", "student", "discriminator", "recipe"):
+        assert getattr(demo, section) == getattr(defaults, section), section

@@ -67,7 +67,7 @@ def loss_curves(log_path: str, out_path: str) -> None:
 
     records = [json.loads(line) for line in open(log_path, encoding="utf-8")]
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for key in ["g_adv", "g_step1", "d_loss"]:
         axes[0].plot(steps, [r[key] for r in records], label=key)
     axes[0].set_title("losses")
@@ -78,6 +78,9 @@ def loss_curves(log_path: str, out_path: str) -> None:
     axes[2].plot(steps, [r["out_std"] for r in records], label="output std")
     axes[2].plot(steps, [r["step1_mse_to_teacher"] for r in records], label="step-1 MSE to teacher")
     axes[2].set_title("student outputs")
+    evals = [r for r in records if "eval/fd_real" in r]
+    axes[3].plot([r["step"] for r in evals], [r["eval/fd_real"] for r in evals], "o-", label="FD to held-out real")
+    axes[3].set_title("periodic eval (EMA, 500 samples)")
     for ax in axes:
         ax.set_xlabel("generator step")
         ax.legend(fontsize=7)
@@ -210,7 +213,9 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
     student, teacher, _ = load_student(student_dir, teacher_run=teacher_dir)
     evaluator = build_evaluator(teacher)
     result, images = evaluate_student(student, teacher, cfg.teacher.eval.num_samples, evaluator=evaluator)
-    steps_result = evaluate_teacher_steps(load_teacher(teacher_dir), EVAL_STEPS, evaluator=evaluator)
+    steps_result = None
+    if results_path:  # the teacher's step sweep goes into docs/results.md only
+        steps_result = evaluate_teacher_steps(load_teacher(teacher_dir), EVAL_STEPS, evaluator=evaluator)
     eval_wall = time.perf_counter() - started
 
     labels = torch.arange(len(next(iter(images.values())))) % NUM_CLASSES
@@ -225,7 +230,8 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
             "teacher_wall_s": teacher_wall, "data_wall_s": data_wall, "student_wall_s": student_wall,
             "eval_wall_s": eval_wall}
     result["command"] = "twostep demo" + (f" --out {out}" if out != "runs/demo" else "")
-    result["teacher_steps_eval"] = steps_result
+    if steps_result is not None:
+        result["teacher_steps_eval"] = steps_result
     result["walls"] = meta
     write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2) + "\n")
     bars = distill_bars(result)

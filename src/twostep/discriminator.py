@@ -30,7 +30,9 @@ class DiscriminatorConfig:
     hidden: int = 64
     loss: Literal["hinge", "non_saturating"] = "hinge"
     r1_weight: float = 0.0
-    sigma_mean: float = 0.0  # logit-normal sigma_d
+    # logit-normal sigma_d. Measured on the toy: centred at 0 (median sigma 0.5) the heads barely separate
+    # teacher-8 from naive-2 outputs (accuracy ~0.6 after 150 steps); at -1.0 / -1.5 they reach ~0.8.
+    sigma_mean: float = -1.0
     sigma_std: float = 1.0
 
     def validate(self) -> None:

@@ -33,7 +33,7 @@ def teacher_source(teacher: Teacher) -> TeacherSource:
     table = teacher.prompt_table
     return TeacherSource(
         velocity=lambda x, s, p: teacher.backbone.velocity(x, s, table[p]),
-        teacher_id=f"toy:{os.path.abspath(teacher.run_dir)}",
+        teacher_id=f"toy:{os.path.basename(os.path.normpath(teacher.run_dir))}",  # identity is the hash
         weights_sha256=file_sha256(os.path.join(teacher.run_dir, "teacher.safetensors")),
         sample_shape=teacher.image_shape, num_prompts=len(teacher.prompts))
 
@@ -74,6 +74,19 @@ def grid_writer(teacher: Teacher, per_prompt: int = 6, seed: int = 0):
     return write
 
 
+def quick_eval(teacher: Teacher, num_samples: int = 500):
+    """Periodic metrics during training (EMA weights): FD to held-out real, class accuracy, diversity."""
+    evaluator = build_evaluator(teacher)
+    labels = balanced_labels(num_samples)
+    noise = make_noise(num_samples, teacher.image_shape, teacher.config.eval.seed)
+    cond = teacher.cond(labels)
+
+    def run(student: Student) -> dict[str, float]:
+        return evaluator.score(student.sample(noise, cond)["final"], labels)
+
+    return run
+
+
 def real_image_sampler(teacher: Teacher):
     """``real_source: data``: a real training digit of the same class for every prompt in the batch."""
     train, _ = load_digit_splits(teacher.config.data.heldout_fraction, teacher.config.data.split_seed)
@@ -98,7 +111,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     student, disc, base = build_student(teacher_run, cfg)
     data = load_teacher_data(base, cfg, data_dir)
     trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
-                      sample_fn=grid_writer(base))
+                      sample_fn=grid_writer(base), eval_fn=quick_eval(base))
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     with trainer.ema.applied():

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import rng_state, save_training_state, load_training_state, set_rng_state
-from .config import require, save_config
+from .config import require, save_config, to_dict
 from .discriminator import Discriminator, DiscriminatorConfig
 from .errors import TwostepError
 from .recipe import RecipeConfig, discriminator_loss, generator_loss
@@ -41,10 +41,10 @@ Tensor = torch.Tensor
 
 @dataclass
 class DistillTrainConfig:
-    steps: int = 500  # generator updates
+    steps: int = 250  # generator updates
     batch_size: int = 64
-    g_lr: float = 1e-4
-    d_lr: float = 2e-4
+    g_lr: float = 2e-4
+    d_lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
     d_steps_per_g: int = 1
@@ -55,6 +55,7 @@ class DistillTrainConfig:
     gradient_checkpointing: bool = False
     log_every: int = 10
     sample_every: int = 100
+    eval_every: int = 100  # 0 = no periodic evaluation
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
@@ -68,6 +69,7 @@ class DistillTrainConfig:
         require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         require(self.log_every >= 1 and self.sample_every >= 1 and self.checkpoint_every >= 1, "log_every",
                 "sample_every and checkpoint_every must be >= 1")
+        require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 turns periodic evaluation off)")
 
 
 @dataclass
@@ -146,13 +148,14 @@ class Trainer:
     """Holds the student, discriminator, optimizers and EMA; :meth:`fit` runs the loop."""
 
     def __init__(self, cfg: DistillConfig, student: Student, disc: Discriminator, data: TeacherData,
-                 prompt_table, real_images_fn, run_dir: str, sample_fn=None):
+                 prompt_table, real_images_fn, run_dir: str, sample_fn=None, eval_fn=None):
         tc = cfg.train
         self.cfg, self.student, self.disc, self.data = cfg, student, disc, data
         self.prompt_table = prompt_table
         self.real_images_fn = real_images_fn  # (prompt_index, generator) -> real images (real_source: data)
         self.run_dir = run_dir
         self.sample_fn = sample_fn  # (student, path) -> None, writes a grid with the EMA weights applied
+        self.eval_fn = eval_fn  # (student) -> {metric: value}, run with the EMA weights applied
         self.groups = student.parameter_groups()
         self.opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in self.groups.items()], lr=tc.g_lr,
                                        betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -175,7 +178,7 @@ class Trainer:
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
                 "ema": self.ema.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
-                "step": self.step, "elapsed_s": self.elapsed}
+                "step": self.step, "elapsed_s": self.elapsed, "config": to_dict(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
         own = dict(self.student.named_parameters())
@@ -285,7 +288,11 @@ class Trainer:
             for _ in bar:
                 logs = self.train_step()
                 self.elapsed = time.perf_counter() - started
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                if main and self.eval_fn is not None and tc.eval_every and (
+                        self.step % tc.eval_every == 0 or self.step == tc.steps):
+                    with self.ema.applied():
+                        logs.update({f"eval/{k}": v for k, v in self.eval_fn(self.student).items()})
+                if self.step % tc.log_every == 0 or self.step == tc.steps or any(k.startswith("eval/") for k in logs):
                     record = {"step": self.step, "elapsed_s": round(self.elapsed, 2),
                               "g_lr": self.sched_g.get_last_lr()[0], **{k: round(v, 6) for k, v in logs.items()}}
                     log.write(json.dumps(record) + "\n")

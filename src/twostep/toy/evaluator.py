@@ -35,7 +35,17 @@ class DigitClassifier(nn.Module):
 
 
 def train_classifier(train: DigitSplit, seed: int = 0, epochs: int = 60, batch_size: int = 64) -> DigitClassifier:
-    """Deterministic on a given machine: fixed seed, fixed batch order, light noise augmentation."""
+    """Deterministic: fixed seed, fixed batch order, one thread (reduction order must not depend on the
+    caller's thread count: a different classifier is a different feature space and shifts every FD)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_classifier(train, seed, epochs, batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_classifier(train: DigitSplit, seed: int, epochs: int, batch_size: int) -> DigitClassifier:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitClassifier()
