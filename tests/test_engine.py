@@ -254,3 +254,40 @@ def test_demo_end_to_end_writes_the_report_and_reuses_work(tmp_path, capsys):
     assert main(["demo", "--out", out, *TEACHER, *DISTILL, *small_eval]) == 0
     printed = capsys.readouterr().out
     assert "reusing the teacher" in printed and "reusing the student" in printed
+
+
+@pytest.mark.parametrize("extra", [[], ["student.params=shared"], ["student.form=full"]])
+def test_merged_student_matches_the_trained_one(world, extra):
+    from twostep.student import merge_student
+
+    cfg = make_cfg(*extra)
+    student, _, base = build_student(world["teacher"], cfg)
+    perturb_lora(student)
+    merged = merge_student(student)
+    noise = torch.randn(6, 1, 8, 8)
+    cond = base.prompt_table[torch.arange(6) % 10]
+    a, b = student.sample(noise, cond), merged.sample(noise, cond)
+    torch.testing.assert_close(b["final"], a["final"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b["step1"], a["step1"], atol=1e-5, rtol=1e-4)
+    lora_params = sum(p.numel() for n, p in merged.named_parameters() if "lora" in n)
+    assert lora_params == 0, "the merged form is plain transformers"
+
+
+def test_student_evaluation_uses_the_real_teacher(world, tmp_path):
+    """Regression: the teacher rows must come from the untouched teacher, not the LoRA-carrying base."""
+    from twostep.distill import evaluate_student, load_student
+    from twostep.sampling import generate, make_noise
+    from twostep.toy.data import balanced_labels
+
+    run = str(tmp_path / "student")
+    assert main(["train", "--teacher", world["teacher"], "--data", world["data"], "--out", run, *TEACHER, *DISTILL,
+                 "train.g_lr=0.05"]) == 0
+    student, teacher, _ = load_student(run, teacher_run=world["teacher"])
+    result, images = evaluate_student(student, teacher, 20, measure_speed=True)
+    fresh = load_teacher(world["teacher"])
+    labels = balanced_labels(20)
+    noise = make_noise(20, fresh.image_shape, fresh.config.eval.seed)
+    expected = generate(fresh.backbone, noise, fresh.cond(labels), 8, fresh.config.sampling.shift)
+    assert torch.equal(images["teacher_8"], expected)
+    assert not torch.allclose(images["student_2"], images["teacher_naive_2"]), "the student must have moved"
+    assert result["speed"]["speedup"] > 0

@@ -128,6 +128,19 @@ def cmd_train(args) -> None:
     print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {args.out}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import run_bench, write_bench_section
+
+    report = run_bench(args.out, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides, quick=args.quick,
+                       seeds=args.seeds, arms=args.arm, teacher_dir=args.teacher)
+    from .bench import bench_section
+
+    print(bench_section(report, _command_line(args), os.path.join(args.out, "gap_closure.png")))
+    if args.results:
+        write_bench_section(args.results, report, _command_line(args), os.path.join(args.out, "gap_closure.png"))
+        print(f"updated {args.results}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -182,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest (or a given) checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. recipe.end_to_end=false train.steps=200")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="ablations of the recipe at equal budget, several seeds (make bench)")
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
+    p.add_argument("--out", default="runs/bench", help="bench folder (default: runs/bench)")
+    p.add_argument("--teacher", help="reuse this teacher run (default: train one into OUT/teacher)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny teacher, one seed, a few steps")
+    p.add_argument("--seeds", type=_positive_int, help="seeds per arm (default 3; 1 with --quick)")
+    p.add_argument("--arm", action="append", help="run only this arm (repeatable)")
+    p.add_argument("--results", help="also rewrite the bench section of this markdown file (docs/results.md)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every arm")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job on the offline world (make demo)")
     p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")

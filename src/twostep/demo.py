@@ -181,13 +181,17 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
     ensure_writable_dir(out, what="demo folder")
     teacher_dir, data_dir, student_dir = (os.path.join(out, n) for n in ("teacher", "teacher_data", "student"))
 
+    walls_path = os.path.join(out, "stage_walls.json")
+    walls = json.load(open(walls_path, encoding="utf-8")) if os.path.isfile(walls_path) else {}
+
     started = time.perf_counter()
-    if same_config(teacher_dir, to_dict(cfg.teacher), "teacher.safetensors"):
+    if same_config(teacher_dir, to_dict(cfg.teacher), "teacher.safetensors") and "teacher" in walls:
         print(f"reusing the teacher in {teacher_dir} (same config)")
     else:
         print(f"training the teacher into {teacher_dir}")
         train_teacher(cfg.teacher, teacher_dir)
-    teacher_wall = time.perf_counter() - started
+        walls["teacher"] = time.perf_counter() - started
+        walls.pop("student", None)
 
     started = time.perf_counter()
     try:
@@ -198,25 +202,26 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
         print(f"teacher data in {data_dir} belongs to another teacher or schedule; regenerating it")
         shutil.rmtree(data_dir)
         make_teacher_data(teacher_dir, cfg, data_dir)
-    data_wall = time.perf_counter() - started
+    if time.perf_counter() - started > 2 or "teacher_data" not in walls:  # a cache hit takes milliseconds
+        walls["teacher_data"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    if same_config(student_dir, to_dict(cfg), STUDENT_WEIGHTS) and os.path.isfile(os.path.join(student_dir,
-                                                                                                 "meta.json")):
+    if same_config(student_dir, to_dict(cfg), STUDENT_WEIGHTS) and "student" in walls:
         print(f"reusing the student in {student_dir} (same config)")
     else:
         print(f"distilling the student into {student_dir}")
         train_student(teacher_dir, data_dir, cfg, student_dir)
-    student_wall = time.perf_counter() - started
+        walls["student"] = time.perf_counter() - started
+    write_text(walls_path, json.dumps(walls, indent=2) + "\n")
 
     started = time.perf_counter()
     student, teacher, _ = load_student(student_dir, teacher_run=teacher_dir)
     evaluator = build_evaluator(teacher)
     result, images = evaluate_student(student, teacher, cfg.teacher.eval.num_samples, evaluator=evaluator)
+    eval_wall = time.perf_counter() - started
     steps_result = None
     if results_path:  # the teacher's step sweep goes into docs/results.md only
         steps_result = evaluate_teacher_steps(load_teacher(teacher_dir), EVAL_STEPS, evaluator=evaluator)
-    eval_wall = time.perf_counter() - started
 
     labels = torch.arange(len(next(iter(images.values())))) % NUM_CLASSES
     save_image(comparison_grid(images, labels, per_prompt=5), os.path.join(out, "comparison.png"))
@@ -227,8 +232,8 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
                                                                        else ""),
             "recipe": f"real_source={cfg.recipe.real_source}, end_to_end={cfg.recipe.end_to_end}, "
                       f"step1_loss={cfg.recipe.step1_loss}, renoise={cfg.student.renoise}",
-            "teacher_wall_s": teacher_wall, "data_wall_s": data_wall, "student_wall_s": student_wall,
-            "eval_wall_s": eval_wall}
+            "teacher_wall_s": walls["teacher"], "data_wall_s": walls["teacher_data"],
+            "student_wall_s": walls["student"], "eval_wall_s": eval_wall}
     result["command"] = "twostep demo" + (f" --out {out}" if out != "runs/demo" else "")
     if steps_result is not None:
         result["teacher_steps_eval"] = steps_result

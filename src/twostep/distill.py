@@ -18,7 +18,7 @@ from .errors import TwostepError
 from .evaluate import build_evaluator, measure_throughput
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
-from .student import Student
+from .student import Student, merge_student
 from .teacher import Teacher, load_teacher
 from .teacher_data import TeacherData, TeacherSource, _provenance, generate_teacher_data
 from .toy.data import NUM_CLASSES, balanced_labels, load_digit_splits
@@ -111,7 +111,8 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     student, disc, base = build_student(teacher_run, cfg)
     data = load_teacher_data(base, cfg, data_dir)
     trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
-                      sample_fn=grid_writer(base), eval_fn=quick_eval(base))
+                      sample_fn=grid_writer(base),
+                      eval_fn=quick_eval(base) if cfg.train.eval_every else None)
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     with trainer.ema.applied():
@@ -134,7 +135,7 @@ def load_student(run_dir: str, teacher_run: str | None = None) -> tuple[Student,
     cfg = load_config(DistillConfig, os.path.join(run_dir, "config.yaml"))
     if teacher_run is None:
         teacher_run = json.load(open(os.path.join(run_dir, "meta.json")))["teacher_run"]
-    student, _, base = build_student(teacher_run, cfg)
+    student, _, _ = build_student(teacher_run, cfg)
     state = load_file(weights)
     own = dict(student.named_parameters())
     for name, value in state.items():
@@ -144,7 +145,8 @@ def load_student(run_dir: str, teacher_run: str | None = None) -> tuple[Student,
         with torch.no_grad():
             own[name].copy_(value)
     student.eval()
-    return student, base, cfg
+    # a separate, untouched teacher: the student's base carries its LoRA layers and must not stand in for it
+    return student, load_teacher(teacher_run), cfg
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -158,7 +160,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evaluator: Evaluator | None = None,
                      measure_speed: bool = True) -> dict:
-    """Teacher 8-step, teacher naive 2-step, student 2-step and its step-1 estimate, on the same noise."""
+    """Teacher 8-step, teacher naive 2-step, student 2-step and its step-1 estimate, on the same noise.
+
+    ``teacher`` must be a clean teacher (not the student's LoRA-carrying base). Speed is measured on the
+    deployable form (:func:`merge_student`: per-step merged weights) against the teacher, same batch.
+    """
     ec = teacher.config.eval
     evaluator = evaluator or build_evaluator(teacher)
     labels = balanced_labels(num_samples)
@@ -195,7 +201,8 @@ def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evalu
         tn, tc = noise[:b], cond[:b]
         t_speed = measure_throughput(lambda: generate(teacher.backbone, tn, tc, teacher_steps, shift, b), b,
                                      ec.throughput_repeats)
-        s_speed = measure_throughput(lambda: student.sample(tn, tc, batch_size=b), b, ec.throughput_repeats)
+        merged = merge_student(student)
+        s_speed = measure_throughput(lambda: merged.sample(tn, tc, batch_size=b), b, ec.throughput_repeats)
         result["speed"] = {f"teacher_{teacher_steps}_samples_per_s": t_speed, f"student_{k}_samples_per_s": s_speed,
                            "speedup": s_speed / t_speed, "batch": b}
     return result, images

@@ -16,6 +16,7 @@ Sampling (:meth:`Student.sample`): ``x_hat_k = x - sigma_k * v_k``; between step
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,7 +56,66 @@ class StudentConfig:
         return len(self.sigmas)
 
 
-class Student(nn.Module):
+class KStepSampler:
+    """The K-step sampling procedure, shared by the trainable :class:`Student` and :class:`MergedStudent`.
+
+    Subclasses provide ``cfg`` (a :class:`StudentConfig`) and ``velocity(step, x, sigma, cond)``.
+    """
+
+    cfg: StudentConfig
+
+    def velocity(self, step: int, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        raise NotImplementedError
+
+    def step_sigma(self, step: int, batch: int, device=None) -> Tensor:
+        return torch.full((batch,), float(self.cfg.sigmas[step]), device=device)
+
+    def transition(self, x_hat: Tensor, x: Tensor, v: Tensor, step: int,
+                   fresh_noise: Tensor | None = None) -> Tensor:
+        """The state at ``sigmas[step + 1]`` from step ``step``'s clean estimate."""
+        s_next = self.cfg.sigmas[step + 1]
+        if self.cfg.renoise == "fresh":
+            return flow.renoise(x_hat, fresh_noise, s_next)
+        return flow.euler_step(x, v, self.cfg.sigmas[step], s_next)
+
+    def run(self, noise: Tensor, cond: Conditioning, detach_between: bool = False,
+            generator: torch.Generator | None = None) -> dict[str, list[Tensor]]:
+        """All K steps with autograd on. Returns ``{"x_hat": [K x (B,C,H,W)], "states": [K x (B,C,H,W)]}``.
+
+        ``states[k]`` is the input of step ``k`` (``states[0]`` = noise). With ``detach_between`` no gradient
+        crosses from step ``k+1`` into step ``k`` (the classic per-step scheme).
+        """
+        x, x_hats, states = noise, [], [noise]
+        for k in range(self.cfg.num_steps):
+            sigma = self.step_sigma(k, x.shape[0], x.device)
+            v = self.velocity(k, x, sigma, cond)
+            x_hat = flow.x0_from_velocity(x, v, sigma)
+            x_hats.append(x_hat)
+            if k + 1 < self.cfg.num_steps:
+                fresh = None
+                if self.cfg.renoise == "fresh":
+                    fresh = torch.randn(x.shape, generator=generator).to(x.device)
+                if detach_between:
+                    x_hat_in, x_in, v_in = x_hat.detach(), x.detach(), v.detach()
+                else:
+                    x_hat_in, x_in, v_in = x_hat, x, v
+                x = self.transition(x_hat_in, x_in, v_in, k, fresh)
+                states.append(x)
+        return {"x_hat": x_hats, "states": states}
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond: Conditioning, batch_size: int = 500,
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Inference in batches: ``{"final": x_hat_K, "step1": x_hat_1}``, on CPU."""
+        finals, firsts = [], []
+        for start in range(0, noise.shape[0], batch_size):
+            out = self.run(noise[start:start + batch_size], cond[start:start + batch_size], generator=generator)
+            finals.append(out["x_hat"][-1].cpu())
+            firsts.append(out["x_hat"][0].cpu())
+        return {"final": torch.cat(finals), "step1": torch.cat(firsts)}
+
+
+class Student(KStepSampler, nn.Module):
     """``velocity(k, x, sigma, cond)`` with parameter set ``k``; ``teacher()`` gives the frozen base view."""
 
     def __init__(self, teacher: ZImageBackbone, cfg: StudentConfig):
@@ -70,8 +130,10 @@ class Student(nn.Module):
             self.base = teacher
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
                               init_lora_weights=True)
-            for name in self.adapter_names:
-                teacher.transformer.add_adapter(lora, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point
+                warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+                for name in self.adapter_names:
+                    teacher.transformer.add_adapter(lora, adapter_name=name)
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             self._lora_params = {name: [p for n, p in teacher.named_parameters() if f".{name}." in n]
@@ -169,49 +231,40 @@ class Student(nn.Module):
     def velocity(self, step: int, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         return self._select(step).velocity(x, sigma, cond)
 
-    def step_sigma(self, step: int, batch: int, device=None) -> Tensor:
-        return torch.full((batch,), float(self.cfg.sigmas[step]), device=device)
 
-    def transition(self, x_hat: Tensor, x: Tensor, v: Tensor, step: int,
-                   fresh_noise: Tensor | None = None) -> Tensor:
-        """The state at ``sigmas[step + 1]`` from step ``step``'s clean estimate."""
-        s_next = self.cfg.sigmas[step + 1]
-        if self.cfg.renoise == "fresh":
-            return flow.renoise(x_hat, fresh_noise, s_next)
-        return flow.euler_step(x, v, self.cfg.sigmas[step], s_next)
 
-    def run(self, noise: Tensor, cond: Conditioning, detach_between: bool = False,
-            generator: torch.Generator | None = None) -> dict[str, list[Tensor]]:
-        """All K steps with autograd on. Returns ``{"x_hat": [K x (B,C,H,W)], "states": [K x (B,C,H,W)]}``.
+class MergedStudent(KStepSampler, nn.Module):
+    """Deployable form: one plain backbone per step (LoRA merged into a copy of the base). Same outputs as the
+    :class:`Student` it came from, at exactly the teacher's cost per step."""
 
-        ``states[k]`` is the input of step ``k`` (``states[0]`` = noise). With ``detach_between`` no gradient
-        crosses from step ``k+1`` into step ``k`` (the classic per-step scheme).
-        """
-        x, x_hats, states = noise, [], [noise]
-        for k in range(self.cfg.num_steps):
-            sigma = self.step_sigma(k, x.shape[0], x.device)
-            v = self.velocity(k, x, sigma, cond)
-            x_hat = flow.x0_from_velocity(x, v, sigma)
-            x_hats.append(x_hat)
-            if k + 1 < self.cfg.num_steps:
-                fresh = None
-                if self.cfg.renoise == "fresh":
-                    fresh = torch.randn(x.shape, generator=generator).to(x.device)
-                if detach_between:
-                    x_hat_in, x_in, v_in = x_hat.detach(), x.detach(), v.detach()
-                else:
-                    x_hat_in, x_in, v_in = x_hat, x, v
-                x = self.transition(x_hat_in, x_in, v_in, k, fresh)
-                states.append(x)
-        return {"x_hat": x_hats, "states": states}
+    def __init__(self, backbones: list[ZImageBackbone], cfg: StudentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbones = nn.ModuleList(backbones)
 
-    @torch.no_grad()
-    def sample(self, noise: Tensor, cond: Conditioning, batch_size: int = 500,
-               generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Inference in batches: ``{"final": x_hat_K, "step1": x_hat_1}``, on CPU."""
-        finals, firsts = [], []
-        for start in range(0, noise.shape[0], batch_size):
-            out = self.run(noise[start:start + batch_size], cond[start:start + batch_size], generator=generator)
-            finals.append(out["x_hat"][-1].cpu())
-            firsts.append(out["x_hat"][0].cpu())
-        return {"final": torch.cat(finals), "step1": torch.cat(firsts)}
+    def velocity(self, step: int, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        return self.backbones[step].velocity(x, sigma, cond)
+
+
+def merge_student(student: Student) -> MergedStudent:
+    """Per-step plain transformers: ``W + delta_k`` for every LoRA layer (``full``: the copies themselves)."""
+    from diffusers import ZImageTransformer2DModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = student.cfg
+    if cfg.form == "full":
+        return MergedStudent([student.copies[student.set_index(k)] for k in range(cfg.num_steps)], cfg)
+    transformer = student.base.transformer
+    base_state = {k.replace(".base_layer.", "."): v for k, v in transformer.state_dict().items() if "lora_" not in k}
+    merged_sets = []
+    for index, name in enumerate(student.adapter_names):
+        state = {k: v.clone() for k, v in base_state.items()}
+        with torch.no_grad():
+            for module_name, module in transformer.named_modules():
+                if isinstance(module, BaseTunerLayer) and name in module.lora_A:
+                    key = f"{module_name}.weight"
+                    state[key] = state[key] + module.get_delta_weight(name).to(state[key].dtype)
+        plain = ZImageTransformer2DModel.from_config(transformer.config).to(transformer.dtype)
+        plain.load_state_dict(state)
+        merged_sets.append(ZImageBackbone(plain.eval().requires_grad_(False)))
+    return MergedStudent([merged_sets[student.set_index(k)] for k in range(cfg.num_steps)], cfg)

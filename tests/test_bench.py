@@ -1,0 +1,37 @@
+"""`twostep bench --quick`: the whole ablation table is produced (smoke test, part of `make test`)."""
+
+import json
+import math
+import os
+
+from twostep.bench import ARMS, ABLATIONS, reading
+from twostep.cli import main
+
+
+def test_bench_quick_produces_the_table_and_plot(tmp_path, capsys):
+    out, results = str(tmp_path / "bench"), tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nhand-written text stays\n")
+    assert main(["bench", "--quick", "--out", out, "--results", str(results)]) == 0
+    report = json.load(open(os.path.join(out, "results.json")))
+    assert set(report["runs"]) == set(ARMS)
+    for runs in report["runs"].values():
+        assert all(math.isfinite(r["fd_real"]) and math.isfinite(r["fd_step1"]) for r in runs)
+    text = results.read_text()
+    assert "hand-written text stays" in text and "twostep:bench:begin" in text and "twostep bench --quick" in text
+    for arm in ARMS:
+        assert f"| {arm} |" in text, arm
+    assert "| teacher 8 |" in text and "| teacher naive 2 |" in text
+    assert (results.parent / "img" / "bench_gap_closure.png").stat().st_size > 1000
+    assert "Reading (generated" in text
+
+
+def test_reading_compares_against_the_spread():
+    summary = {"full recipe": {"gap_closure": (0.9, 0.02)},
+               "real_source=data": {"gap_closure": (0.5, 0.05)},
+               "params=shared": {"gap_closure": (0.89, 0.05)},
+               "end_to_end=false": {"gap_closure": (1.0, 0.01)}}
+    lines = dict(zip([a for a in ABLATIONS if a in summary], reading(summary)))
+    assert "reproduces" in lines["real_source=data"] and "NOT" not in lines["real_source=data"]
+    assert "not distinguishable" in lines["params=shared"]
+    assert "does NOT reproduce" in lines["end_to_end=false"]
