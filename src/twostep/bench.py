@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .config import load_config, require, to_dict
-from .distill import evaluate_student, load_student, make_teacher_data, train_student
+from .distill import evaluate_student, load_student, make_teacher_data, teacher_references, train_student
 from .evaluate import build_evaluator
 from .reports import update_section
 from .teacher import load_teacher, platform_summary, train_teacher
@@ -46,7 +46,7 @@ ABLATIONS = ["real_source=data", "params=shared", "end_to_end=false", "step1_los
 @dataclass
 class BenchConfig:
     seeds: int = 3
-    steps: int = 80
+    steps: int = 120
     batch_size: int = 32
     eval_samples: int = 1000
 
@@ -78,6 +78,7 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
     base_overrides = (QUICK_TEACHER if quick else []) + list(overrides)
     cfg = load_config(DistillConfig, config_path, base_overrides)
     ensure_writable_dir(out, what="bench folder")
+    bench_started = time.perf_counter()
     unknown = [a for a in (arms or []) if a not in ARMS]
     if unknown:
         from .errors import TwostepError
@@ -90,7 +91,9 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
         train_teacher(cfg.teacher, teacher_dir)
     data_dir = os.path.join(out, "teacher_data")
     make_teacher_data(teacher_dir, cfg, data_dir)
-    evaluator = build_evaluator(load_teacher(teacher_dir))
+    clean_teacher = load_teacher(teacher_dir)
+    evaluator = build_evaluator(clean_teacher)
+    reference_images = teacher_references(clean_teacher, bc.eval_samples, cfg.student.num_steps)
 
     budget = [f"train.steps={bc.steps}", f"train.batch_size={bc.batch_size}", "train.eval_every=0",
               f"train.sample_every={10 ** 9}", f"train.checkpoint_every={10 ** 9}"]
@@ -106,7 +109,8 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
             train_student(teacher_dir, data_dir, arm_cfg, run_dir)
             wall = time.perf_counter() - started
             student, teacher, _ = load_student(run_dir, teacher_run=teacher_dir)
-            result, _ = evaluate_student(student, teacher, bc.eval_samples, evaluator=evaluator, measure_speed=False)
+            result, _ = evaluate_student(student, teacher, bc.eval_samples, evaluator=evaluator, measure_speed=False,
+                                         references=reference_images)
             rows = result["rows"]
             if references is None:
                 references = {k: rows[k] for k in rows if k.startswith("teacher")}
@@ -121,7 +125,8 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
                for name, rs in runs.items()}
     report = {"bench": to_dict(bc), "quick": quick, "arms": {n: {"overrides": ARMS[n][0], "what": ARMS[n][1]}
                                                             for n in arm_names},
-              "references": references, "runs": runs, "summary": summary, "machine": platform_summary()}
+              "references": references, "runs": runs, "summary": summary, "machine": platform_summary(),
+              "total_wall_s": time.perf_counter() - bench_started}
     write_text(os.path.join(out, "results.json"), json.dumps(report, indent=2) + "\n")
     plot_gap_closure(summary, os.path.join(out, "gap_closure.png"))
     return report
@@ -168,6 +173,15 @@ def reading(summary: dict) -> list[str]:
         else:
             verdict = f"not distinguishable here (difference {delta:+.3f} within the spread ±{margin:.3f})"
         lines.append(f"- {ARMS[name][1]} (`{name}`): {verdict}.")
+    ranked = sorted(((v["gap_closure"][0], n) for n, v in summary.items() if math.isfinite(v["gap_closure"][0])),
+                    reverse=True)
+    if ranked:
+        best_mean, best = ranked[0]
+        best_std = summary[best]["gap_closure"][1]
+        tie = best == "full recipe" or best_mean - full_mean <= max(best_std, full_std)
+        lines.append(f"- Highest mean gap closure: `{best}` ({best_mean:.3f} ± {best_std:.3f}); "
+                     + ("the defaults stay (not better than the full recipe beyond the spread)." if tie else
+                        "better than the full recipe beyond the spread: a candidate for the defaults."))
     return lines
 
 
@@ -177,7 +191,10 @@ def bench_section(report: dict, command: str, plot_rel: str) -> str:
         "### Ablations (`twostep bench`)", "",
         f"Written by `{command}`; machine: {report['machine']}. Budget per arm: {report['bench']['steps']} "
         f"generator steps at batch {report['bench']['batch_size']}, {report['bench']['seeds']} seed(s), "
-        f"{report['bench']['eval_samples']} evaluation samples (same noise and prompts for every arm).", "",
+        f"{report['bench']['eval_samples']} evaluation samples (same noise and prompts for every arm). "
+        f"Whole bench: {report['total_wall_s'] / 60:.1f} min"
+        + ("" if report["quick"] else f" (bar: ≤ 60 min — {'**met**' if report['total_wall_s'] <= 3600 else '**NOT met**'})")
+        + ".", "",
         "| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | FD of x̂1 ↓ | class acc ↑ | diversity | PSNR vs teacher | "
         "train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -15,13 +15,13 @@ from safetensors.torch import load_file, save_file
 from .config import load_config
 from .discriminator import Discriminator
 from .errors import TwostepError
-from .evaluate import build_evaluator, measure_throughput
+from .evaluate import build_evaluator, eval_set, measure_throughput
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
 from .student import Student, merge_student
 from .teacher import Teacher, load_teacher
 from .teacher_data import TeacherData, TeacherSource, _provenance, generate_teacher_data
-from .toy.data import NUM_CLASSES, balanced_labels, load_digit_splits
+from .toy.data import NUM_CLASSES, load_digit_splits
 from .toy.evaluator import Evaluator, frechet_distance
 from .train import DistillConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
 from .utils import atomic_path, file_sha256, is_main_process
@@ -77,9 +77,7 @@ def grid_writer(teacher: Teacher, per_prompt: int = 6, seed: int = 0):
 def quick_eval(teacher: Teacher, num_samples: int = 500):
     """Periodic metrics during training (EMA weights): FD to held-out real, class accuracy, diversity."""
     evaluator = build_evaluator(teacher)
-    labels = balanced_labels(num_samples)
-    noise = make_noise(num_samples, teacher.image_shape, teacher.config.eval.seed)
-    cond = teacher.cond(labels)
+    labels, noise, cond = eval_set(teacher, num_samples)
 
     def run(student: Student) -> dict[str, float]:
         return evaluator.score(student.sample(noise, cond)["final"], labels)
@@ -158,8 +156,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
+def teacher_references(teacher: Teacher, num_samples: int, student_steps: int) -> dict[str, torch.Tensor]:
+    """The teacher at its own step count and naively at the student's, on the evaluation noise and prompts."""
+    ec = teacher.config.eval
+    _, noise, cond = eval_set(teacher, num_samples)
+    shift, steps = teacher.config.sampling.shift, teacher.config.sampling.steps
+    return {f"teacher_{steps}": generate(teacher.backbone, noise, cond, steps, shift, ec.batch_size),
+            f"teacher_naive_{student_steps}": generate(teacher.backbone, noise, cond, student_steps, shift,
+                                                       ec.batch_size)}
+
+
 def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evaluator: Evaluator | None = None,
-                     measure_speed: bool = True) -> dict:
+                     measure_speed: bool = True, references: dict | None = None) -> tuple[dict, dict]:
     """Teacher 8-step, teacher naive 2-step, student 2-step and its step-1 estimate, on the same noise.
 
     ``teacher`` must be a clean teacher (not the student's LoRA-carrying base). Speed is measured on the
@@ -167,16 +175,11 @@ def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evalu
     """
     ec = teacher.config.eval
     evaluator = evaluator or build_evaluator(teacher)
-    labels = balanced_labels(num_samples)
-    noise = make_noise(num_samples, teacher.image_shape, ec.seed)
-    cond = teacher.cond(labels)
+    labels, noise, cond = eval_set(teacher, num_samples)
     shift = teacher.config.sampling.shift
     teacher_steps = teacher.config.sampling.steps
     k = student.cfg.num_steps
-    images = {
-        f"teacher_{teacher_steps}": generate(teacher.backbone, noise, cond, teacher_steps, shift, ec.batch_size),
-        f"teacher_naive_{k}": generate(teacher.backbone, noise, cond, k, shift, ec.batch_size),
-    }
+    images = dict(references) if references is not None else teacher_references(teacher, num_samples, k)
     out = student.sample(noise, cond, batch_size=ec.batch_size)
     images[f"student_{k}"] = out["final"]
     images["student_step1_estimate"] = out["step1"]

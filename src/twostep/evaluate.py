@@ -23,6 +23,13 @@ def build_evaluator(teacher: Teacher) -> Evaluator:
     return Evaluator(train, heldout, seed=teacher.config.eval.evaluator_seed)
 
 
+def eval_set(teacher: Teacher, num_samples: int):
+    """The fixed evaluation set: ``(labels (N,), noise (N, C, H, W), cond)``, prompts balanced over classes."""
+    labels = balanced_labels(num_samples)
+    noise = make_noise(num_samples, teacher.image_shape, teacher.config.eval.seed)
+    return labels, noise, teacher.cond(labels)
+
+
 def measure_throughput(fn, num_items: int, repeats: int) -> float:
     """Items per second of ``fn()``: one warm-up call, then the median of ``repeats`` timed calls."""
     fn()
@@ -40,9 +47,7 @@ def evaluate_teacher_steps(teacher: Teacher, steps: Sequence[int], num_samples: 
     ec = teacher.config.eval
     num_samples = num_samples or ec.num_samples
     evaluator = evaluator or build_evaluator(teacher)
-    labels = balanced_labels(num_samples)
-    noise = make_noise(num_samples, teacher.image_shape, ec.seed)
-    cond = teacher.cond(labels)
+    labels, noise, cond = eval_set(teacher, num_samples)
     shift = teacher.config.sampling.shift
     result = {
         "num_samples": num_samples, "heldout_real": len(evaluator.heldout), "noise_seed": ec.seed,

@@ -80,7 +80,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     root_a = _sqrt_psd(cov_a)
     cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
     trace_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+    return max(value, 0.0)  # a set against itself can come out as -1e-12
 
 
 def per_prompt_diversity(feats: np.ndarray, labels: np.ndarray) -> float:
