@@ -291,3 +291,13 @@ def test_student_evaluation_uses_the_real_teacher(world, tmp_path):
     assert torch.equal(images["teacher_8"], expected)
     assert not torch.allclose(images["student_2"], images["teacher_naive_2"]), "the student must have moved"
     assert result["speed"]["speedup"] > 0
+
+
+def test_bf16_autocast_and_checkpointing_train(world, tmp_path):
+    run = str(tmp_path / "bf16")
+    assert main(["train", "--teacher", world["teacher"], "--data", world["data"], "--out", run, *TEACHER, *DISTILL,
+                 "train.steps=2", "train.bf16=true", "train.gradient_checkpointing=true", "train.eval_every=0"]) == 0
+    log = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["g_total"])) for r in log)
+    assert os.path.isdir(os.path.join(run, "tb")), "TensorBoard events are written next to the JSONL log"

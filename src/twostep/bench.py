@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .config import load_config, require, to_dict
 from .distill import evaluate_student, load_student, make_teacher_data, teacher_references, train_student
 from .evaluate import build_evaluator
-from .reports import update_section
+from .reports import save_figure, update_section
 from .teacher import load_teacher, platform_summary, train_teacher
 from .train import DistillConfig
 from .utils import ensure_writable_dir, progress, write_text
@@ -46,7 +46,7 @@ ABLATIONS = ["real_source=data", "params=shared", "end_to_end=false", "step1_los
 @dataclass
 class BenchConfig:
     seeds: int = 3
-    steps: int = 120
+    steps: int = 100
     batch_size: int = 32
     eval_samples: int = 1000
 
@@ -150,10 +150,7 @@ def plot_gap_closure(summary: dict, path: str) -> None:
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("gap closure (mean ± std over seeds)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def reading(summary: dict) -> list[str]:

@@ -22,7 +22,7 @@ from .config import load_config, to_dict
 from .distill import STUDENT_WEIGHTS, evaluate_student, load_student, make_teacher_data, train_student
 from .errors import TwostepError
 from .evaluate import build_evaluator, evaluate_teacher_steps
-from .reports import image_grid, save_image
+from .reports import image_grid, save_figure, save_image
 from .results import write_distill_section, write_teacher_section
 from .teacher import load_teacher, train_teacher
 from .toy.data import NUM_CLASSES
@@ -86,10 +86,7 @@ def loss_curves(log_path: str, out_path: str) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    save_figure(fig, out_path)
 
 
 def metrics_table(result: dict) -> str:

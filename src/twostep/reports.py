@@ -51,6 +51,15 @@ def save_image(image, path: str) -> None:
         image.save(tmp, format=fmt)
 
 
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 def update_section(path: str, name: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- twostep:NAME:begin -->`` and ``...:end -->`` in ``path``.
 
