@@ -71,10 +71,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = False, seeds: int | None = None,
-              arms: list[str] | None = None, teacher_dir: str | None = None) -> dict:
-    bc = QUICK if quick else BenchConfig()
-    if seeds:
-        bc = BenchConfig(seeds=seeds, steps=bc.steps, batch_size=bc.batch_size, eval_samples=bc.eval_samples)
+              arms: list[str] | None = None, teacher_dir: str | None = None, steps: int | None = None,
+              batch_size: int | None = None) -> dict:
+    base = QUICK if quick else BenchConfig()
+    bc = BenchConfig(seeds=seeds or base.seeds, steps=steps or base.steps, batch_size=batch_size or base.batch_size,
+                     eval_samples=base.eval_samples)
     base_overrides = (QUICK_TEACHER if quick else []) + list(overrides)
     cfg = load_config(DistillConfig, config_path, base_overrides)
     ensure_writable_dir(out, what="bench folder")

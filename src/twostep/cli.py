@@ -132,7 +132,8 @@ def cmd_bench(args) -> None:
     from .bench import run_bench, write_bench_section
 
     report = run_bench(args.out, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides, quick=args.quick,
-                       seeds=args.seeds, arms=args.arm, teacher_dir=args.teacher)
+                       seeds=args.seeds, arms=args.arm, teacher_dir=args.teacher, steps=args.steps,
+                       batch_size=args.batch_size)
     from .bench import bench_section
 
     print(bench_section(report, _command_line(args), os.path.join(args.out, "gap_closure.png")))
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny teacher, one seed, a few steps")
     p.add_argument("--seeds", type=_positive_int, help="seeds per arm (default 3; 1 with --quick)")
     p.add_argument("--arm", action="append", help="run only this arm (repeatable)")
+    p.add_argument("--steps", type=_positive_int, help="generator steps per arm (default 100; 4 with --quick)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch per arm (default 32; 8 with --quick)")
     p.add_argument("--results", help="also rewrite the bench section of this markdown file (docs/results.md)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every arm")
     p.set_defaults(func=cmd_bench)
