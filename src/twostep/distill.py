@@ -20,7 +20,7 @@ from .reports import image_grid, save_image
 from .sampling import generate, make_noise
 from .student import Student, merge_student
 from .teacher import Teacher, load_teacher
-from .teacher_data import TeacherData, TeacherSource, _provenance, generate_teacher_data
+from .teacher_data import TeacherData, TeacherSource, cache_provenance, generate_teacher_data
 from .toy.data import NUM_CLASSES, load_digit_splits
 from .toy.evaluator import Evaluator, frechet_distance
 from .train import DistillConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
@@ -45,7 +45,7 @@ def make_teacher_data(teacher_run: str, cfg: DistillConfig, out_dir: str) -> dic
 
 def load_teacher_data(teacher: Teacher, cfg: DistillConfig, data_dir: str) -> TeacherData:
     """The cache, checked to come from this teacher and this schedule before anything is trained."""
-    expected = _provenance(cfg.teacher_data, teacher_source(teacher))
+    expected = cache_provenance(cfg.teacher_data, teacher_source(teacher))
     return TeacherData(data_dir, expected=expected)
 
 

@@ -80,7 +80,7 @@ class TeacherSource:
     num_prompts: int
 
 
-def _provenance(cfg: TeacherDataConfig, source: TeacherSource) -> dict:
+def cache_provenance(cfg: TeacherDataConfig, source: TeacherSource) -> dict:
     sigmas = flow.turbo_sigmas(cfg.teacher_steps, cfg.shift)
     return {
         "format_version": FORMAT_VERSION, "teacher_id": source.teacher_id,
@@ -137,7 +137,7 @@ def _check_same_provenance(manifest: dict, provenance: dict, where: str) -> None
 def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir: str) -> dict:
     """Write (or finish) the sharded cache in ``out_dir``; returns the manifest."""
     ensure_writable_dir(out_dir, what="teacher-data folder")
-    provenance = _provenance(cfg, source)
+    provenance = cache_provenance(cfg, source)
     manifest = _read_manifest(out_dir)
     if manifest is not None:
         _check_same_provenance(manifest, provenance, out_dir)
