@@ -23,7 +23,7 @@ from .distill import STUDENT_WEIGHTS, evaluate_student, load_student, make_teach
 from .errors import TwostepError
 from .evaluate import build_evaluator, evaluate_teacher_steps
 from .reports import image_grid, save_figure, save_image
-from .results import write_distill_section, write_teacher_section
+from .results import distill_bars, metrics_table, write_distill_section, write_teacher_section
 from .teacher import load_teacher, train_teacher
 from .toy.data import NUM_CLASSES
 from .train import DistillConfig
@@ -87,40 +87,6 @@ def loss_curves(log_path: str, out_path: str) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out_path)
-
-
-def metrics_table(result: dict) -> str:
-    lines = ["| sampler | FD to held-out real ↓ | FD to teacher-8 ↓ | class accuracy ↑ | per-prompt diversity | "
-             "PSNR vs teacher-8 (dB) |", "|---|---:|---:|---:|---:|---:|"]
-    for name, row in result["rows"].items():
-        psnr = "–" if row["psnr_vs_teacher"] == float("inf") else f"{row['psnr_vs_teacher']:.2f}"
-        lines.append(f"| {name.replace('_', ' ')} | {row['fd_real']:.3f} | {row['fd_teacher']:.3f} | "
-                     f"{row['class_accuracy']:.3f} | {row['diversity']:.3f} | {psnr} |")
-    floor = result["real_floor"]
-    lines.append(f"| real training digits (floor) | {floor['fd_real']:.3f} | – | {floor['class_accuracy']:.3f} | "
-                 f"{floor['diversity']:.3f} | – |")
-    return "\n".join(lines)
-
-
-def distill_bars(result: dict) -> list[str]:
-    rows = result["rows"]
-    names = list(rows)
-    teacher, student = rows[names[0]], rows[names[2]]
-    verdict = lambda ok: "**met**" if ok else "**NOT met**"  # noqa: E731
-    gc = result["gap_closure"]
-    acc_gap = (teacher["class_accuracy"] - student["class_accuracy"]) * 100
-    div_ratio = student["diversity"] / teacher["diversity"]
-    lines = [
-        f"- gap closure ≥ 0.8: {gc:.3f} — {verdict(gc >= 0.8)}",
-        f"- class accuracy within 2 points of the teacher's: student {student['class_accuracy']:.3f} vs teacher "
-        f"{teacher['class_accuracy']:.3f} ({acc_gap:+.1f} points below) — {verdict(acc_gap <= 2.0)}",
-        f"- per-prompt diversity ≥ 0.9× the teacher's: {div_ratio:.3f}× — {verdict(div_ratio >= 0.9)}",
-    ]
-    if "speed" in result:
-        sp = result["speed"]["speedup"]
-        lines.append(f"- 2-step throughput ≥ 3.5× the 8-step teacher's (batch {result['speed']['batch']}, same "
-                     f"process): {sp:.2f}× — {verdict(sp >= 3.5)}")
-    return lines
 
 
 def _img_tag(path: str, alt: str) -> str:

@@ -73,9 +73,41 @@ def write_teacher_section(path: str, result: dict, teacher: Teacher) -> None:
     update_section(path, "teacher", teacher_section(result, teacher))
 
 
-def distill_section(result: dict, bars: list[str], meta: dict) -> str:
-    from .demo import metrics_table
+def metrics_table(result: dict) -> str:
+    lines = ["| sampler | FD to held-out real ↓ | FD to teacher-8 ↓ | class accuracy ↑ | per-prompt diversity | "
+             "PSNR vs teacher-8 (dB) |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in result["rows"].items():
+        psnr = "–" if row["psnr_vs_teacher"] == float("inf") else f"{row['psnr_vs_teacher']:.2f}"
+        lines.append(f"| {name.replace('_', ' ')} | {row['fd_real']:.3f} | {row['fd_teacher']:.3f} | "
+                     f"{row['class_accuracy']:.3f} | {row['diversity']:.3f} | {psnr} |")
+    floor = result["real_floor"]
+    lines.append(f"| real training digits (floor) | {floor['fd_real']:.3f} | – | {floor['class_accuracy']:.3f} | "
+                 f"{floor['diversity']:.3f} | – |")
+    return "\n".join(lines)
 
+
+def distill_bars(result: dict) -> list[str]:
+    rows = result["rows"]
+    teacher = next(row for name, row in rows.items() if name.startswith("teacher_") and "naive" not in name)
+    student = next(row for name, row in rows.items() if name.startswith("student_") and "step1" not in name)
+    verdict = _verdict
+    gc = result["gap_closure"]
+    acc_gap = (teacher["class_accuracy"] - student["class_accuracy"]) * 100
+    div_ratio = student["diversity"] / teacher["diversity"]
+    lines = [
+        f"- gap closure ≥ 0.8: {gc:.3f} — {verdict(gc >= 0.8)}",
+        f"- class accuracy within 2 points of the teacher's: student {student['class_accuracy']:.3f} vs teacher "
+        f"{teacher['class_accuracy']:.3f} ({acc_gap:+.1f} points below) — {verdict(acc_gap <= 2.0)}",
+        f"- per-prompt diversity ≥ 0.9× the teacher's: {div_ratio:.3f}× — {verdict(div_ratio >= 0.9)}",
+    ]
+    if "speed" in result:
+        sp = result["speed"]["speedup"]
+        lines.append(f"- 2-step throughput ≥ 3.5× the 8-step teacher's (batch {result['speed']['batch']}, same "
+                     f"process): {sp:.2f}× — {verdict(sp >= 3.5)}")
+    return lines
+
+
+def distill_section(result: dict, bars: list[str], meta: dict) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     speed = result.get("speed", {})
     return "\n".join([

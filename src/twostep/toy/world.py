@@ -14,7 +14,7 @@ from ..backbones.base import Conditioning
 from ..config import require
 from ..text import build_local_tokenizer, build_tiny_qwen3, encode_prompts, load_prompt_embeds, save_prompt_embeds, \
     words_of
-from .data import class_prompts, load_digit_splits
+from .data import class_prompts
 
 PROMPT_CACHE = "prompt_embeds.safetensors"
 
