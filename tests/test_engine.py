@@ -301,3 +301,24 @@ def test_bf16_autocast_and_checkpointing_train(world, tmp_path):
     assert [r["step"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["g_total"])) for r in log)
     assert os.path.isdir(os.path.join(run, "tb")), "TensorBoard events are written next to the JSONL log"
+
+
+def test_resumed_log_has_each_step_once(world, tmp_path, monkeypatch):
+    import twostep.train as train_mod
+
+    run = str(tmp_path / "run")
+    args = ["train", "--teacher", world["teacher"], "--data", world["data"], "--out", run, *TEACHER, *DISTILL,
+            "train.eval_every=0"]
+    real_step = train_mod.Trainer.train_step
+
+    def crash_after_three(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", crash_after_three)
+    assert main(args) == 130
+    monkeypatch.setattr(train_mod.Trainer, "train_step", real_step)
+    assert main([*args, "--resume", "latest"]) == 0
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "train_log.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5]

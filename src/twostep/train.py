@@ -280,8 +280,10 @@ class Trainer:
             except ImportError:
                 writer = None
         log_path = os.path.join(self.run_dir, "train_log.jsonl")
-        if main and self.step == 0 and os.path.exists(log_path):
-            os.remove(log_path)
+        if main and os.path.exists(log_path):
+            # a fresh run starts a new log; a resumed one drops records written after its checkpoint
+            kept = [line for line in open(log_path, encoding="utf-8") if json.loads(line)["step"] <= self.step]
+            write_text(log_path, "".join(kept))
         bar = progress(range(self.step, tc.steps), total=tc.steps, initial=self.step, desc="distill")
         started = time.perf_counter() - self.elapsed
         with open(log_path, "a", encoding="utf-8") if main else open(os.devnull, "w") as log:
