@@ -62,19 +62,25 @@ def perturb_lora(student, scale=0.05):
 
 def test_cache_holds_the_teachers_own_trajectory(world):
     teacher = load_teacher(world["teacher"])
-    data = TeacherData(world["data"])
-    assert len(data) == 48 and data.states.shape[1:] == (2, 1, 8, 8)
+    cache = TeacherData(world["data"])
+    assert cache.in_memory  # a few kB: held in RAM
+    lazy = TeacherData(world["data"], in_memory=False)
+    data = cache.batch(torch.arange(len(cache)))
+    from_shards = lazy.batch(torch.arange(len(lazy)))
+    for key in data:  # the memory-mapped reader returns the same batches
+        torch.testing.assert_close(from_shards[key], data[key])
+    assert len(cache) == 48 and data["states"].shape[1:] == (2, 1, 8, 8)
     idx = torch.arange(10)
-    cond = teacher.prompt_table[data.prompt_index[idx]]
-    final, states = flow.euler_sample(lambda x, s, i: teacher.backbone.velocity(x, s, cond), data.noise[idx],
+    cond = teacher.prompt_table[data["prompt_index"][idx]]
+    final, states = flow.euler_sample(lambda x, s, i: teacher.backbone.velocity(x, s, cond), data["noise"][idx],
                                       flow.turbo_sigmas(8), return_states=True)
-    torch.testing.assert_close(data.final[idx], final)
-    torch.testing.assert_close(data.states[idx, 0], data.noise[idx])  # sigma = 1: the noise itself
-    torch.testing.assert_close(data.states[idx, 1], states[4])  # sigma = 0.75: after 4 of 8 steps
+    torch.testing.assert_close(data["final"][idx], final)
+    torch.testing.assert_close(data["states"][idx, 0], data["noise"][idx])  # sigma = 1: the noise itself
+    torch.testing.assert_close(data["states"][idx, 1], states[4])  # sigma = 0.75: after 4 of 8 steps
     # the seed reproduces the noise, and "real" samples are teacher outputs, not noise
-    torch.testing.assert_close(data.noise[3], torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(
-        int(data.noise_seed[3]))))
-    assert not torch.allclose(data.final, data.noise)
+    torch.testing.assert_close(data["noise"][3], torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(
+        int(cache.noise_seed[3]))))
+    assert not torch.allclose(data["final"], data["noise"])
     manifest = json.load(open(os.path.join(world["data"], "manifest.json")))
     prov = manifest["provenance"]
     assert prov["teacher_steps"] == 8 and prov["shift"] == 3.0 and prov["state_indices"] == [0, 4]

@@ -159,10 +159,21 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, updated by the YAML file at ``path``, then by dotted ``overrides``."""
+def merge(data: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into ``data`` (sections merge, values replace)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merge(data[key], value)
+        else:
+            data[key] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: Sequence[str] = (), update: dict | None = None) -> T:
+    """Defaults of ``cls``, updated by the YAML file at ``path``, then ``update`` (e.g. values a command's flags or
+    a data folder fix), then dotted ``overrides``."""
     data = read_yaml(path) if path else {}
-    return from_dict(cls, apply_overrides(data, overrides))
+    return from_dict(cls, apply_overrides(merge(data, update or {}), overrides))
 
 
 def save_config(obj: Any, path: str) -> None:

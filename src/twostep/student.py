@@ -140,6 +140,7 @@ class Student(KStepSampler, nn.Module):
                                  for name in self.adapter_names}
             for params in self._lora_params.values():
                 for p in params:
+                    p.data = p.data.float()  # adapters train in fp32 on a bf16 base (peft casts inputs to match)
                     p.requires_grad_(True)
             self._tuner_layers = [m for m in teacher.transformer.modules() if isinstance(m, BaseTunerLayer)]
             self._teacher_view = teacher

@@ -78,6 +78,7 @@ class TeacherSource:
     weights_sha256: str
     sample_shape: tuple[int, ...]  # (C, H, W)
     num_prompts: int
+    extra: dict = field(default_factory=dict)  # more identity for provenance (real path: prompts, text cache)
 
 
 def cache_provenance(cfg: TeacherDataConfig, source: TeacherSource) -> dict:
@@ -88,7 +89,7 @@ def cache_provenance(cfg: TeacherDataConfig, source: TeacherSource) -> dict:
         "shift": cfg.shift, "student_sigmas": list(cfg.student_sigmas),
         "state_indices": state_indices(sigmas, cfg.student_sigmas), "sample_shape": list(source.sample_shape),
         "dtype": cfg.dtype, "num_samples": cfg.num_samples, "shard_size": cfg.shard_size, "seed": cfg.seed,
-        "num_prompts": source.num_prompts,
+        "num_prompts": source.num_prompts, **source.extra,
     }
 
 
@@ -101,8 +102,10 @@ def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count
     sigmas = flow.turbo_sigmas(cfg.teacher_steps, cfg.shift)
     picks = state_indices(sigmas, cfg.student_sigmas)
     seeds = torch.arange(start, start + count, dtype=torch.int64) + cfg.seed
+    dtype = DTYPES[cfg.dtype]
+    # rounded to the stored dtype first, so the cached noise is exactly what the teacher started from
     noise = torch.stack([torch.randn(source.sample_shape, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds])
+                         for s in seeds]).to(dtype).float()
     prompt_index = torch.arange(start, start + count, dtype=torch.int64) % source.num_prompts
     finals, states = [], []
     for b in range(0, count, cfg.batch_size):
@@ -111,7 +114,6 @@ def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count
                                         sigmas, return_states=True)
         finals.append(final)
         states.append(torch.stack([path[i] for i in picks], dim=1))
-    dtype = DTYPES[cfg.dtype]
     return {"noise_seed": seeds, "prompt_index": prompt_index, "noise": noise.to(dtype),
             "states": torch.cat(states).to(dtype), "final": torch.cat(finals).to(dtype)}
 
@@ -166,9 +168,16 @@ def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir
 
 
 class TeacherData:
-    """A verified cache held in memory (the toy's is a few MB). Tensors as documented in the module."""
+    """A verified cache. Tensors as documented in the module; ``batch`` returns float32.
 
-    def __init__(self, out_dir: str, expected: dict | None = None, verify: bool = True):
+    Small caches (the toy's few MB) are held in memory; large ones (real latents, about 2 MB per sample at
+    1024²) stay in their memory-mapped shards and are read per batch (``in_memory=None`` picks by size).
+    """
+
+    MEMORY_LIMIT_BYTES = 2 << 30
+
+    def __init__(self, out_dir: str, expected: dict | None = None, verify: bool = True,
+                 in_memory: bool | None = None):
         manifest = _read_manifest(out_dir)
         if manifest is None:
             raise TwostepError(f"no teacher data in {out_dir} ({MANIFEST} missing); run `twostep teacher-data` first")
@@ -177,7 +186,7 @@ class TeacherData:
         if expected is not None:
             _check_same_provenance(manifest, expected, out_dir)
         self.provenance = manifest["provenance"]
-        parts: dict[str, list[Tensor]] = {}
+        self._shards: list[tuple[str, int, int]] = []  # (path, first_index, count)
         for name, entry in sorted(manifest["shards"].items()):
             path = os.path.join(out_dir, name)
             if not os.path.isfile(path):
@@ -190,22 +199,51 @@ class TeacherData:
             if shard_prov != self.provenance:
                 raise TwostepError(f"teacher-data shard {name} in {out_dir} was made by another teacher or schedule; "
                                    "delete it and rerun `twostep teacher-data`")
-            for key, value in load_file(path).items():
-                parts.setdefault(key, []).append(value)
-        data = {k: torch.cat(v) for k, v in parts.items()}
-        self.noise = data["noise"].float()
-        self.states = data["states"].float()
-        self.final = data["final"].float()
-        self.prompt_index = data["prompt_index"]
-        self.noise_seed = data["noise_seed"]
+            self._shards.append((path, entry["first_index"], entry["count"]))
+        self._length = sum(count for _, _, count in self._shards)
         self.student_sigmas = list(self.provenance["student_sigmas"])
+        total_bytes = sum(os.path.getsize(path) for path, _, _ in self._shards)
+        self.in_memory = total_bytes <= self.MEMORY_LIMIT_BYTES if in_memory is None else in_memory
+        self._data: dict[str, Tensor] | None = None
+        self._handles: dict[str, object] = {}
+        if self.in_memory:
+            parts: dict[str, list[Tensor]] = {}
+            for path, _, _ in self._shards:
+                for key, value in load_file(path).items():
+                    parts.setdefault(key, []).append(value)
+            self._data = {k: torch.cat(v) for k, v in parts.items()}
+        self.prompt_index = self._column("prompt_index")
+        self.noise_seed = self._column("noise_seed")
+
+    def _column(self, key: str) -> Tensor:
+        if self._data is not None:
+            return self._data[key]
+        return torch.cat([self._open(path).get_tensor(key) for path, _, _ in self._shards])
+
+    def _open(self, path: str):
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
 
     def __len__(self) -> int:
-        return len(self.prompt_index)
+        return self._length
 
     def batch(self, index: Tensor) -> dict[str, Tensor]:
-        return {"noise": self.noise[index], "states": self.states[index], "final": self.final[index],
-                "prompt_index": self.prompt_index[index]}
+        keys = ("noise", "states", "final")
+        if self._data is not None:
+            out = {k: self._data[k][index].float() for k in keys}
+        else:
+            rows: dict[str, list[Tensor]] = {k: [] for k in keys}
+            for i in index.tolist():
+                path, first, _ = next(s for s in self._shards if s[1] <= i < s[1] + s[2])
+                handle = self._open(path)
+                for k in keys:
+                    rows[k].append(handle.get_slice(k)[i - first:i - first + 1])
+            out = {k: torch.cat(v).float() for k, v in rows.items()}
+        out["prompt_index"] = self.prompt_index[index]
+        return out
 
-
-
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

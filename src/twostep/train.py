@@ -148,8 +148,9 @@ class Trainer:
     """Holds the student, discriminator, optimizers and EMA; :meth:`fit` runs the loop."""
 
     def __init__(self, cfg: DistillConfig, student: Student, disc: Discriminator, data: TeacherData,
-                 prompt_table, real_images_fn, run_dir: str, sample_fn=None, eval_fn=None):
+                 prompt_table, real_images_fn, run_dir: str, sample_fn=None, eval_fn=None, device=None):
         tc = cfg.train
+        self.device = torch.device(device or "cpu")
         self.cfg, self.student, self.disc, self.data = cfg, student, disc, data
         self.prompt_table = prompt_table
         self.real_images_fn = real_images_fn  # (prompt_index, generator) -> real images (real_source: data)
@@ -211,8 +212,8 @@ class Trainer:
 
     def _batch(self) -> tuple[dict[str, Tensor], object]:
         index = torch.randint(0, len(self.data), (self.cfg.train.batch_size,), generator=self.generator)
-        batch = self.data.batch(index)
-        return batch, self.prompt_table[batch["prompt_index"]]
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(index).items()}
+        return batch, self.prompt_table[batch["prompt_index"].cpu()].to(self.device)
 
     def _autocast(self):
         return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
@@ -226,7 +227,7 @@ class Trainer:
         for _ in range(tc.d_steps_per_g):
             batch, cond = self._batch()
             real = batch["final"] if rc.real_source == "teacher" else self.real_images_fn(
-                batch["prompt_index"], self.generator)
+                batch["prompt_index"].cpu(), self.generator).to(self.device)
             with self._autocast():
                 d_total, d_logs = discriminator_loss(self.student, self.disc, batch, real, cond, self.generator)
             self.opt_d.zero_grad(set_to_none=True)

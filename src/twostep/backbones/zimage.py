@@ -75,7 +75,7 @@ class ZImageBackbone(nn.Module):
             subfolder = "transformer"
         try:
             transformer = ZImageTransformer2DModel.from_pretrained(path_or_id, subfolder=subfolder,
-                                                                   torch_dtype=dtype, **kwargs)
+                                                                   dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
             raise TwostepError(f"cannot load a Z-Image transformer from {path_or_id!r}: {err}".splitlines()[0]) from err
         return cls(transformer)
