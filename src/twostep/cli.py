@@ -16,6 +16,8 @@ from .errors import TwostepError
 
 DEFAULT_TEACHER_CONFIG = "configs/toy_teacher.yaml"
 DEFAULT_DEMO_CONFIG = "configs/toy_demo.yaml"
+DEFAULT_ZIMAGE_CONFIG = "configs/zimage_turbo_2step_lora.yaml"
+DATA_RECORD = "teacher_data.yaml"  # how a real teacher-data folder was made; `train --data` reuses it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,23 +111,121 @@ def cmd_eval(args) -> None:
 
 def cmd_teacher_data(args) -> None:
     from .config import load_config
+
+    if args.prompts:
+        return _real_teacher_data(args)
     from .distill import make_teacher_data
     from .train import DistillConfig
 
     cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
-    manifest = make_teacher_data(args.teacher, cfg, args.out)
+    out = args.out or "runs/teacher_data"
+    manifest = make_teacher_data(args.teacher or "runs/teacher", cfg, out)
     print(f"teacher data: {manifest['provenance']['num_samples']} trajectories in {len(manifest['shards'])} shards "
-          f"-> {args.out}")
+          f"-> {out}")
+
+
+def _real_teacher_data(args) -> None:
+    import yaml
+
+    from .config import load_config, to_dict
+    from .real.data import make_real_teacher_data
+    from .real.train import ZImageDistillConfig
+    from .utils import write_text
+
+    update = {"teacher_data": {"prompts": args.prompts}}
+    if args.teacher:
+        update["model"] = {"path": args.teacher}
+    if args.resolution:
+        update["teacher_data"]["resolution"] = args.resolution
+    cfg = load_config(ZImageDistillConfig, _config_path(args.config, DEFAULT_ZIMAGE_CONFIG), args.overrides, update)
+    out = args.out or cfg.data_dir
+    manifest = make_real_teacher_data(cfg.teacher_data, cfg.model.path, out, dtype=cfg.model.dtype,
+                                      device=cfg.model.device)
+    record = {"model": {"path": cfg.model.path}, "teacher_data": to_dict(cfg.teacher_data)}
+    write_text(os.path.join(out, DATA_RECORD), yaml.safe_dump(record, sort_keys=False))
+    print(f"teacher data: {manifest['provenance']['num_samples']} latent trajectories at "
+          f"{cfg.teacher_data.resolution}px in {len(manifest['shards'])} shards -> {out}")
 
 
 def cmd_train(args) -> None:
     from .config import load_config
+
+    config = _config_path(args.config, DEFAULT_DEMO_CONFIG)
+    from .real.train import is_real_config
+
+    if is_real_config(config):
+        return _real_train(args, config)
     from .distill import train_student
     from .train import DistillConfig
 
-    cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
-    meta = train_student(args.teacher, args.data, cfg, args.out, resume=args.resume)
-    print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {args.out}")
+    cfg = load_config(DistillConfig, config, args.overrides)
+    out = args.out or "runs/student"
+    meta = train_student(args.teacher or "runs/teacher", args.data or "runs/teacher_data", cfg, out,
+                         resume=args.resume)
+    print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")
+
+
+def _real_train(args, config: str) -> None:
+    from .config import load_config, read_yaml
+    from .real.train import ZImageDistillConfig, train_zimage_student
+
+    data_dir = args.data or load_config(ZImageDistillConfig, config).data_dir
+    update = {"data_dir": data_dir}
+    record = os.path.join(data_dir, DATA_RECORD)
+    if os.path.isfile(record):  # the teacher and prompts the cache was made from
+        for section, values in read_yaml(record).items():
+            update.setdefault(section, {}).update(values) if isinstance(values, dict) else None
+    if args.teacher:
+        update.setdefault("model", {})["path"] = args.teacher
+    cfg = load_config(ZImageDistillConfig, config, args.overrides, update)
+    out = args.out or "runs/zimage/student"
+    meta = train_zimage_student(cfg, out, resume=args.resume)
+    print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s on {meta['device']}) -> {out}")
+
+
+def cmd_export(args) -> None:
+    from .export import export_run
+
+    out = args.out or os.path.join(args.run, f"export_{args.format}")
+    paths = export_run(args.run, out, args.format, dtype=args.dtype)
+    print(f"exported {args.format}: " + ", ".join(os.path.relpath(p) for p in paths))
+
+
+def cmd_generate(args) -> None:
+    import json as json_
+
+    from .pipeline import generate_images, load_two_step_pipeline, read_export_info
+    from .prompts import read_prompts
+    from .utils import ensure_parent_writable, ensure_writable_dir, write_text
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise TwostepError("give either one prompt (positional) or --prompts FILE")
+    prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
+    info = read_export_info(args.model)
+    resolution = args.resolution or info.get("resolution") or 1024
+    if args.prompt:
+        ensure_parent_writable(args.out, what="image")
+    else:
+        ensure_writable_dir(args.out, what="image folder")
+    pipe, switch = load_two_step_pipeline(args.model, device=None if args.device == "auto" else args.device)
+    images = generate_images(pipe, switch, prompts, seed=args.seed, resolution=resolution)
+    if args.prompt:
+        images[0].save(args.out)
+        print(f"wrote {args.out} ({info['num_steps']} steps, seed {args.seed})")
+        return
+    index = {}
+    for i, image in enumerate(images):
+        name = f"{i:05d}.png"
+        image.save(os.path.join(args.out, name))
+        index[name] = {"prompt": prompts[i], "seed": args.seed + i}
+    write_text(os.path.join(args.out, "index.json"), json_.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {len(images)} images to {args.out} ({info['num_steps']} steps, seeds {args.seed}..)")
+
+
+def cmd_plan(args) -> None:
+    from .plan import cmd_plan as run_plan
+
+    run_plan(args)
 
 
 def cmd_bench(args) -> None:
@@ -181,21 +281,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="also rewrite the teacher section of this markdown file (docs/results.md)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("teacher-data", help="cache teacher trajectories (noise, states at the student sigmas, final)")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
-    p.add_argument("--teacher", default="runs/teacher", help="teacher run folder")
-    p.add_argument("--out", default="runs/teacher_data", help="cache folder; a rerun finishes what is missing")
+    p = sub.add_parser("teacher-data", help="cache teacher trajectories (toy run, or a Z-Image pipeline with --prompts)")
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG}; with --prompts "
+                                    f"{DEFAULT_ZIMAGE_CONFIG})")
+    p.add_argument("--teacher", help="toy teacher run folder (default runs/teacher), or with --prompts a Z-Image "
+                                     "pipeline folder / hub id")
+    p.add_argument("--prompts", help="real path: prompt file (.txt one per line, .jsonl {'prompt'}, .parquet 'prompt')")
+    p.add_argument("--resolution", type=_positive_int, help="real path: image size in pixels (multiple of 16)")
+    p.add_argument("--out", help="cache folder (default runs/teacher_data, real: the config's data_dir); a rerun "
+                                 "finishes what is missing")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher_data.num_samples=2000")
     p.set_defaults(func=cmd_teacher_data)
 
     p = sub.add_parser("train", help="distil the teacher into a 2-step student (Turbo++ recipe)")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
-    p.add_argument("--teacher", default="runs/teacher", help="teacher run folder")
-    p.add_argument("--data", default="runs/teacher_data", help="teacher-data cache folder")
-    p.add_argument("--out", default="runs/student", help="run folder")
+    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG}); a config with a `model:` "
+                                    f"section (e.g. {DEFAULT_ZIMAGE_CONFIG}) trains on a Z-Image pipeline")
+    p.add_argument("--teacher", help="toy teacher run (default runs/teacher); real: overrides model.path")
+    p.add_argument("--data", help="teacher-data folder (default runs/teacher_data; real: the config's data_dir)")
+    p.add_argument("--out", help="run folder (default runs/student; real: runs/zimage/student)")
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest (or a given) checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. recipe.end_to_end=false train.steps=200")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a trained Z-Image student as diffusers / lora / comfyui / merged")
+    p.add_argument("run", help="training run folder (twostep train with a Z-Image config)")
+    p.add_argument("--format", required=True, choices=["diffusers", "lora", "comfyui", "merged"])
+    p.add_argument("--out", help="output folder (default RUN/export_FORMAT); replaced atomically")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of exported weights (default bfloat16)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="2-step images from an exported model (diffusers export)")
+    p.add_argument("prompt", nargs="?", help="one prompt (or use --prompts)")
+    p.add_argument("--model", required=True, help="folder written by `twostep export --format diffusers`")
+    p.add_argument("--prompts", help="prompt file: one image per prompt, prompt i with seed SEED+i")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator: the same image on any device)")
+    p.add_argument("--out", default="image.png", help="image path (one prompt) or folder (--prompts)")
+    p.add_argument("--resolution", type=_positive_int, help="pixels (default: the resolution trained at)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu | cuda:N")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="estimated GPU memory of a training configuration")
+    from .plan import add_plan_arguments
+
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="ablations of the recipe at equal budget, several seeds (make bench)")
     p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")

@@ -1,0 +1,254 @@
+"""``twostep export RUN --format diffusers | lora | comfyui | merged``: a trained Z-Image student where people
+generate images.
+
+Student step ``k`` (1-based in every file name) has its own LoRA (``shared``: the same one for both steps).
+The LoRA scale ``alpha / rank`` is baked into ``lora_B``, so each file works at strength 1 with no alpha key
+(diffusers) or with ``alpha = rank`` (ComfyUI).
+
+- ``lora``: ``OUT/step{k}_lora.safetensors`` in diffusers/PEFT naming (``transformer.layers.0.attention.to_q.lora_A
+  .weight``), loadable with ``ZImagePipeline.load_lora_weights``.
+- ``comfyui``: ``OUT/step{k}_lora_comfyui.safetensors`` with ``diffusion_model.`` keys and ``.alpha`` (the names
+  ComfyUI's Z-Image LoRA loader maps onto its fused qkv; diffusers reads them too) + ``OUT/README.md`` describing
+  the two-sampler workflow.
+- ``diffusers``: a complete pipeline folder (the teacher's components, hard-linked when possible) plus
+  ``twostep_lora/step{k}_lora.safetensors`` and ``twostep.json``; see :mod:`twostep.pipeline` for the switch.
+- ``merged``: ``OUT/transformer_step{k}/``: one full ``ZImageTransformer2DModel`` per step (``W + scale·B·A``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import TwostepError
+from .student import StudentConfig
+from .utils import atomic_dir, write_text
+
+Tensor = torch.Tensor
+FORMATS = ("diffusers", "lora", "comfyui", "merged")
+LORA_DIR = "twostep_lora"
+INFO = "twostep.json"
+_STUDENT_PREFIX = "base.transformer."
+
+
+def step_lora(state: dict[str, Tensor], cfg: StudentConfig, step: int) -> dict[str, Tensor]:
+    """Student step ``step`` (0-based) as ``{module}.lora_A.weight`` / ``{module}.lora_B.weight`` (scale in B).
+
+    ``state``: the run's trainable state (``base.transformer.{module}.lora_A.step{k}.weight``).
+    """
+    if cfg.form != "lora":
+        raise TwostepError("this run trained full per-step copies (student.form=full): export it with --format merged")
+    adapter = f"step{step if cfg.params == 'decoupled' else 0}"
+    scale = cfg.lora_alpha / cfg.lora_rank
+    out = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.{adapter}.weight"
+            if key.endswith(marker):
+                module = key[len(_STUDENT_PREFIX):-len(marker)]
+                out[f"{module}.{part}.weight"] = (value * scale if part == "lora_B" else value).contiguous()
+    if not out:
+        raise TwostepError(f"the run's weights hold no LoRA for student step {step + 1}")
+    return out
+
+
+def lora_files(state: dict[str, Tensor], cfg: StudentConfig, dtype: torch.dtype = torch.bfloat16,
+               style: str = "diffusers") -> list[dict[str, Tensor]]:
+    """One state dict per student step, in ``diffusers`` (``transformer.``) or ``comfyui`` naming."""
+    files = []
+    for step in range(cfg.num_steps):
+        lora = step_lora(state, cfg, step)
+        if style == "diffusers":
+            files.append({f"transformer.{k}": v.to(dtype) for k, v in lora.items()})
+        else:
+            out = {f"diffusion_model.{k}": v.to(dtype) for k, v in lora.items()}
+            for key, value in lora.items():
+                if key.endswith(".lora_A.weight"):  # scale is baked in: alpha = rank gives strength 1
+                    out[f"diffusion_model.{key[:-len('.lora_A.weight')]}.alpha"] = torch.tensor(float(value.shape[0]))
+            files.append(out)
+    return files
+
+
+def _file_meta(info: dict) -> dict[str, str]:
+    return {"twostep": json.dumps(info, sort_keys=True), "format": "pt"}
+
+
+def _run_info(cfg, meta: dict) -> dict:
+    from .flow import turbo_sigmas
+
+    sigmas = list(cfg.student.sigmas)
+    default = turbo_sigmas(len(sigmas), cfg.teacher_data.shift).tolist()[:-1]
+    return {"num_steps": len(sigmas), "student_sigmas": sigmas, "shift": cfg.teacher_data.shift,
+            "default_schedule": all(abs(a - b) < 1e-6 for a, b in zip(sigmas, default)),
+            "params": cfg.student.params, "form": cfg.student.form, "rank": cfg.student.lora_rank,
+            "teacher": meta.get("teacher"), "teacher_fingerprint": meta.get("teacher_fingerprint"),
+            "resolution": cfg.teacher_data.resolution, "train_steps": meta.get("steps")}
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """Copy ``src`` into ``dst`` with hard links where the filesystem allows (a 6B pipeline is ~30 GB)."""
+    def link_or_copy(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".cache", ".git*"))
+
+
+def _save_loras(folder: str, files: list[dict], info: dict, name: str) -> list[str]:
+    paths = []
+    for step, tensors in enumerate(files, 1):
+        path = os.path.join(folder, name.format(step=step))
+        save_file(tensors, path, metadata=_file_meta({**info, "step": step}))
+        paths.append(path)
+    return paths
+
+
+COMFY_README = """# 2-step Z-Image LoRAs for ComfyUI
+
+`step1_lora_comfyui.safetensors` is the student's first step (sigma {s1} -> {s2}), `step2_lora_comfyui.safetensors`
+its second ({s2} -> 0). Keys: `diffusion_model.<diffusers module>.lora_A/lora_B.weight` + `.alpha` (= rank; the
+LoRA scale is already in `lora_B`), which ComfyUI's Z-Image (Lumina2) LoRA loader maps onto its fused qkv.
+Load them at strength 1.0.
+
+Two-sampler workflow (one model, two LoRA branches; CFG 1.0 = no guidance, as Z-Image-Turbo):
+
+1. `Load Diffusion Model` (Z-Image-Turbo) -> `ModelSamplingAuraFlow` (shift {shift}) -> two branches:
+   `LoraLoaderModelOnly` with step1_lora_comfyui (strength 1) and `LoraLoaderModelOnly` with step2_lora_comfyui.
+2. `BasicScheduler` (scheduler `simple`, steps 2, denoise 1.0) on the step-1 branch gives sigmas [{s1}, {s2}, 0];
+   `SplitSigmas` at step 1 -> high [{s1}, {s2}] and low [{s2}, 0].
+3. `SamplerCustomAdvanced` #1: model = step-1 branch, sampler `euler`, sigmas = high, noise = `RandomNoise`,
+   latent = `EmptySD3LatentImage` (1024x1024). `SamplerCustomAdvanced` #2: model = step-2 branch, sampler `euler`,
+   sigmas = low, noise = `DisableNoise`, latent = the first sampler's output.
+4. `VAEDecode` with the Z-Image VAE.
+
+Equivalent with `KSamplerAdvanced`: first sampler steps 0-1 of 2 ("return_with_leftover_noise" enabled), second
+steps 1-2 of 2 ("add_noise" disabled), both `euler`/`simple`, cfg 1.0.
+"""
+
+DIFFUSERS_README = """# 2-step Z-Image (twostep export)
+
+A stock `ZImagePipeline` folder plus one LoRA per student step in `twostep_lora/`. Step 1 runs with
+`step1`, step 2 with `step2`; the switch is a `callback_on_step_end`:
+
+```python
+pipe = ZImagePipeline.from_pretrained("{folder}", dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{folder}/twostep_lora", weight_name="step1_lora.safetensors", adapter_name="step1")
+pipe.load_lora_weights("{folder}/twostep_lora", weight_name="step2_lora.safetensors", adapter_name="step2")
+pipe.set_adapters("step1")
+def next_step(pipe, i, t, kw):  # after step i: the adapter of step i+1 (back to step1 after the last)
+    pipe.set_adapters("step2" if i == 0 else "step1"); return kw
+image = pipe(prompt, num_inference_steps=2, guidance_scale=0.0, callback_on_step_end=next_step).images[0]
+```
+
+Or, with twostep installed: `pipe, switch = twostep.pipeline.load_two_step_pipeline("{folder}")` and
+`pipe(prompt, **switch.call_kwargs())`. Schedule: sigmas {sigmas} then 0 (shift {shift}).
+"""
+
+
+def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> list[str]:
+    """Write ``fmt`` for a finished real run into ``out`` (atomically); returns the files that matter."""
+    from .real.data import resolve_teacher
+    from .real.pipeline_io import torch_dtype
+    from .real.train import load_real_run
+
+    if fmt not in FORMATS:
+        raise TwostepError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    cfg, meta, state = load_real_run(run_dir)
+    store = torch_dtype(dtype)
+    info = _run_info(cfg, meta)
+    need = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if fmt == "diffusers" else ("transformer",)
+    teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, need=need)
+    if teacher.fingerprint != meta.get("teacher_fingerprint"):
+        raise TwostepError(f"the teacher at {cfg.model.path} is not the one {run_dir} was trained on (fingerprint "
+                           "differs); point model.path at the original weights")
+    with atomic_dir(out) as tmp:
+        if fmt == "lora":
+            paths = _save_loras(tmp, lora_files(state, cfg.student, store), info, "step{step}_lora.safetensors")
+        elif fmt == "comfyui":
+            paths = _save_loras(tmp, lora_files(state, cfg.student, store, style="comfyui"), info,
+                                "step{step}_lora_comfyui.safetensors")
+            s = cfg.student.sigmas
+            write_text(os.path.join(tmp, "README.md"), COMFY_README.format(
+                s1=s[0], s2=s[1] if len(s) > 1 else 0, shift=cfg.teacher_data.shift))
+        elif fmt == "diffusers":
+            files = lora_files(state, cfg.student, store)  # fail on a full-form run before linking 30 GB
+            _link_tree(teacher.folder, tmp)
+            os.makedirs(os.path.join(tmp, LORA_DIR), exist_ok=True)
+            paths = _save_loras(os.path.join(tmp, LORA_DIR), files, info, "step{step}_lora.safetensors")
+            write_text(os.path.join(tmp, INFO), json.dumps(
+                {**info, "adapters": [f"step{k}" for k in range(1, len(files) + 1)],
+                 "lora_files": [os.path.join(LORA_DIR, os.path.basename(p)) for p in paths]}, indent=2) + "\n")
+            write_text(os.path.join(tmp, "TWOSTEP_README.md"), DIFFUSERS_README.format(
+                folder=os.path.abspath(out), sigmas=info["student_sigmas"], shift=info["shift"]))
+        else:
+            paths = _export_merged(state, cfg, teacher.folder, tmp, store)
+            write_text(os.path.join(tmp, INFO), json.dumps(info, indent=2) + "\n")
+    return [os.path.join(out, os.path.relpath(p, tmp)) for p in paths]
+
+
+@torch.no_grad()
+def _export_merged(state: dict[str, Tensor], cfg, folder: str, out: str, dtype: torch.dtype) -> list[str]:
+    """One plain transformer per step: the base plus that step's LoRA delta (or the step's full copy)."""
+    from diffusers import ZImageTransformer2DModel
+
+    paths = []
+    for step in range(cfg.student.num_steps):
+        transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
+        if cfg.student.form == "lora":
+            lora = step_lora(state, cfg.student, step)
+            modules = dict(transformer.named_modules())
+            for key, a in lora.items():
+                if key.endswith(".lora_A.weight"):
+                    name = key[:-len(".lora_A.weight")]
+                    b = lora[f"{name}.lora_B.weight"]
+                    weight = modules[name].weight
+                    weight.copy_((weight.float() + b.float() @ a.float()).to(weight.dtype))
+        else:
+            prefix = f"copies.{step if cfg.student.params == 'decoupled' else 0}.transformer."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            transformer.load_state_dict({k: v.to(dtype) for k, v in own.items()})
+        path = os.path.join(out, f"transformer_step{step + 1}")
+        transformer.save_pretrained(path)
+        paths.append(path)
+        del transformer
+    return paths
+
+
+def load_step_loras(paths: list[str]) -> list[dict[str, Tensor]]:
+    """Read exported per-step LoRA files back (either naming) as ``{module}.lora_A/B.weight`` dicts."""
+    out = []
+    for path in paths:
+        tensors = load_file(path)
+        lora = {}
+        for key, value in tensors.items():
+            if key.endswith(".alpha"):
+                continue
+            for prefix in ("transformer.", "diffusion_model."):
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+            lora[key] = value
+        out.append(lora)
+    return out
+
+
+def apply_step_loras(student, loras: list[dict[str, Tensor]]) -> None:
+    """Load per-step LoRAs (scale baked into B) into a :class:`Student` built with the same config."""
+    cfg = student.cfg
+    scale = cfg.lora_alpha / cfg.lora_rank
+    params = dict(student.named_parameters())
+    for step, lora in enumerate(loras):
+        adapter = f"step{step if cfg.params == 'decoupled' else 0}"
+        for key, value in lora.items():
+            module, part = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            target = params.get(f"{_STUDENT_PREFIX}{module}.{part}.{adapter}.weight")
+            if target is None or target.shape != value.shape:
+                raise TwostepError(f"LoRA tensor {key} does not fit this student (rank or targets differ)")
+            with torch.no_grad():
+                target.copy_(value.float() / scale if part == "lora_B" else value.float())

@@ -1,0 +1,85 @@
+"""2-step inference with stock diffusers: a ``ZImagePipeline`` plus one LoRA adapter per student step.
+
+The pipeline runs its usual loop; :class:`StepAdapterSwitch` (a ``callback_on_step_end``) activates the next
+step's adapter after each step and goes back to the first after the last, so the same pipeline object can be
+called again. Nothing here forks diffusers code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TwostepError
+
+INFO = "twostep.json"
+
+
+@dataclass
+class StepAdapterSwitch:
+    """``callback_on_step_end`` that puts adapter ``adapters[i + 1]`` in place after step ``i``."""
+
+    adapters: list[str]
+    num_inference_steps: int
+    sigmas: list[float] | None = None  # pipeline sigmas (before the scheduler's shift) when not the default
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        following = step + 1
+        pipe.set_adapters(self.adapters[following] if following < len(self.adapters) else self.adapters[0])
+        return callback_kwargs
+
+    def call_kwargs(self) -> dict:
+        """What every 2-step call needs: step count (or sigmas), no guidance, the switch."""
+        kwargs = {"guidance_scale": 0.0, "callback_on_step_end": self}
+        if self.sigmas is None:
+            kwargs["num_inference_steps"] = self.num_inference_steps
+        else:
+            kwargs["sigmas"] = self.sigmas
+        return kwargs
+
+
+def unshifted_sigmas(sigmas: list[float], shift: float) -> list[float]:
+    """The sigmas to hand ``ZImagePipeline(sigmas=...)`` so that after its scheduler's shift they equal ``sigmas``
+    (inverse of ``shift*s / (1 + (shift-1)*s)``)."""
+    return [s / (shift - (shift - 1) * s) for s in sigmas]
+
+
+def read_export_info(folder: str) -> dict:
+    path = os.path.join(folder, INFO)
+    if not os.path.isfile(path):
+        raise TwostepError(f"{folder} is not a twostep diffusers export ({INFO} missing); run "
+                           "`twostep export RUN --format diffusers --out FOLDER` first")
+    return json.load(open(path, encoding="utf-8"))
+
+
+def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None = None):
+    """``(pipe, switch)`` for an export folder: stock ``ZImagePipeline`` + per-step LoRA adapters, first active."""
+    from diffusers import ZImagePipeline
+
+    info = read_export_info(folder)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype).to(device)
+    for adapter, path in zip(info["adapters"], info["lora_files"]):
+        pipe.load_lora_weights(os.path.join(folder, os.path.dirname(path)), weight_name=os.path.basename(path),
+                               adapter_name=adapter)
+    pipe.set_adapters(info["adapters"][0])
+    sigmas = None if info.get("default_schedule", True) else unshifted_sigmas(info["student_sigmas"], info["shift"])
+    return pipe, StepAdapterSwitch(info["adapters"], info["num_steps"], sigmas)
+
+
+def generate_images(pipe, switch: StepAdapterSwitch, prompts: list[str], seed: int = 0, resolution: int = 1024,
+                    output_type: str = "pil"):
+    """One image per prompt; prompt ``i`` uses seed ``seed + i`` (a CPU generator: the same noise on any device)."""
+    from .utils import progress
+
+    images = []
+    for i, prompt in enumerate(progress(prompts, desc="generate")):
+        generator = torch.Generator("cpu").manual_seed(seed + i)
+        result = pipe(prompt, height=resolution, width=resolution, generator=generator, output_type=output_type,
+                      **switch.call_kwargs())
+        images.append(result.images[0])
+    return images

@@ -1,0 +1,129 @@
+"""Reading a diffusers Z-Image pipeline folder (or hub id) without loading more than each stage needs.
+
+Checks happen before anything heavy loads: the folder must hold a ``ZImagePipeline`` (``model_index.json``) or at
+least a ``ZImageTransformer2DModel`` (``transformer/config.json``), and resolutions must fit the VAE grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from ..errors import TwostepError
+
+Tensor = torch.Tensor
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_pipeline_dir(path_or_id: str) -> str:
+    """A local folder for ``path_or_id``: the folder itself, or the hub snapshot (downloaded when online)."""
+    if os.path.isdir(path_or_id):
+        return os.path.abspath(path_or_id)
+    if os.path.exists(path_or_id):
+        raise TwostepError(f"{path_or_id} is a file, not a Z-Image pipeline folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path_or_id)
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, bad id: all mean "not available"
+        raise TwostepError(f"{path_or_id!r} is neither a local folder nor a reachable hub model "
+                           f"({type(err).__name__}); pass the folder of a downloaded Z-Image pipeline") from err
+
+
+def check_zimage_pipeline(folder: str, need: tuple[str, ...] = ("transformer",)) -> dict:
+    """The pipeline's ``model_index.json`` (or ``{}`` for a bare transformer folder); raises if it is not Z-Image."""
+    index_path = os.path.join(folder, "model_index.json")
+    index: dict = {}
+    if os.path.isfile(index_path):
+        index = json.load(open(index_path, encoding="utf-8"))
+        if index.get("_class_name") not in ("ZImagePipeline", "TwoStepZImagePipeline"):
+            raise TwostepError(f"{folder} holds a {index.get('_class_name')!r}, not a ZImagePipeline; pass a Z-Image "
+                               "pipeline folder (e.g. a download of Tongyi-MAI/Z-Image-Turbo)")
+    config_path = os.path.join(folder, "transformer", "config.json")
+    if not os.path.isfile(config_path):
+        raise TwostepError(f"{folder} is not a Z-Image pipeline folder (no transformer/config.json)")
+    cls = json.load(open(config_path, encoding="utf-8")).get("_class_name")
+    if cls != "ZImageTransformer2DModel":
+        raise TwostepError(f"{folder}/transformer is a {cls!r}, not a ZImageTransformer2DModel")
+    missing = [part for part in need if not os.path.isdir(os.path.join(folder, part))]
+    if missing:
+        raise TwostepError(f"{folder} lacks {', '.join(missing)}/ that this command needs; pass a full Z-Image "
+                           "pipeline folder")
+    return index
+
+
+def component_fingerprint(folder: str, component: str) -> str:
+    """Cheap identity of one component (config + weight file names, sizes and first MiB), not a full hash of
+    12 GB of weights: enough to tell a cache made by another model or revision."""
+    root = os.path.join(folder, component)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            continue
+        h.update(name.encode())
+        h.update(str(os.path.getsize(path)).encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def vae_grid(folder: str) -> int:
+    """Pixels per latent cell times the transformer patch (2): resolutions must be multiples of it (16 for Z-Image)."""
+    vae_config = os.path.join(folder, "vae", "config.json")
+    if not os.path.isfile(vae_config):
+        return 16
+    blocks = json.load(open(vae_config, encoding="utf-8")).get("block_out_channels", [0, 0, 0, 0])
+    return 2 ** (len(blocks) - 1) * 2
+
+
+def latent_shape(folder: str, resolution: int) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the latents ``ZImagePipeline`` uses for a square ``resolution`` (checked)."""
+    grid = vae_grid(folder)
+    if resolution <= 0 or resolution % grid:
+        raise TwostepError(f"resolution {resolution} is not a positive multiple of {grid} (VAE downsampling x "
+                           "patch size); pick e.g. 512 or 1024")
+    config = json.load(open(os.path.join(folder, "transformer", "config.json"), encoding="utf-8"))
+    side = resolution // (grid // 2)
+    return int(config.get("in_channels", 16)), side, side
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise TwostepError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_text_encoder(folder: str, device, dtype: torch.dtype):
+    """Tokenizer and Qwen3 text encoder of the pipeline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    encoder = AutoModel.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype).to(device).eval()
+    return tokenizer, encoder
+
+
+def load_vae(folder: str, device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), dtype=dtype).to(device).eval()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: Tensor) -> list:
+    """PIL images from Z-Image latents ``(B, 16, h, w)``, exactly as ``ZImagePipeline`` decodes them."""
+    from PIL import Image
+
+    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    pixels = vae.decode(z, return_dict=False)[0]
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]

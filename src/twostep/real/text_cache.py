@@ -1,0 +1,109 @@
+"""Cached Qwen3 prompt embeddings for the real path: computed once, read lazily during training.
+
+Layout of ``DIR``::
+
+    DIR/manifest.json                 prompts, their sha256, text-encoder fingerprint, dtype, shard list
+    DIR/embeds-00000.safetensors ...  ``prompt_{i:07d}`` -> ``(L_i, 2560)`` (valid tokens only, as the pipeline)
+
+Shards are memory-mapped on read, so a cache of many prompts never has to sit in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..backbones.base import Conditioning
+from ..errors import TwostepError
+from ..prompts import prompts_sha256
+from ..text import encode_prompts
+from ..utils import atomic_path, ensure_writable_dir, progress, write_text
+from .pipeline_io import component_fingerprint, load_text_encoder, torch_dtype
+
+Tensor = torch.Tensor
+MANIFEST = "manifest.json"
+
+
+def text_provenance(folder: str, prompts: Sequence[str], dtype: str, max_length: int) -> dict:
+    return {"text_encoder": component_fingerprint(folder, "text_encoder"),
+            "tokenizer": component_fingerprint(folder, "tokenizer"), "prompts_sha256": prompts_sha256(list(prompts)),
+            "num_prompts": len(prompts), "dtype": dtype, "max_length": max_length}
+
+
+def encode_prompt_cache(folder: str, prompts: Sequence[str], out_dir: str, dtype: str = "bfloat16",
+                        batch_size: int = 16, shard_size: int = 4096, max_length: int = 512,
+                        device=None) -> str:
+    """Encode ``prompts`` with the pipeline's tokenizer + Qwen3 into ``out_dir`` (skipped when already there)."""
+    ensure_writable_dir(out_dir, what="prompt-embedding folder")
+    provenance = text_provenance(folder, prompts, dtype, max_length)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if os.path.isfile(manifest_path):
+        manifest = json.load(open(manifest_path, encoding="utf-8"))
+        if manifest.get("provenance") == provenance and manifest.get("complete"):
+            return out_dir
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer, encoder = load_text_encoder(folder, device, compute)
+    shards = []
+    store = torch_dtype(dtype)
+    for start in progress(range(0, len(prompts), shard_size), desc="text shards"):
+        chunk = list(prompts[start:start + shard_size])
+        tensors = {}
+        for b in range(0, len(chunk), batch_size):
+            feats = encode_prompts(tokenizer, encoder, chunk[b:b + batch_size], max_length=max_length, device=device)
+            for j, f in enumerate(feats):
+                tensors[f"prompt_{start + b + j:07d}"] = f.to("cpu", store).contiguous()
+        name = f"embeds-{start // shard_size:05d}.safetensors"
+        with atomic_path(os.path.join(out_dir, name)) as tmp:
+            save_file(tensors, tmp)
+        shards.append({"name": name, "first_index": start, "count": len(chunk)})
+    del encoder
+    write_text(manifest_path, json.dumps({"provenance": provenance, "prompts": list(prompts), "shard_size": shard_size,
+                                          "shards": shards, "complete": True}, indent=2, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+class PromptEmbeds:
+    """Index a prompt cache like a table: ``embeds[index_tensor]`` -> padded :class:`Conditioning`."""
+
+    def __init__(self, out_dir: str, expected: dict | None = None):
+        path = os.path.join(out_dir, MANIFEST)
+        if not os.path.isfile(path):
+            raise TwostepError(f"no prompt-embedding cache in {out_dir}; run `twostep teacher-data --prompts ...` first")
+        manifest = json.load(open(path, encoding="utf-8"))
+        if expected is not None:
+            for key, value in expected.items():
+                if manifest["provenance"].get(key) != value:
+                    raise TwostepError(f"the prompt cache in {out_dir} was made with {key}="
+                                       f"{manifest['provenance'].get(key)!r}, not {value!r}; re-run teacher-data")
+        self.prompts: list[str] = manifest["prompts"]
+        self.provenance = manifest["provenance"]
+        self._shard_size = manifest["shard_size"]
+        self._files = [os.path.join(out_dir, s["name"]) for s in manifest["shards"]]
+        self._handles: dict[int, object] = {}
+        self.width = int(self.get(0).shape[-1])
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def get(self, i: int) -> Tensor:
+        """``(L_i, D)`` features of prompt ``i`` in the stored dtype."""
+        if not 0 <= i < len(self.prompts):
+            raise IndexError(f"prompt {i} out of range ({len(self.prompts)} cached)")
+        shard = i // self._shard_size
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self._files[shard], framework="pt")
+        return self._handles[shard].get_tensor(f"prompt_{i:07d}")
+
+    def __getitem__(self, index: Tensor) -> Conditioning:
+        return Conditioning.from_list([self.get(int(i)) for i in index.reshape(-1).tolist()])
+
+    def __getstate__(self):  # file handles do not pickle (dataloader workers reopen lazily)
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

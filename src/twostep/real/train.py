@@ -1,0 +1,149 @@
+"""``twostep train --config configs/zimage_turbo_2step_lora.yaml``: the recipe on a real Z-Image teacher.
+
+Same engine as the offline world (``student``, ``discriminator``, ``recipe``, ``train``); this module supplies
+the pipeline's transformer (one frozen bf16 base: with adapters off it is the teacher and the discriminator's
+feature network), the cached prompt embeddings and teacher latents, and decoded preview grids.
+Every check (config, pipeline folder, cache provenance) runs before the transformer loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..backbones.zimage import ZImageBackbone
+from ..config import load_config, require
+from ..discriminator import Discriminator, DiscriminatorConfig
+from ..errors import TwostepError
+from ..recipe import RecipeConfig
+from ..student import Student, StudentConfig
+from ..teacher_data import TeacherData
+from ..train import DistillTrainConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
+from ..utils import atomic_path, is_main_process
+from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
+from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
+from .text_cache import PromptEmbeds
+
+STUDENT_WEIGHTS = "student.safetensors"
+
+
+@dataclass
+class ZImageModelConfig:
+    path: str = "Tongyi-MAI/Z-Image-Turbo"  # diffusers pipeline folder or hub id
+    dtype: str = "bfloat16"  # the frozen base; LoRA adapters and discriminator heads train in fp32
+    device: str = "auto"
+
+    def validate(self) -> None:
+        torch_dtype(self.dtype)
+
+
+def _real_train_defaults() -> DistillTrainConfig:
+    return DistillTrainConfig(steps=2000, batch_size=4, g_lr=1e-4, d_lr=2e-4, bf16=True, gradient_checkpointing=True,
+                              log_every=10, sample_every=250, eval_every=0, checkpoint_every=250, ema_decay=0.999)
+
+
+@dataclass
+class ZImageDistillConfig:
+    model: ZImageModelConfig = field(default_factory=ZImageModelConfig)
+    data_dir: str = "runs/zimage/teacher_data"  # written by `twostep teacher-data --prompts ...`
+    teacher_data: ZImageDataConfig = field(default_factory=ZImageDataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(blocks=[7, 15, 23],
+                                                                                         hidden=256))
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    train: DistillTrainConfig = field(default_factory=_real_train_defaults)
+
+    def validate(self) -> None:
+        require(list(self.student.sigmas) == list(self.teacher_data.student_sigmas), "student.sigmas",
+                "must equal teacher_data.student_sigmas (the cache holds the teacher states there)")
+        require(self.recipe.real_source == "teacher", "recipe.real_source",
+                "must be 'teacher' on the real path (no natural-image set is wired in)")
+
+
+def is_real_config(path: str | None) -> bool:
+    """A YAML with a top-level ``model:`` section configures the real path (the toy's has ``teacher:``)."""
+    if not path or not os.path.isfile(path):
+        return False
+    from ..config import read_yaml
+
+    return "model" in (read_yaml(path) or {})
+
+
+def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, count: int = 4, seed: int = 0):
+    """Fixed-noise 2-step student samples of the first prompts, decoded with the VAE, side by side."""
+    from PIL import Image
+
+    count = min(count, len(embeds))
+    noise = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(seed))
+    cond = embeds[torch.arange(count)]
+    vae = None
+
+    def write(student: Student, path: str) -> None:
+        nonlocal vae
+        vae = vae or load_vae(folder, device, torch.float32)
+        latents = student.sample(noise.to(device), cond.to(device), batch_size=1)["final"]
+        images = decode_latents(vae, latents)
+        grid = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+        x = 0
+        for image in images:
+            grid.paste(image, (x, 0))
+            x += image.width
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        grid.save(path)
+
+    return write
+
+
+def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, device) -> tuple[Student, Discriminator]:
+    backbone = ZImageBackbone.from_pretrained(folder, dtype=torch_dtype(cfg.model.dtype)).to(device)
+    blocks = cfg.discriminator.blocks
+    if max(blocks) >= backbone.num_blocks:
+        raise TwostepError(f"config key 'discriminator.blocks' {blocks}: the transformer has only "
+                           f"{backbone.num_blocks} blocks")
+    student = Student(backbone, cfg.student)
+    torch.manual_seed(cfg.train.seed)
+    disc = Discriminator(backbone.transformer.config.dim, text_width, cfg.discriminator).to(device)
+    return student, disc
+
+
+def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None) -> dict:
+    """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta."""
+    expected = expected_provenance(cfg.teacher_data, cfg.model.path)  # cheap checks first
+    teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution)
+    data = TeacherData(cfg.data_dir, expected=expected)
+    embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
+    checkpoint = setup_run(cfg, out_dir, resume)
+    device = pick_device(cfg.model.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
+    trainer = Trainer(cfg, student, disc, data, embeds, None, out_dir,
+                      sample_fn=preview_writer(teacher.folder, embeds, teacher.latent_shape, device), device=device)
+    resume_trainer(trainer, checkpoint)
+    trainer.fit()
+    with trainer.ema.applied():
+        state = {k: v.float().cpu() for k, v in trainable_state(student).items()}
+    if is_main_process():
+        with atomic_path(os.path.join(out_dir, STUDENT_WEIGHTS)) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    meta = {"kind": "zimage-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
+            "teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
+            "teacher_data": os.path.abspath(cfg.data_dir), "device": str(device),
+            "trainable_parameters": sum(v.numel() for v in state.values())}
+    write_meta(out_dir, meta)
+    return meta
+
+
+def load_real_run(run_dir: str) -> tuple[ZImageDistillConfig, dict, dict[str, torch.Tensor]]:
+    """``(config, meta, EMA trainable state)`` of a finished real run, without loading the model."""
+    weights = os.path.join(run_dir, STUDENT_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train` "
+                           "with a Z-Image config first")
+    cfg = load_config(ZImageDistillConfig, os.path.join(run_dir, "config.yaml"))
+    meta = json.load(open(os.path.join(run_dir, "meta.json"), encoding="utf-8"))
+    return cfg, meta, load_file(weights)

@@ -1,0 +1,252 @@
+"""The real Z-Image path end to end on a tiny random pipeline saved in diffusers format (issue 5 bars).
+
+prompts file -> text cache -> teacher latents -> a few training steps -> export (diffusers | lora | comfyui |
+merged) -> stock ``ZImagePipeline`` with a per-step adapter switch reproduces our own 2-step sampler.
+"""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twostep.cli import DEFAULT_ZIMAGE_CONFIG, main
+from twostep.testing import tiny_zimage_pipeline
+
+RES = 32  # tiny VAE downsamples 2x, patch 2: latents (16, 16, 16), 64 image tokens
+PROMPTS = ["a red cat on a sofa", "a photo of a small house", "the city at night"]
+TRAIN = ["train.steps=3", "train.batch_size=2", "train.warmup_steps=1", "train.sample_every=3",
+         "train.checkpoint_every=2", "train.bf16=false", "model.dtype=float32", "discriminator.blocks=[0,1]",
+         "discriminator.hidden=16", "student.lora_rank=4", "student.lora_alpha=8", "train.g_lr=0.01"]
+
+# ComfyUI's Z-Image LoRA loader: comfy/lora.py `model_lora_keys_unet`, Lumina2 branch (Comfy-Org/ComfyUI, PR
+# #10978) registers `diffusion_model.{diffusers module}` for every key of comfy/utils.py `z_image_to_diffusers`
+# (layers.N / noise_refiner.N / context_refiner.N: attention.to_q|to_k|to_v|to_out.0, feed_forward.w1|w2|w3,
+# adaLN_modulation.0 except in context_refiner); comfy/weight_adapter/lora.py reads `.lora_A.weight`,
+# `.lora_B.weight` and comfy/lora.py `load_lora` an optional scalar `.alpha`.
+COMFY_KEY = re.compile(r"^diffusion_model\.(layers\.\d+|noise_refiner\.\d+|context_refiner\.\d+)\."
+                       r"(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)\."
+                       r"(lora_A\.weight|lora_B\.weight|alpha)$")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    pipe_dir = str(root / "pipe")
+    tiny_zimage_pipeline(seed=0).save_pretrained(pipe_dir)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    data, run = str(root / "data"), str(root / "run")
+    assert main(["teacher-data", "--teacher", pipe_dir, "--prompts", str(prompts), "--resolution", str(RES),
+                 "--out", data, "teacher_data.samples_per_prompt=2", "teacher_data.shard_size=4",
+                 "teacher_data.batch_size=2", "teacher_data.previews=2"]) == 0
+    assert main(["train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", data, "--out", run, *TRAIN]) == 0
+    exports = {}
+    for fmt in ("diffusers", "lora", "comfyui", "merged"):
+        exports[fmt] = str(root / f"export_{fmt}")
+        assert main(["export", run, "--format", fmt, "--out", exports[fmt], "--dtype", "float32"]) == 0
+    return {"root": root, "pipe": pipe_dir, "prompts": str(prompts), "data": data, "run": run, **exports}
+
+
+def _student(run):
+    """The trained student (EMA weights) and the conditioning of PROMPTS, built by our own code."""
+    from twostep.real.text_cache import PromptEmbeds
+    from twostep.real.train import build_real_student, load_real_run
+
+    cfg, meta, state = load_real_run(run)
+    embeds = PromptEmbeds(os.path.join(cfg.data_dir, "text"))
+    student, _ = build_real_student(cfg, meta["teacher"], embeds.width, torch.device("cpu"))
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    return student.eval(), embeds
+
+
+def _noise(seed):
+    return torch.randn((1, 16, RES // 2, RES // 2), generator=torch.Generator().manual_seed(seed))
+
+
+def test_teacher_cache_is_the_pipelines_own_8_step_trajectory(chain):
+    from diffusers import ZImagePipeline
+
+    from twostep.teacher_data import TeacherData
+
+    data = TeacherData(chain["data"])
+    assert len(data) == 6 and data.provenance["resolution"] == RES and data.provenance["dtype"] == "bfloat16"
+    batch = data.batch(torch.tensor([0, 4]))
+    assert batch["prompt_index"].tolist() == [0, 1]
+    pipe = ZImagePipeline.from_pretrained(chain["pipe"])
+    for row, prompt_index in enumerate(batch["prompt_index"].tolist()):
+        latents = pipe(PROMPTS[prompt_index], height=RES, width=RES, num_inference_steps=8, guidance_scale=0.0,
+                       latents=batch["noise"][row:row + 1], output_type="latent").images
+        # stored in bf16: equal up to bf16 rounding, and clearly not the noise
+        torch.testing.assert_close(batch["final"][row:row + 1], latents.float(), atol=2e-2, rtol=1e-2)
+        assert (batch["final"][row] - batch["noise"][row]).abs().mean() > 0.1
+    assert sorted(os.listdir(os.path.join(chain["data"], "previews"))) == ["00000.png", "00001.png", "index.json"]
+    text = json.load(open(os.path.join(chain["data"], "text", "manifest.json")))
+    assert text["prompts"] == PROMPTS
+
+
+def test_text_cache_matches_the_pipelines_prompt_encoding(chain):
+    from diffusers import ZImagePipeline
+
+    from twostep.real.text_cache import PromptEmbeds
+
+    pipe = ZImagePipeline.from_pretrained(chain["pipe"])
+    embeds = PromptEmbeds(os.path.join(chain["data"], "text"))
+    reference, _ = pipe.encode_prompt(PROMPTS[1], device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(embeds.get(1).float(), reference[0].float(), atol=2e-2, rtol=1e-2)  # bf16 cache
+
+
+def test_training_ran_and_moved_every_step_adapter(chain):
+    log = [json.loads(line) for line in open(os.path.join(chain["run"], "train_log.jsonl"))]
+    assert log[-1]["step"] == 3 and all(k in log[-1] for k in ("d_accuracy", "grad_norm/step0", "grad_norm/step1"))
+    state = load_file(os.path.join(chain["run"], "student.safetensors"))
+    for adapter in ("step0", "step1"):
+        b = [v for k, v in state.items() if f".lora_B.{adapter}." in k]
+        assert b and max(float(v.abs().max()) for v in b) > 0  # trained away from the zero init
+    assert os.path.isfile(os.path.join(chain["run"], "samples", "step_000003.png"))
+
+
+def test_stock_pipeline_with_the_step_switch_equals_our_2_step_sampler(chain):
+    from diffusers import ZImagePipeline
+
+    from twostep.backbones.base import Conditioning
+
+    info = json.load(open(os.path.join(chain["diffusers"], "twostep.json")))
+    assert info["num_steps"] == 2 and info["default_schedule"]
+    # the three documented lines, with nothing from twostep
+    pipe = ZImagePipeline.from_pretrained(chain["diffusers"])
+    for k in (1, 2):
+        pipe.load_lora_weights(os.path.join(chain["diffusers"], "twostep_lora"), weight_name=f"step{k}_lora.safetensors",
+                               adapter_name=f"step{k}")
+    pipe.set_adapters("step1")
+
+    def next_step(p, i, t, kw):
+        p.set_adapters("step2" if i == 0 else "step1")
+        return kw
+
+    student, _ = _student(chain["run"])
+    for seed, prompt in enumerate(PROMPTS[:2]):
+        latents = pipe(prompt, height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent",
+                       callback_on_step_end=next_step).images
+        feats, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        ours = student.sample(_noise(seed), Conditioning.from_list(feats))["final"]
+        assert (latents.float() - ours).abs().max() <= 1e-4
+    # the adapters matter: without the switch (step-1 adapter for both steps) the result differs
+    plain = pipe(PROMPTS[0], height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(0), output_type="latent").images
+    feats, _ = pipe.encode_prompt(PROMPTS[0], device="cpu", do_classifier_free_guidance=False)
+    assert (plain.float() - student.sample(_noise(0), Conditioning.from_list(feats))["final"]).abs().max() > 1e-3
+
+
+def test_lora_export_round_trips_into_the_student(chain):
+    from twostep.export import apply_step_loras, load_step_loras
+    from twostep.real.train import build_real_student, load_real_run
+
+    student, embeds = _student(chain["run"])
+    cfg, meta, _ = load_real_run(chain["run"])
+    fresh, _ = build_real_student(cfg, meta["teacher"], embeds.width, torch.device("cpu"))
+    paths = [os.path.join(chain["lora"], f"step{k}_lora.safetensors") for k in (1, 2)]
+    apply_step_loras(fresh, load_step_loras(paths))
+    cond = embeds[torch.tensor([0, 2])]
+    noise = torch.cat([_noise(5), _noise(6)])
+    torch.testing.assert_close(fresh.eval().sample(noise, cond)["final"], student.sample(noise, cond)["final"],
+                               atol=1e-5, rtol=1e-5)
+    assert all(k.startswith("transformer.") for k in load_file(paths[0]))
+
+
+def test_comfyui_keys_match_the_loader_pattern_and_load_in_diffusers(chain):
+    from diffusers import ZImagePipeline
+
+    files = [os.path.join(chain["comfyui"], f"step{k}_lora_comfyui.safetensors") for k in (1, 2)]
+    for path in files:
+        keys = list(load_file(path))
+        assert keys and all(COMFY_KEY.match(k) for k in keys), [k for k in keys if not COMFY_KEY.match(k)][:3]
+        assert any(k.endswith(".alpha") for k in keys)
+    assert "two-sampler" in open(os.path.join(chain["comfyui"], "README.md")).read().lower()
+    # diffusers' Z-Image converter reads the same file; it equals the diffusers-format export
+    outs = []
+    for folder, name in ((chain["comfyui"], "step2_lora_comfyui.safetensors"), (chain["lora"], "step2_lora.safetensors")):
+        pipe = ZImagePipeline.from_pretrained(chain["pipe"])
+        pipe.load_lora_weights(folder, weight_name=name, adapter_name="step2")
+        outs.append(pipe(PROMPTS[0], height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
+                         generator=torch.Generator().manual_seed(1), output_type="latent").images)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_is_one_plain_transformer_per_step(chain):
+    from twostep.backbones.zimage import ZImageBackbone
+    from twostep.student import MergedStudent
+
+    student, embeds = _student(chain["run"])
+    steps = [ZImageBackbone.from_pretrained(os.path.join(chain["merged"], f"transformer_step{k}"), dtype=torch.float32)
+             for k in (1, 2)]
+    merged = MergedStudent(steps, student.cfg)
+    cond, noise = embeds[torch.tensor([1])], _noise(3)
+    assert (merged.sample(noise, cond)["final"] - student.sample(noise, cond)["final"]).abs().max() <= 1e-4
+
+
+def test_generate_is_reproducible_per_seed(chain, tmp_path):
+    one, two = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    for out in (one, two):
+        assert main(["generate", "--model", chain["diffusers"], "a red cat", "--seed", "3", "--out", out,
+                     "--device", "cpu"]) == 0
+    assert open(one, "rb").read() == open(two, "rb").read()
+    folder = str(tmp_path / "batch")
+    assert main(["generate", "--model", chain["diffusers"], "--prompts", chain["prompts"], "--out", folder]) == 0
+    index = json.load(open(os.path.join(folder, "index.json")))
+    assert [v["prompt"] for v in index.values()] == PROMPTS and [v["seed"] for v in index.values()] == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- bad input, before expensive work
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, capsys, monkeypatch):
+    import twostep.real.data as real_data
+    import twostep.real.train as real_train
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(real_data, "encode_prompt_cache", forbidden)
+    monkeypatch.setattr(real_train, "build_real_student", forbidden)
+    good = chain["prompts"]
+    base = ["teacher-data", "--out", str(tmp_path / "d")]
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert "not a ZImagePipeline" in _error(capsys, base + ["--teacher", str(other), "--prompts", good])
+    assert "not a Z-Image pipeline folder" in _error(capsys, base + ["--teacher", str(tmp_path), "--prompts", good])
+    assert "multiple of 4" in _error(capsys, base + ["--teacher", chain["pipe"], "--prompts", good, "--resolution",
+                                                     "30"])
+    empty_line = tmp_path / "p.txt"
+    empty_line.write_text("a cat\n\na dog\n")
+    assert "p.txt:2: empty line" in _error(capsys, base + ["--teacher", chain["pipe"], "--prompts", str(empty_line)])
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n')
+    assert "p.jsonl:2: missing the string field 'prompt'" in _error(
+        capsys, base + ["--teacher", chain["pipe"], "--prompts", str(jsonl)])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"caption": ["a cat"]}), parquet)
+    assert "no 'prompt' column" in _error(capsys, base + ["--teacher", chain["pipe"], "--prompts", str(parquet)])
+    # a cache made with another schedule, or by another teacher, than the training config names
+    train = ["train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", chain["data"], "--out", str(tmp_path / "r"), *TRAIN]
+    assert "made with teacher_steps=8, not 4" in _error(capsys, train + ["teacher_data.teacher_steps=4"])
+    other_pipe = str(tmp_path / "other_pipe")
+    tiny_zimage_pipeline(seed=1).save_pretrained(other_pipe)
+    assert "teacher_weights_sha256" in _error(capsys, train + ["--teacher", other_pipe])
