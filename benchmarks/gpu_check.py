@@ -1,0 +1,271 @@
+"""GPU check of the full-size Z-Image transformer (random weights): sampling latency and training-step memory.
+
+Measures, on one CUDA device:
+  (a) latency of 2-step vs 8-step Turbo sampling at 1024^2 (latents (1, 16, 128, 128)), median of --repeats runs
+      after warm-up, and their ratio;
+  (b) peak memory and wall time of one per-step-LoRA training step (discriminator step + generator step, the
+      way ``Trainer.d_step`` / ``g_step`` run them) at 512^2 and 1024^2, batch 1, gradient checkpointing on,
+      next to what ``twostep plan`` predicts for the same run.
+
+``--tiny`` runs the same code on a tiny config (CPU is fine: memory is reported as n/a there). Results go to
+``OUT/gpu_check.json`` (rewritten after every measurement, so a killed run keeps what it measured).
+
+    python benchmarks/gpu_check.py --out runs/gpu_check          # CUDA, ~3-6 min on one H100
+    python benchmarks/gpu_check.py --tiny --out /tmp/gpu_check   # CPU smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+try:
+    import twostep  # noqa: F401  (only probes whether the package is importable)
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch
+
+from twostep import flow
+from twostep.backbones.base import Conditioning
+from twostep.backbones.zimage import ZIMAGE_TURBO_CONFIG, ZImageBackbone
+from twostep.discriminator import Discriminator, DiscriminatorConfig
+from twostep.plan import PlanRequest, plan_memory
+from twostep.recipe import RecipeConfig, discriminator_loss, generator_loss
+from twostep.student import Student, StudentConfig
+from twostep.testing import tiny_transformer_config
+
+CAPTION_TOKENS = 128  # a typical prompt's length (the planner's 512 is the maximum)
+VAE_DOWN = 8
+
+
+def _gib(n: int | None) -> float | None:
+    return None if n is None else round(n / 1024 ** 3, 3)
+
+
+class Run:
+    """Device, timing and the JSON record; ``over_budget()`` guards every further measurement."""
+
+    def __init__(self, out: str, budget_s: float):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.budget_s, self.start = budget_s, time.monotonic()
+        self.path = os.path.join(out, "gpu_check.json")
+        os.makedirs(out, exist_ok=True)
+        self.record: dict = {"skipped": []}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def over_budget(self, what: str, needs_s: float = 0.0) -> bool:
+        if self.elapsed() + needs_s <= self.budget_s:
+            return False
+        self.record["skipped"].append(f"{what} (over the {self.budget_s:.0f}s budget at {self.elapsed():.0f}s)")
+        print(f"skipped {what}: over budget", flush=True)
+        return True
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @property
+    def dtype(self) -> torch.dtype:  # CPU bf16 kernels are slow and the CPU run only smoke-tests the code path
+        return torch.bfloat16 if self.cuda else torch.float32
+
+    def autocast(self):  # as Trainer._autocast on CUDA
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+    def save(self) -> None:
+        self.record["elapsed_s"] = round(self.elapsed(), 2)
+        with open(self.path, "w", encoding="utf-8") as f:
+            json.dump(self.record, f, indent=2)
+
+
+def environment(run: Run, tiny: bool) -> dict:
+    import diffusers
+    import peft
+
+    env = {"tiny": tiny, "device": str(run.device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "peft": peft.__version__, "python": platform.python_version()}
+    if run.cuda:
+        props = torch.cuda.get_device_properties(run.device)
+        env.update(device_name=props.name, device_memory_gib=_gib(props.total_memory), cuda=torch.version.cuda)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def caption(batch: int, width: int, device, seed: int = 0) -> Conditioning:
+    g = torch.Generator().manual_seed(seed)
+    return Conditioning.from_list([torch.randn(CAPTION_TOKENS, width, generator=g) for _ in range(batch)]).to(device)
+
+
+def timed(run: Run, fn) -> float:
+    run.sync()
+    t0 = time.perf_counter()
+    fn()
+    run.sync()
+    return time.perf_counter() - t0
+
+
+def measure_latency(run: Run, backbone: ZImageBackbone, latent: int, repeats: int) -> None:
+    """Median seconds of 2-step and 8-step Turbo sampling, one image; warm-up runs first."""
+    cond = caption(1, backbone.cap_feat_dim, run.device)
+    noise = torch.randn(1, backbone.in_channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    noise = noise.to(run.device)
+    velocity = lambda x, sigma, i: backbone.velocity(x, sigma, cond)  # noqa: E731
+    result = {"latent_shape": list(noise.shape), "repeats": repeats}
+    for steps in (2, 8):
+        if run.over_budget(f"latency_{steps}"):
+            break
+        sigmas = flow.turbo_sigmas(steps, 3.0)
+        sample = lambda: flow.euler_sample(velocity, noise, sigmas)  # noqa: E731
+        for _ in range(2):
+            sample()
+        times = [timed(run, sample) for _ in range(repeats)]
+        result[f"latency_{steps}"] = statistics.median(times)
+        result[f"latency_{steps}_all"] = [round(t, 5) for t in times]
+        print(f"{steps}-step sampling at {latent * VAE_DOWN}px: median {result[f'latency_{steps}']:.4f}s", flush=True)
+    if "latency_2" in result and "latency_8" in result:
+        result["ratio"] = result["latency_8"] / result["latency_2"]
+        print(f"8-step / 2-step latency: {result['ratio']:.2f}x", flush=True)
+    run.record["sampling"] = result
+    run.save()
+
+
+def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, latent: int, gen) -> dict:
+    """One discriminator update then one generator update, as ``Trainer.d_step`` / ``g_step`` (batch 1)."""
+    c, k = student.base.in_channels, student.cfg.num_steps
+    device = run.device
+    batch = {"noise": torch.randn(1, c, latent, latent, generator=gen).to(device),
+             "states": torch.randn(1, k, c, latent, latent, generator=gen).to(device),
+             "final": torch.randn(1, c, latent, latent, generator=gen).to(device),
+             "prompt_index": torch.zeros(1, dtype=torch.long, device=device)}
+    cond = caption(1, student.base.cap_feat_dim, device)
+    disc.requires_grad_(True)
+    with run.autocast():
+        d_total, d_logs = discriminator_loss(student, disc, batch, batch["final"], cond, gen)
+    opt_d.zero_grad(set_to_none=True)
+    d_total.backward()
+    opt_d.step()
+    disc.requires_grad_(False)
+    try:
+        with run.autocast():
+            g_total, g_logs, _ = generator_loss(student, disc, batch, cond, RecipeConfig(), gen)
+        opt_g.zero_grad(set_to_none=True)
+        g_total.backward()
+    finally:
+        disc.requires_grad_(True)
+    opt_g.step()
+    return {"d_loss": d_logs["d_loss"], "g_total": g_logs["g_total"]}
+
+
+def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutions: list[int],
+                     blocks: list[int]) -> None:
+    """Peak memory and wall time of one LoRA training step per resolution, and the planner's prediction."""
+    student = Student(backbone, StudentConfig())
+    groups = student.parameter_groups()
+    for ps in groups.values():  # LoRA trains in fp32 over the bf16 base
+        for p in ps:
+            p.data = p.data.float()
+    student.set_gradient_checkpointing(True)
+    disc = Discriminator(config["dim"], config["cap_feat_dim"], DiscriminatorConfig(blocks=blocks)).to(run.device)
+    opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()], lr=1e-5)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    run.record["training"] = {"disc_blocks": blocks, "caption_tokens": CAPTION_TOKENS, "batch": 1,
+                              "lora_params": sum(p.numel() for ps in groups.values() for p in ps)}
+    last_s, last_res = 0.0, resolutions[0]
+    for res in resolutions:
+        latent = res // VAE_DOWN
+        # a step costs ~ tokens; skip if the projected warm-up + timed step would overrun the budget
+        projected = 2 * last_s * (res / last_res) ** 2
+        if run.over_budget(f"train_step_{res}", projected):
+            continue
+        entry: dict = {"resolution": res, "latent_shape": [1, backbone.in_channels, latent, latent]}
+        plan = plan_memory(PlanRequest(mode="lora", resolution=res, batch=1, caption_tokens=CAPTION_TOKENS), config)
+        # max_memory_allocated does not see the CUDA context: compare without the planner's overhead constant
+        entry["plan_bytes_without_overhead"] = plan["total_bytes"] - plan["components"]["CUDA / framework overhead"]
+        try:
+            entry["warmup_s"] = timed(run, lambda: train_step(run, student, disc, opt_g, opt_d, latent, gen))
+            if run.cuda:
+                torch.cuda.reset_peak_memory_stats(run.device)
+                entry["allocated_before_bytes"] = torch.cuda.memory_allocated(run.device)
+            losses = {}
+            step = lambda: losses.update(train_step(run, student, disc, opt_g, opt_d, latent, gen))  # noqa: E731
+            entry["step_s"] = timed(run, step)
+            entry.update(losses)
+            entry["peak_bytes"] = torch.cuda.max_memory_allocated(run.device) if run.cuda else None
+            last_s, last_res = entry["step_s"], res
+        except torch.cuda.OutOfMemoryError as err:
+            entry["error"] = f"out of memory: {str(err).splitlines()[0]}"
+            opt_g.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        entry["peak_gib"] = _gib(entry.get("peak_bytes"))
+        entry["allocated_before_gib"] = _gib(entry.get("allocated_before_bytes"))
+        entry["plan_gib_without_overhead"] = _gib(entry["plan_bytes_without_overhead"])
+        run.record["training"][f"train_step_{res}"] = entry
+        run.save()
+        if "error" in entry:
+            print(f"train step at {res}px: {entry['error']}", flush=True)
+        else:
+            peak = "n/a (CPU)" if entry["peak_gib"] is None else f"{entry['peak_gib']:.2f} GiB"
+            print(f"train step at {res}px: {entry['step_s']:.3f}s, peak {peak}, planned "
+                  f"{entry['plan_gib_without_overhead']:.2f} GiB (+ overhead)", flush=True)
+
+
+def measure_all(run: Run, args, config: dict, sample_px: int, train_px: list[int], blocks: list[int]) -> None:
+    """Build the random-weight backbone, then (a) sampling latency and (b) training steps."""
+    run.record["environment"] = environment(run, args.tiny)
+    t0 = time.perf_counter()
+    # CPU: build in fp32 directly (no cast, no "keep in float32" warning)
+    backbone = ZImageBackbone.from_config(config, seed=0, device=run.device, dtype=torch.bfloat16 if run.cuda else None)
+    backbone.requires_grad_(False)
+    if run.cuda:
+        torch.cuda.empty_cache()  # the fp32 build before the bf16 cast is not part of any measurement
+    run.record["model"] = {"params": sum(p.numel() for p in backbone.parameters()),
+                           "dtype": str(run.dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 2)}
+    print(f"{run.record['environment']['device_name']}: {run.record['model']['params'] / 1e9:.3f}B params "
+          f"built in {run.record['model']['build_s']}s", flush=True)
+    with torch.no_grad():
+        measure_latency(run, backbone, sample_px // VAE_DOWN, args.repeats)
+    measure_training(run, backbone, config, train_px, blocks)
+    run.save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny config at 64/128 px (runs on CPU)")
+    parser.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json")
+    parser.add_argument("--repeats", type=int, default=10, help="timed sampling runs per step count (default 10)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
+    args = parser.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print("gpu_check: the full-size check needs a CUDA GPU; use --tiny on CPU", file=sys.stderr)
+        return 2
+    run = Run(args.out, args.budget_s)
+    if args.tiny:
+        config, sample_px, train_px, blocks = tiny_transformer_config(), 128, [64, 128], [0, 1]
+    else:
+        config, sample_px, train_px, blocks = dict(ZIMAGE_TURBO_CONFIG), 1024, [512, 1024], [9, 19]
+    threads = torch.get_num_threads()
+    if not run.cuda:  # tiny ops gain nothing from threads, and on a busy CPU spinning OpenMP threads cost 100x
+        torch.set_num_threads(1)
+    try:
+        measure_all(run, args, config, sample_px, train_px, blocks)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"wrote {run.path} ({run.elapsed():.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""benchmarks/gpu_check.py runs end to end with --tiny on CPU and writes every number it promises."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_all_measurements(tmp_path, capsys):
+    assert _load().main(["--tiny", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    sampling, training = record["sampling"], record["training"]
+    assert record["skipped"] == []
+    assert record["environment"]["torch"] and record["environment"]["diffusers"]
+    assert sampling["latency_2"] > 0 and sampling["latency_8"] > 0
+    assert sampling["ratio"] == sampling["latency_8"] / sampling["latency_2"]
+    assert len(sampling["latency_8_all"]) == 2
+    for res in (64, 128):
+        entry = training[f"train_step_{res}"]
+        assert entry["step_s"] > 0 and entry["latent_shape"] == [1, 16, res // 8, res // 8]
+        assert entry["peak_bytes"] is None  # CPU: no allocator peak to report
+        assert entry["plan_bytes_without_overhead"] > 0
+        assert all(abs(entry[k]) < float("inf") for k in ("d_loss", "g_total"))
+    assert "8-step / 2-step latency" in capsys.readouterr().out
+
+
+def test_budget_skips_and_full_size_needs_cuda(tmp_path):
+    gpu_check = _load()
+    assert gpu_check.main(["--tiny", "--repeats", "1", "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "latency_2" not in record["sampling"] and "train_step_64" not in record["training"]
+    assert len(record["skipped"]) == 3  # latency_2 (the loop stops there), train_step_64, train_step_128
+    import torch
+
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--out", str(tmp_path / "full")]) == 2
