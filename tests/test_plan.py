@@ -105,3 +105,16 @@ def test_format_and_cli(capsys):
     assert "total per GPU" in out and "estimate" in out and "80 GiB" in out and "verdict: fits a 24 GiB" in out
     big = plan_memory(PlanRequest(model="zimage-turbo", mode="full", resolution=1024, batch=8, card_gib=80))
     assert "does NOT fit a 80 GiB card" in format_plan(big)
+
+
+def test_plan_command_writes_its_section(tmp_path, capsys):
+    from twostep.cli import main
+
+    doc = tmp_path / "zimage.md"
+    doc.write_text("# Z-Image\n\nhand-written text stays\n")
+    assert main(["plan", "--resolution", "512", "--batch", "2", "--results", str(doc)]) == 0
+    text = doc.read_text()
+    assert "hand-written text stays" in text and "<!-- twostep:plan-lora-512-b2-g1:begin -->" in text
+    assert "Written by `twostep plan --resolution 512 --batch 2" in text and "total per GPU" in text
+    assert main(["plan", "--resolution", "1000"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
