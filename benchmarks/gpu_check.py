@@ -17,6 +17,7 @@ Measures, on one CUDA device:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,10 +37,11 @@ import torch
 from twostep import flow
 from twostep.backbones.base import Conditioning
 from twostep.backbones.zimage import ZIMAGE_TURBO_CONFIG, ZImageBackbone
-from twostep.discriminator import Discriminator, DiscriminatorConfig
+from twostep.discriminator import Discriminator
 from twostep.plan import PlanRequest, plan_memory
 from twostep.recipe import RecipeConfig, discriminator_loss, generator_loss
-from twostep.student import Student, StudentConfig
+from twostep.real.train import ZImageDistillConfig
+from twostep.student import Student
 from twostep.testing import tiny_transformer_config
 
 CAPTION_TOKENS = 128  # a typical prompt's length (the planner's 512 is the maximum)
@@ -170,13 +172,15 @@ def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, la
 def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutions: list[int],
                      blocks: list[int]) -> None:
     """Peak memory and wall time of one LoRA training step per resolution, and the planner's prediction."""
-    student = Student(backbone, StudentConfig())
+    shipped = ZImageDistillConfig()  # configs/zimage_turbo_2step_lora.yaml's student and heads (tested equal)
+    student = Student(backbone, shipped.student)
     groups = student.parameter_groups()
     for ps in groups.values():  # LoRA trains in fp32 over the bf16 base
         for p in ps:
             p.data = p.data.float()
     student.set_gradient_checkpointing(True)
-    disc = Discriminator(config["dim"], config["cap_feat_dim"], DiscriminatorConfig(blocks=blocks)).to(run.device)
+    heads = dataclasses.replace(shipped.discriminator, blocks=blocks)
+    disc = Discriminator(config["dim"], config["cap_feat_dim"], heads).to(run.device)
     opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()], lr=1e-5)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -190,7 +194,8 @@ def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutio
         if run.over_budget(f"train_step_{res}", projected):
             continue
         entry: dict = {"resolution": res, "latent_shape": [1, backbone.in_channels, latent, latent]}
-        plan = plan_memory(PlanRequest(mode="lora", resolution=res, batch=1, caption_tokens=CAPTION_TOKENS), config)
+        plan = plan_memory(PlanRequest(mode="lora", resolution=res, batch=1, caption_tokens=CAPTION_TOKENS,
+                                       lora_rank=shipped.student.lora_rank), config)
         # max_memory_allocated does not see the CUDA context: compare without the planner's overhead constant
         entry["plan_bytes_without_overhead"] = plan["total_bytes"] - plan["components"]["CUDA / framework overhead"]
         try:
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json")
     parser.add_argument("--repeats", type=int, default=10, help="timed sampling runs per step count (default 10)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
+    parser.add_argument("--results", help="also write the numbers into a marked section of this markdown file")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_check: the full-size check needs a CUDA GPU; use --tiny on CPU", file=sys.stderr)
@@ -255,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         config, sample_px, train_px, blocks = tiny_transformer_config(), 128, [64, 128], [0, 1]
     else:
-        config, sample_px, train_px, blocks = dict(ZIMAGE_TURBO_CONFIG), 1024, [512, 1024], [9, 19]
+        config, sample_px, train_px, blocks = (dict(ZIMAGE_TURBO_CONFIG), 1024, [512, 1024],
+                                               ZImageDistillConfig().discriminator.blocks)
     threads = torch.get_num_threads()
     if not run.cuda:  # tiny ops gain nothing from threads, and on a busy CPU spinning OpenMP threads cost 100x
         torch.set_num_threads(1)
@@ -264,7 +271,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     print(f"wrote {run.path} ({run.elapsed():.0f}s)", flush=True)
+    if args.results:
+        from twostep.reports import update_section
+
+        command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        update_section(args.results, "gpu-check" + ("-tiny" if args.tiny else ""), results_section(run.record, command))
+        print(f"updated {args.results}")
     return 0
+
+
+def results_section(record: dict, command: str) -> str:
+    """Markdown for docs/results.md: the device, sampling latency and ratio, training-step peak vs the plan."""
+    env, sampling = record["environment"], record.get("sampling", {})
+    lines = ["### GPU check (`benchmarks/gpu_check.py`)", "",
+             f"Written by `{command}`; device: {env['device_name']} ({env['device']}), torch {env['torch']}, "
+             f"diffusers {env['diffusers']}; {record['model']['params'] / 1e9:.3f}B-parameter transformer, random "
+             f"weights, {record['model']['dtype']}.", ""]
+    if sampling:
+        lines += [f"- Sampling at latents {tuple(sampling['latent_shape'])}: 2 steps {sampling['latency_2'] * 1e3:.1f} ms,"
+                  f" 8 steps {sampling['latency_8'] * 1e3:.1f} ms (medians of {sampling['repeats']}): "
+                  f"**{sampling['ratio']:.2f}×** faster."]
+    for key, step in sorted(record.get("training", {}).items()):
+        if not key.startswith("train_step_") or not isinstance(step, dict):
+            continue
+        peak = "n/a (CPU)" if step.get("peak_gib") is None else f"{step['peak_gib']:.2f} GiB"
+        lines.append(f"- One per-step-LoRA training step at {step['resolution']}² (batch 1, checkpointing): "
+                     f"{step['step_s']:.2f} s, peak memory {peak} (plan without overhead: "
+                     f"{step['plan_gib_without_overhead']:.2f} GiB).")
+    if record.get("skipped"):
+        lines.append(f"- Skipped (budget or memory): {', '.join(map(str, record['skipped']))}.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,16 @@ def test_reading_compares_against_the_spread():
     assert "reproduces" in lines["real_source=data"] and "NOT" not in lines["real_source=data"]
     assert "not distinguishable" in lines["params=shared"]
     assert "does NOT reproduce" in lines["end_to_end=false"]
+
+
+def test_arms_are_relative_to_the_papers_recipe_and_defaults_are_the_config():
+    from twostep.bench import DEFAULTS, FULL, PAPER, arm_overrides
+    from twostep.config import load_config
+    from twostep.train import DistillConfig
+
+    paper = load_config(DistillConfig, None, arm_overrides(FULL))
+    assert (paper.student.params, paper.recipe.step1_loss, paper.recipe.final_reg_weight) == ("decoupled",
+                                                                                            "intermediate", 0.0)
+    assert arm_overrides(DEFAULTS) == [] and arm_overrides("params=shared")[:len(PAPER)] == PAPER
+    summary = {FULL: {"gap_closure": (0.6, 0.05)}, DEFAULTS: {"gap_closure": (0.8, 0.02)}}
+    assert "better than the paper's recipe (+0.200)" in reading(summary)[-1]

@@ -1,6 +1,6 @@
 import pytest
 
-from twostep.config import ConfigError, load_config, save_config
+from twostep.config import ConfigError, load_config, save_config, to_dict
 from twostep.teacher import TeacherConfig
 
 
@@ -61,3 +61,12 @@ def test_demo_yaml_equals_engine_defaults():
     defaults = DistillConfig()
     for section in ("teacher_data", "student", "discriminator", "recipe"):
         assert getattr(demo, section) == getattr(defaults, section), section
+
+
+def test_zimage_yaml_equals_the_real_paths_defaults():
+    """configs/zimage_turbo_2step_lora.yaml spells out ZImageDistillConfig's defaults (gpu_check and plan use them)."""
+    from twostep.real.train import ZImageDistillConfig, is_real_config
+
+    shipped = load_config(ZImageDistillConfig, "configs/zimage_turbo_2step_lora.yaml")
+    assert to_dict(shipped) == to_dict(ZImageDistillConfig())
+    assert is_real_config("configs/zimage_turbo_2step_lora.yaml") and not is_real_config("configs/toy_demo.yaml")

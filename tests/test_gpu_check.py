@@ -15,7 +15,12 @@ def _load():
 
 
 def test_tiny_run_writes_all_measurements(tmp_path, capsys):
-    assert _load().main(["--tiny", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n")
+    assert _load().main(["--tiny", "--repeats", "2", "--out", str(tmp_path), "--results", str(doc)]) == 0
+    section = doc.read_text()
+    assert "<!-- twostep:gpu-check-tiny:begin -->" in section and "Written by `python benchmarks/gpu_check.py --tiny" in section
+    assert "×** faster" in section and "training step at 128²" in section
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     sampling, training = record["sampling"], record["training"]
     assert record["skipped"] == []

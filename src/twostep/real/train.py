@@ -42,8 +42,9 @@ class ZImageModelConfig:
 
 
 def _real_train_defaults() -> DistillTrainConfig:
-    return DistillTrainConfig(steps=2000, batch_size=4, g_lr=1e-4, d_lr=2e-4, bf16=True, gradient_checkpointing=True,
-                              log_every=10, sample_every=250, eval_every=0, checkpoint_every=250, ema_decay=0.999)
+    return DistillTrainConfig(steps=2000, batch_size=4, g_lr=1e-4, d_lr=2e-4, warmup_steps=100, bf16=True,
+                              gradient_checkpointing=True, log_every=10, sample_every=250, eval_every=0,
+                              checkpoint_every=250, ema_decay=0.999)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class ZImageDistillConfig:
     model: ZImageModelConfig = field(default_factory=ZImageModelConfig)
     data_dir: str = "runs/zimage/teacher_data"  # written by `twostep teacher-data --prompts ...`
     teacher_data: ZImageDataConfig = field(default_factory=ZImageDataConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(lora_rank=64, lora_alpha=64.0))
     discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(blocks=[7, 15, 23],
                                                                                          hidden=256))
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
