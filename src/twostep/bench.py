@@ -173,6 +173,8 @@ def plot_gap_closure(summary: dict, path: str) -> None:
 
 def reading(summary: dict) -> list[str]:
     """Which claims reproduce: an ablation differs from the full recipe only beyond the seeds' spread."""
+    if FULL not in summary:
+        return [f"- The paper's recipe (`{FULL}`) was not among the arms run; nothing to compare against."]
     full_mean, full_std = summary[FULL]["gap_closure"]
     lines = []
     for name in ABLATIONS:

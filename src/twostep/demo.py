@@ -2,7 +2,7 @@
 
 1. train the toy teacher (or reuse it when ``OUT/teacher`` was made with the same config);
 2. build the teacher-data cache (finished shards are kept);
-3. distil the 2-step student with the full recipe (reused when ``OUT/student`` has the same config);
+3. distil the 2-step student with the shipped defaults (reused when ``OUT/student`` has the same config);
 4. evaluate teacher 8-step, naive teacher 2-step, student 2-step and its step-1 estimate on the same noise;
 5. write ``OUT/report.md``, ``OUT/report.html`` (self-contained), ``OUT/metrics.json``, grids and loss curves.
 """

@@ -111,7 +111,7 @@ def distill_section(result: dict, bars: list[str], meta: dict) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     speed = result.get("speed", {})
     return "\n".join([
-        "### 2-step student (full recipe) on the offline digits world",
+        "### 2-step student (shipped defaults, configs/toy_demo.yaml) on the offline digits world",
         "",
         f"Written by `{result.get('command', 'twostep demo')}` on {date}; machine: {platform_summary()}.",
         f"Student: {meta['student']}, {meta['student_steps']} generator steps; recipe: {meta['recipe']}. "
