@@ -5,6 +5,7 @@ merged) -> stock ``ZImagePipeline`` with a per-step adapter switch reproduces ou
 """
 
 import json
+import math
 import os
 import re
 
@@ -80,11 +81,23 @@ def test_teacher_cache_is_the_pipelines_own_8_step_trajectory(chain):
     assert batch["prompt_index"].tolist() == [0, 1]
     pipe = ZImagePipeline.from_pretrained(chain["pipe"])
     for row, prompt_index in enumerate(batch["prompt_index"].tolist()):
+        after = {}
+
+        def capture(p, i, t, kw):
+            after[i] = kw["latents"].clone()
+            return kw
+
         latents = pipe(PROMPTS[prompt_index], height=RES, width=RES, num_inference_steps=8, guidance_scale=0.0,
-                       latents=batch["noise"][row:row + 1], output_type="latent").images
-        # stored in bf16: equal up to bf16 rounding, and clearly not the noise
+                       latents=batch["noise"][row:row + 1], output_type="latent", callback_on_step_end=capture).images
+        # final stored in bf16: equal up to bf16 rounding, and clearly not the noise
         torch.testing.assert_close(batch["final"][row:row + 1], latents.float(), atol=2e-2, rtol=1e-2)
         assert (batch["final"][row] - batch["noise"][row]).abs().mean() > 0.1
+        # the step-1 target: the state after 4 of 8 steps (sigma 0.75), kept in fp32. Tolerance: the cache's prompt
+        # embeddings are bf16 (the real encoder's dtype on a GPU); this CPU pipeline encodes in fp32.
+        assert batch["states"].dtype == torch.float32
+        torch.testing.assert_close(batch["states"][row, 1], after[3][0].float(), atol=1e-3, rtol=1e-3)
+        assert (batch["states"][row, 1] - after[4][0].float()).abs().max() > 1e-2  # not off by one step
+        torch.testing.assert_close(batch["states"][row, 0], batch["noise"][row])
     assert sorted(os.listdir(os.path.join(chain["data"], "previews"))) == ["00000.png", "00001.png", "index.json"]
     text = json.load(open(os.path.join(chain["data"], "text", "manifest.json")))
     assert text["prompts"] == PROMPTS
@@ -177,6 +190,10 @@ def test_comfyui_keys_match_the_loader_pattern_and_load_in_diffusers(chain):
         outs.append(pipe(PROMPTS[0], height=RES, width=RES, num_inference_steps=2, guidance_scale=0.0,
                          generator=torch.Generator().manual_seed(1), output_type="latent").images)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    base = ZImagePipeline.from_pretrained(chain["pipe"])(PROMPTS[0], height=RES, width=RES, num_inference_steps=2,
+                                                          guidance_scale=0.0, generator=torch.Generator().manual_seed(1),
+                                                          output_type="latent").images
+    assert (outs[0] - base).abs().max() > 1e-3  # the LoRA was really applied
 
 
 def test_merged_export_is_one_plain_transformer_per_step(chain):
@@ -186,6 +203,8 @@ def test_merged_export_is_one_plain_transformer_per_step(chain):
     student, embeds = _student(chain["run"])
     steps = [ZImageBackbone.from_pretrained(os.path.join(chain["merged"], f"transformer_step{k}"), dtype=torch.float32)
              for k in (1, 2)]
+    info = json.load(open(os.path.join(chain["merged"], "twostep.json")))
+    assert info["merge_rounding"][0] < 1e-5 and info["renoise"] == "euler"  # float32 storage keeps the update
     merged = MergedStudent(steps, student.cfg)
     cond, noise = embeds[torch.tensor([1])], _noise(3)
     assert (merged.sample(noise, cond)["final"] - student.sample(noise, cond)["final"]).abs().max() <= 1e-4
@@ -197,10 +216,17 @@ def test_generate_is_reproducible_per_seed(chain, tmp_path):
         assert main(["generate", "--model", chain["diffusers"], "a red cat", "--seed", "3", "--out", out,
                      "--device", "cpu"]) == 0
     assert open(one, "rb").read() == open(two, "rb").read()
+    other = str(tmp_path / "c.png")
+    assert main(["generate", "--model", chain["diffusers"], "a red cat", "--seed", "4", "--out", other]) == 0
+    assert open(one, "rb").read() != open(other, "rb").read()  # the seed is used
     folder = str(tmp_path / "batch")
-    assert main(["generate", "--model", chain["diffusers"], "--prompts", chain["prompts"], "--out", folder]) == 0
+    assert main(["generate", "--model", chain["diffusers"], "--prompts", chain["prompts"], "--seed", "3",
+                 "--out", folder]) == 0
     index = json.load(open(os.path.join(folder, "index.json")))
-    assert [v["prompt"] for v in index.values()] == PROMPTS and [v["seed"] for v in index.values()] == [0, 1, 2]
+    assert [v["prompt"] for v in index.values()] == PROMPTS and [v["seed"] for v in index.values()] == [3, 4, 5]
+    single = str(tmp_path / "d.png")  # image i of a batch = the same prompt alone with seed SEED+i
+    assert main(["generate", "--model", chain["diffusers"], PROMPTS[1], "--seed", "4", "--out", single]) == 0
+    assert open(single, "rb").read() == open(os.path.join(folder, "00001.png"), "rb").read()
 
 
 # --------------------------------------------------------------------------- bad input, before expensive work
@@ -250,3 +276,45 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, cap
     other_pipe = str(tmp_path / "other_pipe")
     tiny_zimage_pipeline(seed=1).save_pretrained(other_pipe)
     assert "teacher_weights_sha256" in _error(capsys, train + ["--teacher", other_pipe])
+    # a rerun into a finished folder with other prompts is refused before its text cache is touched
+    text_manifest = os.path.join(chain["data"], "text", "manifest.json")
+    before = open(text_manifest).read()
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text(PROMPTS[0] + "\n")
+    assert "was made with" in _error(capsys, ["teacher-data", "--teacher", chain["pipe"], "--prompts", str(fewer),
+                                               "--resolution", str(RES), "--out", chain["data"],
+                                               "teacher_data.samples_per_prompt=2", "teacher_data.shard_size=4"])
+    assert open(text_manifest).read() == before
+    assert "neither a local folder nor a reachable hub model" in _error(
+        capsys, base + ["--teacher", "no-such-org/no-such-model", "--prompts", good])
+
+
+def test_bf16_base_with_autocast_trains_fp32_adapters(chain, tmp_path):
+    """The real configuration's precision: frozen bf16 base, bf16 autocast, fp32 LoRA adapters and heads."""
+    from twostep.real.train import build_real_student, load_real_run
+
+    run = str(tmp_path / "bf16")
+    args = [a for a in TRAIN if not a.startswith(("model.dtype", "train.bf16", "train.steps"))]
+    assert main(["train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", chain["data"], "--out", run, *args,
+                 "train.steps=2", "model.dtype=bfloat16", "train.bf16=true"]) == 0
+    log = [json.loads(line) for line in open(os.path.join(run, "train_log.jsonl"))]
+    assert all(math.isfinite(log[-1][k]) and log[-1][k] > 0 for k in ("grad_norm/step0", "grad_norm/step1"))
+    cfg, meta, state = load_real_run(run)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    student, _ = build_real_student(cfg, meta["teacher"], 32, torch.device("cpu"))
+    assert student.base.dtype == torch.bfloat16
+    assert {p.dtype for p in student.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_export_refuses_what_stock_samplers_cannot_reproduce(chain, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    run = str(tmp_path / "fresh_run")
+    shutil.copytree(chain["run"], run)
+    config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
+    config["student"]["renoise"] = "fresh"
+    open(os.path.join(run, "config.yaml"), "w").write(yaml.safe_dump(config))
+    assert "renoise=fresh" in _error(capsys, ["export", run, "--format", "diffusers", "--out", str(tmp_path / "e")])
+    assert not os.path.exists(tmp_path / "e")

@@ -132,9 +132,9 @@ def _real_teacher_data(args) -> None:
     from .real.train import ZImageDistillConfig
     from .utils import write_text
 
-    update = {"teacher_data": {"prompts": args.prompts}}
-    if args.teacher:
-        update["model"] = {"path": args.teacher}
+    update = {"teacher_data": {"prompts": os.path.abspath(args.prompts)}}
+    if args.teacher:  # local folders recorded absolute: train and export may run from elsewhere
+        update["model"] = {"path": os.path.abspath(args.teacher) if os.path.exists(args.teacher) else args.teacher}
     if args.resolution:
         update["teacher_data"]["resolution"] = args.resolution
     cfg = load_config(ZImageDistillConfig, _config_path(args.config, DEFAULT_ZIMAGE_CONFIG), args.overrides, update)
@@ -169,14 +169,15 @@ def _real_train(args, config: str) -> None:
     from .config import load_config, read_yaml
     from .real.train import ZImageDistillConfig, train_zimage_student
 
-    data_dir = args.data or load_config(ZImageDistillConfig, config).data_dir
+    data_dir = os.path.abspath(args.data or load_config(ZImageDistillConfig, config).data_dir)
     update = {"data_dir": data_dir}
     record = os.path.join(data_dir, DATA_RECORD)
     if os.path.isfile(record):  # the teacher and prompts the cache was made from
         for section, values in read_yaml(record).items():
             update.setdefault(section, {}).update(values) if isinstance(values, dict) else None
     if args.teacher:
-        update.setdefault("model", {})["path"] = args.teacher
+        update.setdefault("model", {})["path"] = os.path.abspath(args.teacher) if os.path.exists(args.teacher) \
+            else args.teacher
     cfg = load_config(ZImageDistillConfig, config, args.overrides, update)
     out = args.out or "runs/zimage/student"
     meta = train_zimage_student(cfg, out, resume=args.resume)
@@ -201,6 +202,7 @@ def cmd_generate(args) -> None:
     if bool(args.prompt) == bool(args.prompts):
         raise TwostepError("give either one prompt (positional) or --prompts FILE")
     prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
+    args.out = args.out or ("image.png" if args.prompt else "images")
     info = read_export_info(args.model)
     resolution = args.resolution or info.get("resolution") or 1024
     if args.prompt:
@@ -316,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="folder written by `twostep export --format diffusers`")
     p.add_argument("--prompts", help="prompt file: one image per prompt, prompt i with seed SEED+i")
     p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator: the same image on any device)")
-    p.add_argument("--out", default="image.png", help="image path (one prompt) or folder (--prompts)")
+    p.add_argument("--out", help="image path (one prompt; default image.png) or folder (--prompts; default images/)")
     p.add_argument("--resolution", type=_positive_int, help="pixels (default: the resolution trained at)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | cuda:N")
     p.set_defaults(func=cmd_generate)

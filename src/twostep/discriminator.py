@@ -34,6 +34,9 @@ class DiscriminatorConfig:
     # teacher-8 from naive-2 outputs (accuracy ~0.6 after 150 steps); at -1.0 / -1.5 they reach ~0.8.
     sigma_mean: float = -1.0
     sigma_std: float = 1.0
+    # LayerNorm (no affine) on the pooled prompt features: Qwen3 hidden states carry a few huge outlier channels
+    # that would dominate the FiLM conditioning. Off for the toy's tiny encoder (its results were measured without).
+    text_norm: bool = False
 
     def validate(self) -> None:
         require(len(self.blocks) >= 1 and min(self.blocks) >= 0, "blocks", "must list block indices >= 0")
@@ -82,7 +85,10 @@ class Discriminator(nn.Module):
         self.heads = nn.ModuleList(FeatureHead(feature_dim, cond_dim, cfg.hidden) for _ in cfg.blocks)
 
     def forward(self, features: Sequence[Tensor], sigma: Tensor, cond: Conditioning) -> Tensor:
-        c = self.sigma_mlp(sigma_embedding(sigma, self.text_proj.out_features)) + self.text_proj(cond.pooled().float())
+        text = cond.pooled()
+        if self.cfg.text_norm:
+            text = F.layer_norm(text, text.shape[-1:])
+        c = self.sigma_mlp(sigma_embedding(sigma, self.text_proj.out_features)) + self.text_proj(text)
         return sum(head(f, c) for head, f in zip(self.heads, features))
 
     def score(self, feature_fn: FeatureFn, x: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning) -> Tensor:

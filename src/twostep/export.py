@@ -83,6 +83,7 @@ def _run_info(cfg, meta: dict) -> dict:
     sigmas = list(cfg.student.sigmas)
     default = turbo_sigmas(len(sigmas), cfg.teacher_data.shift).tolist()[:-1]
     return {"num_steps": len(sigmas), "student_sigmas": sigmas, "shift": cfg.teacher_data.shift,
+            "renoise": cfg.student.renoise,
             "default_schedule": all(abs(a - b) < 1e-6 for a, b in zip(sigmas, default)),
             "params": cfg.student.params, "form": cfg.student.form, "rank": cfg.student.lora_rank,
             "teacher": meta.get("teacher"), "teacher_fingerprint": meta.get("teacher_fingerprint"),
@@ -141,9 +142,9 @@ A stock `ZImagePipeline` folder plus one LoRA per student step in `twostep_lora/
 pipe = ZImagePipeline.from_pretrained("{folder}", dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{folder}/twostep_lora", weight_name="step1_lora.safetensors", adapter_name="step1")
 pipe.load_lora_weights("{folder}/twostep_lora", weight_name="step2_lora.safetensors", adapter_name="step2")
-pipe.set_adapters("step1")
 def next_step(pipe, i, t, kw):  # after step i: the adapter of step i+1 (back to step1 after the last)
     pipe.set_adapters("step2" if i == 0 else "step1"); return kw
+pipe.set_adapters("step1")  # before every call: an interrupted call can leave step2 active
 image = pipe(prompt, num_inference_steps=2, guidance_scale=0.0, callback_on_step_end=next_step).images[0]
 ```
 
@@ -161,10 +162,16 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> lis
     if fmt not in FORMATS:
         raise TwostepError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     cfg, meta, state = load_real_run(run_dir)
+    if cfg.student.renoise != "euler" and fmt != "merged":
+        raise TwostepError(f"{run_dir} was trained with student.renoise={cfg.student.renoise}, but diffusers and "
+                           "ComfyUI samplers move between steps by the deterministic Euler step; export --format merged "
+                           "and sample with twostep's own sampler, or train with renoise=euler")
     store = torch_dtype(dtype)
     info = _run_info(cfg, meta)
     need = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if fmt == "diffusers" else ("transformer",)
-    teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, need=need)
+    recorded = meta.get("teacher") or ""  # the absolute folder training used; model.path may be relative
+    teacher = resolve_teacher(recorded if os.path.isdir(recorded) else cfg.model.path, cfg.teacher_data.resolution,
+                              need=need)
     if teacher.fingerprint != meta.get("teacher_fingerprint"):
         raise TwostepError(f"the teacher at {cfg.model.path} is not the one {run_dir} was trained on (fingerprint "
                            "differs); point model.path at the original weights")
@@ -188,37 +195,53 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> lis
             write_text(os.path.join(tmp, "TWOSTEP_README.md"), DIFFUSERS_README.format(
                 folder=os.path.abspath(out), sigmas=info["student_sigmas"], shift=info["shift"]))
         else:
-            paths = _export_merged(state, cfg, teacher.folder, tmp, store)
+            paths, rounding = _export_merged(state, cfg, teacher.folder, tmp, store)
+            info["merge_rounding"] = rounding
             write_text(os.path.join(tmp, INFO), json.dumps(info, indent=2) + "\n")
+            worst = max(rounding)
+            if worst > 0.05:
+                print(f"warning: storing W + BA in {dtype} loses {worst:.0%} of the LoRA update (relative norm) in the "
+                      "worst layer; export with --dtype float32 to keep it")
     return [os.path.join(out, os.path.relpath(p, tmp)) for p in paths]
 
 
 @torch.no_grad()
-def _export_merged(state: dict[str, Tensor], cfg, folder: str, out: str, dtype: torch.dtype) -> list[str]:
-    """One plain transformer per step: the base plus that step's LoRA delta (or the step's full copy)."""
+def _export_merged(state: dict[str, Tensor], cfg, folder: str, out: str,
+                   dtype: torch.dtype) -> tuple[list[str], list[float]]:
+    """One plain transformer per step: the base plus that step's LoRA delta (or the step's full copy).
+
+    Also returns, per step, the worst layer's ``|| stored(W + BA) - W - BA || / || BA ||``: how much of the update
+    the storage dtype rounds away (small deltas on bf16 weights can vanish).
+    """
     from diffusers import ZImageTransformer2DModel
 
-    paths = []
+    paths, rounding = [], []
     for step in range(cfg.student.num_steps):
         transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
         if cfg.student.form == "lora":
             lora = step_lora(state, cfg.student, step)
             modules = dict(transformer.named_modules())
+            worst = 0.0
             for key, a in lora.items():
                 if key.endswith(".lora_A.weight"):
                     name = key[:-len(".lora_A.weight")]
-                    b = lora[f"{name}.lora_B.weight"]
                     weight = modules[name].weight
-                    weight.copy_((weight.float() + b.float() @ a.float()).to(weight.dtype))
+                    base = weight.float().clone()  # .float() of fp32 weights is the same tensor
+                    delta = lora[f"{name}.lora_B.weight"].float() @ a.float()
+                    weight.copy_((base + delta).to(weight.dtype))
+                    if delta.norm() > 0:
+                        worst = max(worst, float((weight.float() - base - delta).norm() / delta.norm()))
+            rounding.append(worst)
         else:
             prefix = f"copies.{step if cfg.student.params == 'decoupled' else 0}.transformer."
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             transformer.load_state_dict({k: v.to(dtype) for k, v in own.items()})
+            rounding.append(0.0)
         path = os.path.join(out, f"transformer_step{step + 1}")
         transformer.save_pretrained(path)
         paths.append(path)
         del transformer
-    return paths
+    return paths, rounding
 
 
 def load_step_loras(paths: list[str]) -> list[dict[str, Tensor]]:

@@ -31,6 +31,10 @@ class StepAdapterSwitch:
         pipe.set_adapters(self.adapters[following] if following < len(self.adapters) else self.adapters[0])
         return callback_kwargs
 
+    def reset(self, pipe) -> None:
+        """First step's adapter: call before every generation (an interrupted call may have left step 2 active)."""
+        pipe.set_adapters(self.adapters[0])
+
     def call_kwargs(self) -> dict:
         """What every 2-step call needs: step count (or sigmas), no guidance, the switch."""
         kwargs = {"guidance_scale": 0.0, "callback_on_step_end": self}
@@ -79,6 +83,7 @@ def generate_images(pipe, switch: StepAdapterSwitch, prompts: list[str], seed: i
     images = []
     for i, prompt in enumerate(progress(prompts, desc="generate")):
         generator = torch.Generator("cpu").manual_seed(seed + i)
+        switch.reset(pipe)
         result = pipe(prompt, height=resolution, width=resolution, generator=generator, output_type=output_type,
                       **switch.call_kwargs())
         images.append(result.images[0])

@@ -1,8 +1,9 @@
 """``twostep plan``: per-GPU memory of a distillation run, counted on the meta device (no weights loaded).
 
 Parameters are counted exactly from the transformer config (``ZImageTransformer2DModel`` built on ``meta``);
-activations are an estimate from the formulas below. Training holds no VAE and no text encoder: latents and
-caption embeddings are cached beforehand (``teacher-data``).
+activations are an estimate from the formulas below. Training holds no text encoder (caption embeddings and
+latents are cached by ``teacher-data``); the VAE is loaded only while a preview grid is decoded, outside the
+training step's peak.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None) -> dict:
         trainable = req.num_steps * n["lora_per_step"]
         parts["frozen base (bf16, = teacher)"] = n["base"] * BF16  # DDP: every GPU holds the whole base
         parts["LoRA adapters + grads + AdamW (fp32)"] = trainable * optim
+        parts["EMA of the adapters (fp32)"] = trainable * FP32
         if req.gpus > 1:
             parts["DDP gradient buckets"] = trainable * FP32
     else:
@@ -154,6 +156,7 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None) -> dict:
         # drop the persistent bf16 copy)
         parts["student copies: bf16 + fp32 master/grads/AdamW (sharded)"] = -(-trainable * (BF16 + optim) // req.gpus)
         parts["frozen teacher (bf16, sharded)"] = -(-n["base"] * BF16 // req.gpus)
+        parts["EMA of the copies (fp32, sharded)"] = -(-trainable * FP32 // req.gpus)
         if req.gpus > 1:
             parts["FSDP2 unsharded block buffers"] = n["block"] * (FSDP_PREFETCH_BLOCKS * BF16 + FP32)
     parts["discriminator heads + grads + AdamW (fp32)"] = n["discriminator"] * optim

@@ -5,7 +5,7 @@ For sample ``i`` (prompt ``i % num_prompts``, noise from seed ``seed + i``) the 
 
 - ``noise_seed`` ``(N,)`` int64 and ``noise`` ``(N, C, H, W)``: the starting noise (the seed reproduces it);
 - ``prompt_index`` ``(N,)`` int64;
-- ``states`` ``(N, K, C, H, W)``: the teacher's state at every student sigma (``states[:, 0]`` at sigma=1 is the
+- ``states`` ``(N, K, C, H, W)`` (always float32): the teacher's state at every student sigma (``states[:, 0]`` at sigma=1 is the
   noise itself; ``states[:, 1]`` at 0.75 is the state after 4 of 8 steps: the same trajectory);
 - ``final`` ``(N, C, H, W)``: the teacher's 8-step output.
 
@@ -114,8 +114,9 @@ def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count
                                         sigmas, return_states=True)
         finals.append(final)
         states.append(torch.stack([path[i] for i in picks], dim=1))
+    # states stay fp32: the step-1 target (x_T@s2 - s2*eps)/(1-s2) multiplies their rounding error by 1/(1-s2)
     return {"noise_seed": seeds, "prompt_index": prompt_index, "noise": noise.to(dtype),
-            "states": torch.cat(states).to(dtype), "final": torch.cat(finals).to(dtype)}
+            "states": torch.cat(states).float(), "final": torch.cat(finals).to(dtype)}
 
 
 def _read_manifest(out_dir: str) -> dict | None:
@@ -136,15 +137,20 @@ def _check_same_provenance(manifest: dict, provenance: dict, where: str) -> None
                                "or delete that folder")
 
 
+def existing_cache(out_dir: str, provenance: dict) -> dict | None:
+    """The manifest already in ``out_dir`` (None if there is none); raises if it was made by another teacher or
+    schedule. Call it before loading any model."""
+    manifest = _read_manifest(out_dir)
+    if manifest is not None:
+        _check_same_provenance(manifest, provenance, out_dir)
+    return manifest
+
+
 def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir: str) -> dict:
     """Write (or finish) the sharded cache in ``out_dir``; returns the manifest."""
     ensure_writable_dir(out_dir, what="teacher-data folder")
     provenance = cache_provenance(cfg, source)
-    manifest = _read_manifest(out_dir)
-    if manifest is not None:
-        _check_same_provenance(manifest, provenance, out_dir)
-    else:
-        manifest = {"provenance": provenance, "shards": {}, "complete": False}
+    manifest = existing_cache(out_dir, provenance) or {"provenance": provenance, "shards": {}, "complete": False}
     num_shards = (cfg.num_samples + cfg.shard_size - 1) // cfg.shard_size
     bar = progress(range(num_shards), desc="teacher data")
     for index in bar:

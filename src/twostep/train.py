@@ -218,8 +218,7 @@ class Trainer:
         return batch, self.prompt_table[batch["prompt_index"].cpu()].to(self.device)
 
     def _autocast(self):
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
-            if self.cfg.train.bf16 else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.bf16 else nullcontext()
 
     def d_step(self) -> dict[str, float]:
         """``d_steps_per_g`` discriminator updates; the student is only run under no_grad here."""

@@ -43,9 +43,9 @@ class Conditioning:
         return [e[m] for e, m in zip(self.embeds, self.mask)]
 
     def pooled(self) -> Tensor:
-        """Masked mean over valid tokens: ``(B, D)``."""
-        w = self.mask.to(self.embeds.dtype).unsqueeze(-1)
-        return (self.embeds * w).sum(1) / w.sum(1).clamp_min(1.0)
+        """Masked mean over valid tokens: ``(B, D)`` in float32 (a bf16 sum over hundreds of tokens loses digits)."""
+        w = self.mask.float().unsqueeze(-1)
+        return (self.embeds.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     def __len__(self) -> int:
         return self.embeds.shape[0]

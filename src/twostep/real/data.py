@@ -19,10 +19,11 @@ import torch
 from ..config import require
 from ..errors import TwostepError
 from ..prompts import prompts_sha256, read_prompts
-from ..teacher_data import TeacherDataConfig, TeacherSource, generate_teacher_data, TeacherData, cache_provenance
+from ..teacher_data import (TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, existing_cache,
+                            generate_teacher_data)
 from ..utils import ensure_writable_dir, progress, write_text
-from .pipeline_io import (check_zimage_pipeline, component_fingerprint, decode_latents, latent_shape, load_vae,
-                          pick_device, resolve_pipeline_dir, torch_dtype)
+from .pipeline_io import (check_scheduler, check_zimage_pipeline, component_fingerprint, decode_latents,
+                          latent_shape, load_vae, pick_device, resolve_pipeline_dir, torch_dtype)
 from .text_cache import PromptEmbeds, encode_prompt_cache, text_provenance
 
 TEXT_DIR = "text"
@@ -61,10 +62,12 @@ class RealTeacher:
     fingerprint: str
 
 
-def resolve_teacher(path_or_id: str, resolution: int, need=("transformer",)) -> RealTeacher:
-    """Checks that cost nothing (folder, class, resolution) before any model loads."""
-    folder = resolve_pipeline_dir(path_or_id)
+def resolve_teacher(path_or_id: str, resolution: int, need=("transformer",), shift: float | None = None) -> RealTeacher:
+    """Checks that cost nothing (folder, class, resolution, schedule) before any model loads."""
+    folder = resolve_pipeline_dir(path_or_id, need)
     check_zimage_pipeline(folder, need=need)
+    if shift is not None:
+        check_scheduler(folder, shift)
     shape = latent_shape(folder, resolution)
     return RealTeacher(folder, shape, component_fingerprint(folder, "transformer"))
 
@@ -93,7 +96,7 @@ def real_source(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[str],
 
 def expected_provenance(cfg: ZImageDataConfig, model: str) -> dict:
     """What a cache for this config and teacher must carry (checked before training loads the model)."""
-    teacher = resolve_teacher(model, cfg.resolution)
+    teacher = resolve_teacher(model, cfg.resolution, shift=cfg.shift)
     prompts = read_prompts(cfg.prompts)
     return cache_provenance(resolved_data_config(cfg, prompts), real_source(cfg, teacher, prompts))
 
@@ -107,9 +110,14 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     if not cfg.prompts:
         raise TwostepError("no prompt file: pass --prompts FILE (or set teacher_data.prompts in the config)")
     prompts = read_prompts(cfg.prompts)
-    teacher = resolve_teacher(model, cfg.resolution, need=("transformer", "text_encoder", "tokenizer"))
+    teacher = resolve_teacher(model, cfg.resolution, need=("transformer", "text_encoder", "tokenizer", "vae"),
+                              shift=cfg.shift)
     ensure_writable_dir(out_dir, what="teacher-data folder")
     cfg = resolved_data_config(cfg, prompts)
+    # a folder made from another teacher, prompt set or schedule is refused before its text cache is touched
+    manifest = existing_cache(out_dir, cache_provenance(cfg, real_source(cfg, teacher, prompts)))
+    if manifest is not None and manifest.get("complete"):
+        return manifest
     dev = pick_device(device)
     compute = torch_dtype(dtype) if dev.type == "cuda" else torch.float32
 
@@ -119,7 +127,9 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     backbone = ZImageBackbone.from_pretrained(teacher.folder, dtype=compute).to(dev).eval().requires_grad_(False)
     source = real_source(cfg, teacher, prompts, backbone, embeds, dev)
     manifest = generate_teacher_data(cfg, source, out_dir)
-    del backbone
+    del source, backbone  # the closure holds the transformer: free it before the VAE loads
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     if cfg.previews:
         write_previews(teacher.folder, out_dir, prompts, cfg.previews, dev)
     return manifest

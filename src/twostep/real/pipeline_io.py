@@ -18,17 +18,20 @@ Tensor = torch.Tensor
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_pipeline_dir(path_or_id: str) -> str:
-    """A local folder for ``path_or_id``: the folder itself, or the hub snapshot (downloaded when online)."""
+def resolve_pipeline_dir(path_or_id: str, need: tuple[str, ...] = ("transformer",)) -> str:
+    """A local folder for ``path_or_id``: the folder itself, or the hub snapshot of the components in ``need``
+    (downloaded when online; ``train`` needs only the transformer, not 30 GB)."""
     if os.path.isdir(path_or_id):
         return os.path.abspath(path_or_id)
     if os.path.exists(path_or_id):
         raise TwostepError(f"{path_or_id} is a file, not a Z-Image pipeline folder")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        return snapshot_download(path_or_id)
-    except Exception as err:  # noqa: BLE001 - offline, unknown repo, bad id: all mean "not available"
+    patterns = ["model_index.json", "scheduler/*", "vae/config.json"] + [f"{part}/*" for part in need]
+    try:
+        return snapshot_download(path_or_id, allow_patterns=patterns)
+    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as err:
         raise TwostepError(f"{path_or_id!r} is neither a local folder nor a reachable hub model "
                            f"({type(err).__name__}); pass the folder of a downloaded Z-Image pipeline") from err
 
@@ -53,6 +56,19 @@ def check_zimage_pipeline(folder: str, need: tuple[str, ...] = ("transformer",))
         raise TwostepError(f"{folder} lacks {', '.join(missing)}/ that this command needs; pass a full Z-Image "
                            "pipeline folder")
     return index
+
+
+def check_scheduler(folder: str, shift: float) -> None:
+    """The pipeline's scheduler must be the static-shift Euler schedule the cache and student assume."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return
+    config = json.load(open(path, encoding="utf-8"))
+    if config.get("use_dynamic_shifting"):
+        raise TwostepError(f"{folder}: the scheduler uses dynamic shifting; twostep assumes a static shift (Z-Image-Turbo)")
+    if abs(float(config.get("shift", shift)) - shift) > 1e-6:
+        raise TwostepError(f"{folder}: the scheduler's shift is {config.get('shift')}, the config says {shift}; set "
+                           f"teacher_data.shift={config.get('shift')}")
 
 
 def component_fingerprint(folder: str, component: str) -> str:

@@ -54,7 +54,7 @@ class ZImageDistillConfig:
     teacher_data: ZImageDataConfig = field(default_factory=ZImageDataConfig)
     student: StudentConfig = field(default_factory=lambda: StudentConfig(lora_rank=64, lora_alpha=64.0))
     discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(blocks=[7, 15, 23],
-                                                                                         hidden=256))
+                                                                                         hidden=256, text_norm=True))
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     train: DistillTrainConfig = field(default_factory=_real_train_defaults)
 
@@ -81,13 +81,12 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, coun
     count = min(count, len(embeds))
     noise = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(seed))
     cond = embeds[torch.arange(count)]
-    vae = None
 
     def write(student: Student, path: str) -> None:
-        nonlocal vae
-        vae = vae or load_vae(folder, device, torch.float32)
         latents = student.sample(noise.to(device), cond.to(device), batch_size=1)["final"]
-        images = decode_latents(vae, latents)
+        vae = load_vae(folder, device, torch.float32)  # loaded per grid and freed: not resident during training
+        images = [decode_latents(vae, latents[i:i + 1])[0] for i in range(count)]
+        del vae
         grid = Image.new("RGB", (sum(i.width for i in images), images[0].height))
         x = 0
         for image in images:
@@ -105,8 +104,8 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
     if max(blocks) >= backbone.num_blocks:
         raise TwostepError(f"config key 'discriminator.blocks' {blocks}: the transformer has only "
                            f"{backbone.num_blocks} blocks")
+    torch.manual_seed(cfg.train.seed)  # LoRA A init and the heads: a fresh run is reproducible
     student = Student(backbone, cfg.student)
-    torch.manual_seed(cfg.train.seed)
     disc = Discriminator(backbone.transformer.config.dim, text_width, cfg.discriminator).to(device)
     return student, disc
 
@@ -114,7 +113,7 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
 def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta."""
     expected = expected_provenance(cfg.teacher_data, cfg.model.path)  # cheap checks first
-    teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution)
+    teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, shift=cfg.teacher_data.shift)
     data = TeacherData(cfg.data_dir, expected=expected)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
     checkpoint = setup_run(cfg, out_dir, resume)
