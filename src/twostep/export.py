@@ -182,8 +182,11 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> lis
             paths = _save_loras(tmp, lora_files(state, cfg.student, store, style="comfyui"), info,
                                 "step{step}_lora_comfyui.safetensors")
             s = cfg.student.sigmas
-            write_text(os.path.join(tmp, "README.md"), COMFY_README.format(
-                s1=s[0], s2=s[1] if len(s) > 1 else 0, shift=cfg.teacher_data.shift))
+            readme = COMFY_README.format(s1=s[0], s2=s[1] if len(s) > 1 else 0, shift=cfg.teacher_data.shift)
+            if not info["default_schedule"] or len(s) != 2:
+                readme += (f"\n**This run's schedule is not the default 2-step one** (sigmas {s} then 0): give the "
+                           "samplers these sigmas directly (a manual-sigmas node) instead of `BasicScheduler`.\n")
+            write_text(os.path.join(tmp, "README.md"), readme)
         elif fmt == "diffusers":
             files = lora_files(state, cfg.student, store)  # fail on a full-form run before linking 30 GB
             _link_tree(teacher.folder, tmp)
