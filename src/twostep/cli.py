@@ -174,7 +174,8 @@ def _real_train(args, config: str) -> None:
     record = os.path.join(data_dir, DATA_RECORD)
     if os.path.isfile(record):  # the teacher and prompts the cache was made from
         for section, values in read_yaml(record).items():
-            update.setdefault(section, {}).update(values) if isinstance(values, dict) else None
+            if isinstance(values, dict):
+                update.setdefault(section, {}).update(values)
     if args.teacher:
         update.setdefault("model", {})["path"] = os.path.abspath(args.teacher) if os.path.exists(args.teacher) \
             else args.teacher

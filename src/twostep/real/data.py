@@ -82,7 +82,7 @@ def real_provenance_extra(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: 
             "text": text_provenance(teacher.folder, prompts, cfg.dtype, cfg.max_length)}
 
 
-def real_source(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[str], backbone=None,
+def pipeline_source(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[str], backbone=None,
                 embeds: PromptEmbeds | None = None, device=None) -> TeacherSource:
     """The teacher as a trajectory source; ``backbone``/``embeds`` may be None when only provenance is needed."""
     def velocity(x, sigma, prompt_index):
@@ -94,11 +94,10 @@ def real_source(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[str],
                          extra=real_provenance_extra(cfg, teacher, prompts))
 
 
-def expected_provenance(cfg: ZImageDataConfig, model: str) -> dict:
+def expected_provenance(cfg: ZImageDataConfig, teacher: RealTeacher) -> dict:
     """What a cache for this config and teacher must carry (checked before training loads the model)."""
-    teacher = resolve_teacher(model, cfg.resolution, shift=cfg.shift)
     prompts = read_prompts(cfg.prompts)
-    return cache_provenance(resolved_data_config(cfg, prompts), real_source(cfg, teacher, prompts))
+    return cache_provenance(resolved_data_config(cfg, prompts), pipeline_source(cfg, teacher, prompts))
 
 
 def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtype: str = "bfloat16",
@@ -115,7 +114,7 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     ensure_writable_dir(out_dir, what="teacher-data folder")
     cfg = resolved_data_config(cfg, prompts)
     # a folder made from another teacher, prompt set or schedule is refused before its text cache is touched
-    manifest = existing_cache(out_dir, cache_provenance(cfg, real_source(cfg, teacher, prompts)))
+    manifest = existing_cache(out_dir, cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)))
     if manifest is not None and manifest.get("complete"):
         return manifest
     dev = pick_device(device)
@@ -125,7 +124,7 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
                                    batch_size=cfg.text_batch_size, max_length=cfg.max_length, device=dev)
     embeds = PromptEmbeds(text_dir)
     backbone = ZImageBackbone.from_pretrained(teacher.folder, dtype=compute).to(dev).eval().requires_grad_(False)
-    source = real_source(cfg, teacher, prompts, backbone, embeds, dev)
+    source = pipeline_source(cfg, teacher, prompts, backbone, embeds, dev)
     manifest = generate_teacher_data(cfg, source, out_dir)
     del source, backbone  # the closure holds the transformer: free it before the VAE loads
     if dev.type == "cuda":

@@ -112,8 +112,8 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
 
 def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta."""
-    expected = expected_provenance(cfg.teacher_data, cfg.model.path)  # cheap checks first
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, shift=cfg.teacher_data.shift)
+    expected = expected_provenance(cfg.teacher_data, teacher)  # cheap checks first
     data = TeacherData(cfg.data_dir, expected=expected)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
     checkpoint = setup_run(cfg, out_dir, resume)
