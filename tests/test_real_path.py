@@ -318,3 +318,31 @@ def test_export_refuses_what_stock_samplers_cannot_reproduce(chain, tmp_path, ca
     open(os.path.join(run, "config.yaml"), "w").write(yaml.safe_dump(config))
     assert "renoise=fresh" in _error(capsys, ["export", run, "--format", "diffusers", "--out", str(tmp_path / "e")])
     assert not os.path.exists(tmp_path / "e")
+
+
+def test_text_cache_resumes_by_shard_and_reads_across_shards(tmp_path):
+    from twostep.real.text_cache import PromptEmbeds, encode_prompt_cache
+
+    pipe_dir = str(tmp_path / "pipe")
+    tiny_zimage_pipeline(seed=0).save_pretrained(pipe_dir)
+    out = str(tmp_path / "text")
+    encode_prompt_cache(pipe_dir, PROMPTS, out, shard_size=2)
+    whole = PromptEmbeds(out)
+    assert len(whole) == 3 and len(os.listdir(out)) == 3  # two shards + manifest
+    # an interrupted run: the manifest lists only the first shard and is not complete
+    manifest_path = os.path.join(out, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    first_shard = os.path.join(out, manifest["shards"][0]["name"])
+    stamp = os.path.getmtime(first_shard)
+    manifest["complete"], manifest["shards"] = False, manifest["shards"][:1]
+    json.dump(manifest, open(manifest_path, "w"))
+    os.remove(os.path.join(out, "embeds-00001.safetensors"))
+    with pytest.raises(Exception, match="unfinished"):
+        PromptEmbeds(out)
+    encode_prompt_cache(pipe_dir, PROMPTS, out, shard_size=2)
+    assert os.path.getmtime(first_shard) == stamp  # finished shard kept
+    again = PromptEmbeds(out)
+    for i in range(3):
+        torch.testing.assert_close(again.get(i), whole.get(i))
+    cond = again[torch.tensor([2, 0])]
+    assert cond.embeds.shape[0] == 2 and cond.mask.sum(1).tolist() == [whole.get(2).shape[0], whole.get(0).shape[0]]

@@ -108,7 +108,8 @@ def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count
                          for s in seeds]).to(dtype).float()
     prompt_index = torch.arange(start, start + count, dtype=torch.int64) % source.num_prompts
     finals, states = [], []
-    for b in range(0, count, cfg.batch_size):
+    batches = range(0, count, cfg.batch_size)
+    for b in progress(batches, desc=f"samples {start}-{start + count - 1}", leave=False) if len(batches) > 1 else batches:
         p = prompt_index[b:b + cfg.batch_size]
         final, path = flow.euler_sample(lambda x, s, i: source.velocity(x, s, p), noise[b:b + cfg.batch_size],
                                         sigmas, return_states=True)
