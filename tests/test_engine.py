@@ -122,6 +122,11 @@ def test_corrupt_and_foreign_caches_are_named(world, tmp_path):
         f.write(b"garbage!")
     with pytest.raises(TwostepError, match="shard-00001.safetensors.*corrupt"):
         TeacherData(copy)
+    TeacherData(copy, verify="size")  # same size: only the full hash sees flipped bytes
+    with open(os.path.join(copy, "shard-00001.safetensors"), "ab") as f:
+        f.write(b"trailing")
+    with pytest.raises(TwostepError, match="shard-00001.safetensors.*corrupt"):
+        TeacherData(copy, in_memory=False, verify="size")  # a large cache's default check
     teacher = load_teacher(world["teacher"])
     with pytest.raises(TwostepError, match="made with seed"):
         load_teacher_data(teacher, make_cfg("teacher_data.seed=5"), world["data"])

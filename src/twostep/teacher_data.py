@@ -167,7 +167,8 @@ def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir
         tensors = _make_shard(cfg, source, start, count)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"provenance": json.dumps(provenance, sort_keys=True)})
-        manifest["shards"][name] = {"first_index": start, "count": count, "sha256": file_sha256(path)}
+        manifest["shards"][name] = {"first_index": start, "count": count, "sha256": file_sha256(path),
+                                    "bytes": os.path.getsize(path)}
         write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     manifest["complete"] = True
     write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
@@ -183,8 +184,11 @@ class TeacherData:
 
     MEMORY_LIMIT_BYTES = 2 << 30
 
-    def __init__(self, out_dir: str, expected: dict | None = None, verify: bool = True,
+    def __init__(self, out_dir: str, expected: dict | None = None, verify: bool | str = "auto",
                  in_memory: bool | None = None):
+        """``verify``: ``"full"`` (or True) checks every shard's sha256, ``"size"`` its byte count, False nothing;
+        ``"auto"`` hashes caches small enough for memory and checks sizes of large ones (hashing 200 GB of real
+        latents at every start would cost minutes)."""
         manifest = _read_manifest(out_dir)
         if manifest is None:
             raise TwostepError(f"no teacher data in {out_dir} ({MANIFEST} missing); run `twostep teacher-data` first")
@@ -194,11 +198,18 @@ class TeacherData:
             _check_same_provenance(manifest, expected, out_dir)
         self.provenance = manifest["provenance"]
         self._shards: list[tuple[str, int, int]] = []  # (path, first_index, count)
+        if verify == "auto":
+            total = sum(entry.get("bytes", 0) for entry in manifest["shards"].values())
+            verify = "full" if total <= self.MEMORY_LIMIT_BYTES or in_memory else "size"
         for name, entry in sorted(manifest["shards"].items()):
             path = os.path.join(out_dir, name)
             if not os.path.isfile(path):
                 raise TwostepError(f"teacher-data shard {name} is missing from {out_dir}; rerun `twostep teacher-data`")
-            if verify and file_sha256(path) != entry["sha256"]:
+            if verify == "size" and "bytes" in entry:
+                corrupt = os.path.getsize(path) != entry["bytes"]
+            else:  # a cache written before sizes were recorded falls back to the hash
+                corrupt = bool(verify) and file_sha256(path) != entry["sha256"]
+            if corrupt:
                 raise TwostepError(f"teacher-data shard {name} in {out_dir} is corrupt (checksum mismatch); delete "
                                    "it and rerun `twostep teacher-data`")
             with safe_open(path, framework="pt") as f:
