@@ -214,14 +214,7 @@ def test_resume_gives_the_same_next_losses(world, tmp_path, monkeypatch):
     reference = {r["step"]: r for r in map(json.loads, open(os.path.join(full, "train_log.jsonl")))}
 
     broken = str(tmp_path / "broken")
-    real_step = train_mod.Trainer.train_step
-
-    def crash_after_three(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(train_mod.Trainer, "train_step", crash_after_three)
+    real_step = _crash_at_step(monkeypatch, 3)
     assert main([*args, "--out", broken]) == 130
     assert sorted(os.listdir(os.path.join(broken, "checkpoints"))) == ["step_000002.pt"]
     monkeypatch.setattr(train_mod.Trainer, "train_step", real_step)
@@ -320,16 +313,24 @@ def test_resumed_log_has_each_step_once(world, tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     args = ["train", "--teacher", world["teacher"], "--data", world["data"], "--out", run, *TEACHER, *DISTILL,
             "train.eval_every=0"]
-    real_step = train_mod.Trainer.train_step
-
-    def crash_after_three(self):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(train_mod.Trainer, "train_step", crash_after_three)
+    real_step = _crash_at_step(monkeypatch, 3)
     assert main(args) == 130
     monkeypatch.setattr(train_mod.Trainer, "train_step", real_step)
     assert main([*args, "--resume", "latest"]) == 0
     steps = [json.loads(line)["step"] for line in open(os.path.join(run, "train_log.jsonl"))]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def _crash_at_step(monkeypatch, step: int):
+    """Make ``Trainer.train_step`` raise KeyboardInterrupt at ``step``; returns the real method to restore."""
+    import twostep.train as train_mod
+
+    real_step = train_mod.Trainer.train_step
+
+    def crash(self):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", crash)
+    return real_step

@@ -52,6 +52,11 @@ def _config_path(path: str | None, default: str = DEFAULT_TEACHER_CONFIG) -> str
     return default if os.path.isfile(default) else None
 
 
+def _local_path(path: str) -> str:
+    """Absolute when it names something on disk (recorded in run files read from elsewhere); a hub id as it is."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def _command_line(args) -> str:
     return "twostep " + " ".join(shlex.quote(a) for a in args.argv)
 
@@ -134,7 +139,7 @@ def _real_teacher_data(args) -> None:
 
     update = {"teacher_data": {"prompts": os.path.abspath(args.prompts)}}
     if args.teacher:  # local folders recorded absolute: train and export may run from elsewhere
-        update["model"] = {"path": os.path.abspath(args.teacher) if os.path.exists(args.teacher) else args.teacher}
+        update["model"] = {"path": _local_path(args.teacher)}
     if args.resolution:
         update["teacher_data"]["resolution"] = args.resolution
     cfg = load_config(ZImageDistillConfig, _config_path(args.config, DEFAULT_ZIMAGE_CONFIG), args.overrides, update)
@@ -177,8 +182,7 @@ def _real_train(args, config: str) -> None:
             if isinstance(values, dict):
                 update.setdefault(section, {}).update(values)
     if args.teacher:
-        update.setdefault("model", {})["path"] = os.path.abspath(args.teacher) if os.path.exists(args.teacher) \
-            else args.teacher
+        update.setdefault("model", {})["path"] = _local_path(args.teacher)
     cfg = load_config(ZImageDistillConfig, config, args.overrides, update)
     out = args.out or "runs/zimage/student"
     meta = train_zimage_student(cfg, out, resume=args.resume)
@@ -194,8 +198,6 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import json as json_
-
     from .pipeline import generate_images, load_two_step_pipeline, read_export_info
     from .prompts import read_prompts
     from .utils import ensure_parent_writable, ensure_writable_dir, write_text
@@ -221,7 +223,7 @@ def cmd_generate(args) -> None:
         name = f"{i:05d}.png"
         image.save(os.path.join(args.out, name))
         index[name] = {"prompt": prompts[i], "seed": args.seed + i}
-    write_text(os.path.join(args.out, "index.json"), json_.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    write_text(os.path.join(args.out, "index.json"), json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {len(images)} images to {args.out} ({info['num_steps']} steps, seeds {args.seed}..)")
 
 

@@ -64,7 +64,9 @@ def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None =
     from diffusers import ZImagePipeline
 
     info = read_export_info(folder)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .real.pipeline_io import pick_device
+
+    device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype).to(device)
     for adapter, path in zip(info["adapters"], info["lora_files"]):

@@ -13,9 +13,9 @@ import os
 import torch
 
 from ..errors import TwostepError
+from ..teacher_data import DTYPES
 
 Tensor = torch.Tensor
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_pipeline_dir(path_or_id: str, need: tuple[str, ...] = ("transformer",)) -> str:
@@ -113,8 +113,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+def pick_device(name: str | None = "auto") -> torch.device:
+    """``auto`` (or None): the GPU when there is one."""
+    if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 

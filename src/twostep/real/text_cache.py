@@ -23,7 +23,7 @@ from ..errors import TwostepError
 from ..prompts import prompts_sha256
 from ..text import encode_prompts
 from ..utils import atomic_path, ensure_writable_dir, progress, write_text
-from .pipeline_io import component_fingerprint, load_text_encoder, torch_dtype
+from .pipeline_io import component_fingerprint, load_text_encoder, pick_device, torch_dtype
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
@@ -56,7 +56,7 @@ def encode_prompt_cache(folder: str, prompts: Sequence[str], out_dir: str, dtype
                 return out_dir
             manifest = previous
     done = {s["name"] for s in manifest["shards"] if os.path.isfile(os.path.join(out_dir, s["name"]))}
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer, encoder = load_text_encoder(folder, device, compute)
     store = torch_dtype(dtype)
