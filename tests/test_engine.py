@@ -281,7 +281,7 @@ def test_student_evaluation_uses_the_real_teacher(world, tmp_path):
     """Regression: the teacher rows must come from the untouched teacher, not the LoRA-carrying base."""
     from twostep.distill import evaluate_student, load_student
     from twostep.sampling import generate, make_noise
-    from twostep.toy.data import balanced_labels
+    from twostep.worlds.digits.data import balanced_labels
 
     run = str(tmp_path / "student")
     assert main(["train", "--teacher", world["teacher"], "--data", world["data"], "--out", run, *TEACHER, *DISTILL,

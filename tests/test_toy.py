@@ -5,8 +5,8 @@ import torch
 from twostep.backbones import Conditioning
 from twostep.text import build_local_tokenizer, build_tiny_qwen3, encode_prompts, load_prompt_embeds, \
     save_prompt_embeds, words_of
-from twostep.toy.data import balanced_labels, class_prompts, load_digit_splits
-from twostep.toy.evaluator import Evaluator, frechet_distance, per_prompt_diversity
+from twostep.worlds.digits.data import balanced_labels, class_prompts, load_digit_splits
+from twostep.worlds.digits.evaluator import Evaluator, frechet_distance, per_prompt_diversity
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import statistics
 import time
+
+import torch
 from typing import Sequence
 
 from .sampling import generate, make_noise
 from .teacher import Teacher
-from .toy.data import balanced_labels, load_digit_splits
-from .toy.evaluator import Evaluator
+from .worlds import Evaluator
 from .utils import progress
 
 
 def build_evaluator(teacher: Teacher) -> Evaluator:
-    data = teacher.config.data
-    train, heldout = load_digit_splits(data.heldout_fraction, data.split_seed)
-    return Evaluator(train, heldout, seed=teacher.config.eval.evaluator_seed)
+    return teacher.world.build_evaluator(teacher.config.eval.evaluator_seed)
 
 
 def eval_set(teacher: Teacher, num_samples: int):
     """The fixed evaluation set: ``(labels (N,), noise (N, C, H, W), cond)``, prompts balanced over classes."""
-    labels = balanced_labels(num_samples)
+    labels = torch.arange(num_samples) % teacher.num_classes
     noise = make_noise(num_samples, teacher.image_shape, teacher.config.eval.seed)
     return labels, noise, teacher.cond(labels)
 

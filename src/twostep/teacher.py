@@ -15,6 +15,7 @@ It plays the part Z-Image-Turbo plays for real: a model that is good at 8 steps 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -32,8 +33,8 @@ from .checkpoint import load_training_state, load_weights, rng_state, save_train
     set_rng_state
 from .config import load_config, require, save_config
 from .errors import TwostepError
-from .toy.data import load_digit_splits
-from .toy.world import PROMPT_CACHE, ToyDataConfig, ToyTextConfig, build_prompt_cache, load_prompt_table
+from .worlds import get_world
+from .worlds.digits.world import PROMPT_CACHE, ToyDataConfig, ToyTextConfig, build_prompt_cache, load_prompt_table
 from .utils import ensure_writable_dir, file_sha256, is_main_process, progress, write_text
 
 WEIGHTS = "teacher.safetensors"
@@ -92,6 +93,7 @@ class EvalConfig:
 
 @dataclass
 class TeacherConfig:
+    world: str = "digits"  # digits | detail (src/twostep/worlds)
     seed: int = 0
     model: TinyZImageConfig = field(default_factory=TinyZImageConfig)
     text: ToyTextConfig = field(default_factory=ToyTextConfig)
@@ -100,10 +102,18 @@ class TeacherConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def validate(self) -> None:
+        from .worlds import WORLDS
+
+        require(self.world in WORLDS, "world", f"must be one of {', '.join(WORLDS)}")
+
+    def build_world(self):
+        return get_world(self.world, self.data.heldout_fraction, self.data.split_seed)
+
 
 @dataclass
 class Teacher:
-    """A loaded teacher run: frozen backbone + the cached prompt table (row = digit class)."""
+    """A loaded teacher run: frozen backbone + the cached prompt table (row = class of its world)."""
 
     backbone: ZImageBackbone
     prompts: list[str]
@@ -116,11 +126,21 @@ class Teacher:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (self.backbone.in_channels, 8, 8)
+        return self.world.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prompts)
+
+    @functools.cached_property
+    def world(self):
+        return self.config.build_world()
 
 
 def build_backbone(cfg: TeacherConfig, cap_feat_dim: int) -> ZImageBackbone:
-    return ZImageBackbone.from_config(cfg.model.to_diffusers(in_channels=1, cap_feat_dim=cap_feat_dim), seed=cfg.seed)
+    in_channels = cfg.build_world().image_shape[0]
+    return ZImageBackbone.from_config(cfg.model.to_diffusers(in_channels=in_channels, cap_feat_dim=cap_feat_dim),
+                                      seed=cfg.seed)
 
 
 def load_teacher(run_dir: str, config_path: str | None = None) -> Teacher:
@@ -129,6 +149,10 @@ def load_teacher(run_dir: str, config_path: str | None = None) -> Teacher:
     if not os.path.isfile(weights):
         raise TwostepError(f"{run_dir} holds no trained teacher ({WEIGHTS} missing); run "
                            f"`twostep train-teacher --out {run_dir}` first")
+    if os.path.isfile(os.path.join(run_dir, "provenance.json")):  # shipped or recorded run: refuse altered files
+        from .shipped import TEACHER_FILES, verify_shipped
+
+        verify_shipped(run_dir, files=TEACHER_FILES)
     cfg = load_config(TeacherConfig, config_path or os.path.join(run_dir, "config.yaml"))
     prompts, table = load_prompt_table(os.path.join(run_dir, PROMPT_CACHE))
     backbone = build_backbone(cfg, cap_feat_dim=table.embeds.shape[-1])
@@ -151,8 +175,9 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False) -> dict:
-    """Train the toy teacher into ``out_dir``; returns the run's ``meta`` dict."""
+def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, command: str | None = None) -> dict:
+    """Train the toy teacher into ``out_dir``; returns the run's ``meta`` dict. ``command``: the command line
+    recorded in ``provenance.json`` (default: one that retrains from the run's own config.yaml)."""
     ensure_writable_dir(out_dir, what="teacher run folder")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -162,9 +187,9 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False) -> dic
         raise TwostepError(f"--resume: {state_path} does not exist; start without --resume")
 
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    cache = build_prompt_cache(cfg.text, out_dir)
+    world = cfg.build_world()
+    cache = build_prompt_cache(cfg.text, out_dir, world.prompts())
     _, table = load_prompt_table(cache)
-    train, _ = load_digit_splits(cfg.data.heldout_fraction, cfg.data.split_seed)
 
     model = build_backbone(cfg, cap_feat_dim=table.embeds.shape[-1]).train()
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -189,8 +214,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False) -> dic
     bar = progress(range(start_step, tc.steps), total=tc.steps, desc="teacher", initial=start_step)
     with open(log_path, log_mode, encoding="utf-8") if is_main_process() else open(os.devnull, "w") as log:
         for step in bar:
-            idx = torch.randint(0, len(train), (tc.batch_size,), generator=data_gen)
-            x0, labels = train.images[idx], train.labels[idx]
+            x0, labels = world.training_batch(tc.batch_size, data_gen)
             noise = torch.randn(x0.shape, generator=data_gen)
             sigma = flow.sample_logit_normal(tc.batch_size, tc.sigma_mean, tc.sigma_std, tc.sigma_shift,
                                              generator=data_gen)
@@ -228,6 +252,11 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False) -> dic
     write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2) + "\n")
     if os.path.exists(state_path):
         os.remove(state_path)
+    from .config import to_dict
+    from .shipped import write_provenance
+
+    retrain = f"twostep train-teacher --config {os.path.join(out_dir, 'config.yaml')} --out {out_dir}"
+    write_provenance(out_dir, to_dict(cfg), meta["train_wall_s"], command or retrain, reproduce=retrain)
     return meta
 
 

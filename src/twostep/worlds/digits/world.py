@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..backbones.base import Conditioning
-from ..config import require
-from ..text import build_local_tokenizer, build_tiny_qwen3, encode_prompts, load_prompt_embeds, save_prompt_embeds, \
+from ...backbones.base import Conditioning
+from ...config import require
+from ...text import build_local_tokenizer, build_tiny_qwen3, encode_prompts, load_prompt_embeds, save_prompt_embeds, \
     words_of
 from .data import class_prompts
 
@@ -40,9 +40,9 @@ class ToyTextConfig:
         require(self.max_length >= 16, "max_length", "must be at least 16 (the chat template takes 9 tokens)")
 
 
-def build_prompt_cache(cfg: ToyTextConfig, out_dir: str) -> str:
+def build_prompt_cache(cfg: ToyTextConfig, out_dir: str, prompts: list[str] | None = None) -> str:
     """Build the local tokenizer + tiny Qwen3, save them under ``out_dir/text``, cache the prompt embeddings."""
-    prompts = class_prompts()
+    prompts = prompts or class_prompts()
     tokenizer = build_local_tokenizer(words_of(prompts))
     encoder = build_tiny_qwen3(len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.seed)
     feats = encode_prompts(tokenizer, encoder, prompts, max_length=cfg.max_length)

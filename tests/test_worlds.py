@@ -1,0 +1,86 @@
+"""The World interface and the detail world: data, metrics that see blur, configs."""
+
+import os
+
+import pytest
+import torch
+import yaml
+
+from twostep.config import load_config, to_dict
+from twostep.teacher import TeacherConfig
+from twostep.train import DistillConfig
+from twostep.worlds import DetailWorld, DigitsWorld, get_world
+from twostep.worlds.detail.data import CLASS_NAMES, NUM_CLASSES, gaussian_blur, generate
+from twostep.worlds.detail.evaluator import DetailEvaluator, edge_width, high_band_energy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_detail_images_are_seeded_sharp_and_in_range():
+    labels = torch.arange(NUM_CLASSES).repeat(4)
+    a = generate(labels, torch.Generator().manual_seed(0))
+    b = generate(labels, torch.Generator().manual_seed(0))
+    assert a.shape == (40, 3, 16, 16) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    # every class varies from image to image (random phase / position / colour)
+    for c in range(NUM_CLASSES):
+        assert (a[labels == c][0] - a[labels == c][1]).abs().max() > 0.1, CLASS_NAMES[c]
+
+
+def test_blur_lowers_high_band_and_widens_edges():
+    images = generate(torch.arange(NUM_CLASSES).repeat(20), torch.Generator().manual_seed(1))
+    bands = [high_band_energy(gaussian_blur(images, s)) for s in (0.0, 0.5, 0.7, 1.0)]
+    assert bands == sorted(bands, reverse=True) and bands[2] < 0.5 * bands[0]
+    shapes = generate(torch.tensor([5, 6] * 30), torch.Generator().manual_seed(2))
+    widths = [edge_width(gaussian_blur(shapes, s)) for s in (0.0, 0.5, 0.7)]
+    assert widths == sorted(widths) and widths[0] < 1.6
+
+
+@pytest.fixture(scope="module")
+def detail_evaluator():
+    return DetailEvaluator(seed=0, heldout_samples=300, classifier_steps=100)
+
+
+def test_calibration_rows_order_blur(detail_evaluator):
+    """The detail evaluator's FD and high-band energy rank 0.5 px and 0.7 px blur worse than sharp images."""
+    labels = torch.arange(300) % NUM_CLASSES
+    images = generate(labels, torch.Generator().manual_seed(3))
+    rows = [detail_evaluator.score(gaussian_blur(images, s), labels) for s in (0.0, 0.5, 0.7)]
+    fds = [r["fd_real"] for r in rows]
+    highs = [r["high_band"] for r in rows]
+    assert fds[0] < fds[1] < fds[2], fds
+    assert highs[0] > highs[1] > highs[2], highs
+    assert rows[0]["class_accuracy"] > 0.25  # chance is 0.1
+
+
+def test_worlds_answer_the_same_interface():
+    g = torch.Generator().manual_seed(0)
+    for world, shape in ((get_world("digits"), (1, 8, 8)), (get_world("detail"), (3, 16, 16))):
+        assert len(world.prompts()) == len(world.class_names) == 10
+        images, labels = world.training_batch(6, g)
+        assert images.shape == (6, *shape) and labels.shape == (6,)
+        assert world.sample_real(labels, g).shape == (6, *shape)
+    with pytest.raises(Exception, match="unknown world"):
+        get_world("nope")
+
+
+def test_digits_training_batches_keep_the_shipped_teachers_order():
+    """Digits teachers draw training images by index exactly as before the World interface (reproducibility)."""
+    world = DigitsWorld()
+    images, labels = world.training_batch(16, torch.Generator().manual_seed(0))
+    index = torch.randint(0, len(world.train), (16,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, world.train.images[index]) and torch.equal(labels, world.train.labels[index])
+    assert isinstance(get_world("detail"), DetailWorld)
+
+
+def test_detail_demo_config_carries_the_detail_teacher_config():
+    teacher = load_config(TeacherConfig, os.path.join(ROOT, "configs", "detail_teacher.yaml"))
+    demo = load_config(DistillConfig, os.path.join(ROOT, "configs", "detail_demo.yaml"))
+    assert to_dict(demo.teacher) == to_dict(teacher) and teacher.world == "detail"
+    with open(os.path.join(ROOT, "configs", "detail_demo.yaml")) as f:
+        assert yaml.safe_load(f)["teacher"]["world"] == "detail"
+
+
+def test_unknown_world_is_a_config_error():
+    with pytest.raises(Exception, match="world"):
+        load_config(TeacherConfig, None, ["world=mars"])
