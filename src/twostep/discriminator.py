@@ -3,6 +3,24 @@
 ``D(x) = sum_b head_b(features_b(renoise(x, sigma_d, n)), sigma_d, pooled text)``. The feature network is the
 teacher itself (LoRA: adapters disabled), never trained; only the heads are. For the generator the features
 keep their graph (frozen is not no_grad); for the discriminator step they are computed without one.
+
+``blocks`` may name any block of the teacher, late ones included (about 75-99% depth sees fine detail that early
+blocks do not; the feature pass stops after the deepest block listed, so a late block costs forward compute).
+
+Regularisers of the heads (``r1_weight > 0``):
+
+- ``r1: approx`` (default): ``E (D(x_r + delta) - D(x_r))^2`` with ``delta ~ N(0, (r1_sigma * rms(x_r))^2)`` on
+  the renoised real input ``x_r``, as NVIDIA FastGen (``dmd2.py``) and APT do. Both teacher feature passes run under
+  no_grad, so only the heads get gradients: no double backward and no graph through a 6B teacher. For small
+  ``delta`` it is ``~ r1_sigma^2 rms^2 ||grad_x D||^2``, a scaled finite-difference R1 (it vanishes as
+  ``r1_sigma -> 0``; choose ``r1_weight`` for that scale).
+- ``r1: exact``: ``E ||d D / d x_r||^2`` by autograd: the real pass keeps its graph through the teacher and the
+  penalty's backward differentiates through it a second time (memory and time of a double backward). PyTorch's
+  flash and memory-efficient attention kernels have no double backward, so that pass runs with the math kernel
+  (:func:`twice_differentiable_attention`), which holds the full attention matrix.
+
+``wrong_prompt_weight > 0`` adds fakes that are real images paired with another sample's prompt, so the heads must
+also check the image against its text (see :func:`wrong_prompt_pairs`).
 """
 
 from __future__ import annotations
@@ -30,6 +48,12 @@ class DiscriminatorConfig:
     hidden: int = 64
     loss: Literal["hinge", "non_saturating"] = "hinge"
     r1_weight: float = 0.0
+    # approx: logit change under a small perturbation of the real input, heads only (no second backward through the
+    # teacher; the default). exact: the gradient penalty by autograd through the teacher (a double backward).
+    r1: Literal["approx", "exact"] = "approx"
+    r1_sigma: float = 0.01  # approx R1: perturbation std relative to the per-sample RMS of the renoised real input
+    # real images paired with another sample's prompt count as fake with this weight (0 = off)
+    wrong_prompt_weight: float = 0.0
     # logit-normal sigma_d. Measured on the toy: centred at 0 (median sigma 0.5) the heads barely separate
     # teacher-8 from naive-2 outputs (accuracy ~0.6 after 150 steps); at -1.0 / -1.5 they reach ~0.8.
     sigma_mean: float = -1.0
@@ -42,6 +66,8 @@ class DiscriminatorConfig:
         require(len(self.blocks) >= 1 and min(self.blocks) >= 0, "blocks", "must list block indices >= 0")
         require(self.hidden >= 8 and self.hidden % 8 == 0, "hidden", "must be a multiple of 8")
         require(self.r1_weight >= 0, "r1_weight", "must be >= 0")
+        require(self.r1_sigma > 0, "r1_sigma", "must be > 0 (the relative size of the approximate R1's perturbation)")
+        require(self.wrong_prompt_weight >= 0, "wrong_prompt_weight", "must be >= 0 (0 turns wrong-prompt fakes off)")
 
 
 def sigma_embedding(sigma: Tensor, dim: int) -> Tensor:
@@ -100,10 +126,18 @@ class Discriminator(nn.Module):
 # --------------------------------------------------------------------------- losses
 
 
+def d_real_loss(real_logits: Tensor, kind: str) -> Tensor:
+    """The discriminator's loss on logits it should call real."""
+    return F.relu(1 - real_logits).mean() if kind == "hinge" else F.softplus(-real_logits).mean()
+
+
+def d_fake_loss(fake_logits: Tensor, kind: str) -> Tensor:
+    """The discriminator's loss on logits it should call fake."""
+    return F.relu(1 + fake_logits).mean() if kind == "hinge" else F.softplus(fake_logits).mean()
+
+
 def d_loss(real_logits: Tensor, fake_logits: Tensor, kind: str) -> Tensor:
-    if kind == "hinge":
-        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    return d_real_loss(real_logits, kind) + d_fake_loss(fake_logits, kind)
 
 
 def g_loss(fake_logits: Tensor, kind: str) -> Tensor:
@@ -113,6 +147,51 @@ def g_loss(fake_logits: Tensor, kind: str) -> Tensor:
 
 
 def r1_penalty(real_logits: Tensor, real_input: Tensor) -> Tensor:
-    """``E ||d D / d x_real||^2`` (``real_input`` must require grad and feed ``real_logits``)."""
+    """Exact R1: ``E ||d D / d x_real||^2`` (``real_input`` must require grad and feed ``real_logits``).
+
+    Its backward differentiates the input gradient again: through the whole teacher when ``real_logits`` came from
+    teacher features with a graph. See :func:`approx_r1_penalty` for the variant that avoids that.
+    """
     (grad,) = torch.autograd.grad(real_logits.sum(), real_input, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def twice_differentiable_attention():
+    """Context for an exact R1 pass: ``scaled_dot_product_attention`` on its math kernel (the fused kernels raise
+    "derivative for ... _scaled_dot_product_flash_attention... backward is not implemented" in a double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def perturb(x: Tensor, relative_sigma: float, generator: torch.Generator) -> Tensor:
+    """``x + relative_sigma * rms(x_i) * n`` with ``n ~ N(0, I)`` drawn from ``generator`` (per-sample RMS, so the
+    size means the same for unit-scale latents and for [-1, 1] pixels)."""
+    rms = x.detach().float().pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-6)
+    n = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+    return x + relative_sigma * rms.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1))) * n
+
+
+def approx_r1_penalty(real_logits: Tensor, perturbed_logits: Tensor) -> Tensor:
+    """Approximate R1 (FastGen / APT): ``E (D(x + delta) - D(x))^2``.
+
+    Both logits come from teacher features computed under no_grad, so the penalty's gradient reaches the heads only:
+    first-order, one backward, nothing through the teacher.
+    """
+    return (perturbed_logits.float() - real_logits.float()).pow(2).mean()
+
+
+def wrong_prompt_pairs(prompt_index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Pair each sample with another sample of the batch whose prompt differs: ``(rows, partners)``, both ``(M,)``.
+
+    Real image ``rows[j]`` shown with the conditioning of ``partners[j]`` is a wrong-prompt fake. The partner is
+    drawn uniformly among the samples with a different prompt index; a sample with no such partner in the batch (all
+    prompts equal to its own) is skipped, so ``M <= B`` and every pair has two different prompts.
+    """
+    index = prompt_index.detach().cpu()
+    different = index[:, None] != index[None, :]
+    rows = torch.nonzero(different.any(1)).flatten()
+    if rows.numel() == 0:
+        return rows, rows.clone()
+    partners = torch.multinomial(different[rows].float(), 1, generator=generator).flatten()
+    return rows, partners

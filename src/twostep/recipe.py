@@ -5,19 +5,39 @@ Generator (student) step, for a batch of cached teacher trajectories (noise ``ep
     x_hat_1 = eps - v_theta1(eps, 1)                          step 1
     x_s2    = euler(eps -> sigma2) = s2*eps + (1-s2)*x_hat_1   transition (``end_to_end: false`` detaches here)
     x_hat_2 = x_s2 - s2 * v_theta2(x_s2, s2)                   step 2
-    L_G = adv_weight * g_loss(D(x_hat_2)) + step1_weight * L_step1 + final_reg_weight * |x_hat_2 - x_T|^2
+    L_G = r * adv_weight * g_loss(D(x_hat_2)) + step1_weight * L_step1 + final_reg_weight * |x_hat_2 - x_T|^2
+
+``r`` is the adversarial ramp (``adv_ramp_steps``: 0 -> 1 linearly over the first generator steps; 1 without a
+ramp): a freshly initialised discriminator's gradients are noise, so the generator should not follow them at full
+weight from step one.
 
 ``step1_loss``: ``intermediate`` = |x_hat_1 - x_tilde|^2 with x_tilde = (x_T@s2 - s2*eps)/(1-s2), the clean image
 implied by the teacher's own state at s2 (same minimiser as a loss on x_s2, without the (1-s2)^2 shrink);
-``final`` = |x_hat_1 - x_T|^2; ``adversarial`` = g_loss(D(x_hat_1)); ``none``. With K > 2 steps the same loss
+``final`` = |x_hat_1 - x_T|^2; ``adversarial`` = r * g_loss(D(x_hat_1)); ``none``. With K > 2 steps the same loss
 applies to every non-final step k against the teacher state at sigma_{k+1}.
 
-Discriminator step: real = teacher 8-step outputs (``real_source: teacher``) or dataset images (``data``);
-fake = sg(x_hat_K); the same sigma_d and noise for both; hinge or non-saturating; optional R1.
+``student_inputs``: ``own`` (above: step k+1 starts from step k's transition) or ``teacher_renoised`` (the LADD
+reference arm: step k > 0 starts from the teacher's final x_T renoised to sigma_k with fresh noise, step 0 from
+``eps``; no step feeds the next, so ``end_to_end`` must be false).
+
+Discriminator step: it trains on every output that the generator scores adversarially, so no output can drift to
+where the heads never looked (the hinge generator loss has no lower bound). Output k's fakes are sg(x_hat_k)
+(recomputed without a graph from the D step's own batch); its reals are
+
+- the final output: teacher 8-step outputs (``real_source: teacher``) or dataset images (``data``);
+- a non-final x_hat_k (``step1_loss: adversarial``): ``step1_adv_real: final`` = the same reals as the final output,
+  or ``implied`` = x_tilde, the clean image implied by the teacher's state at sigma_{k+1}.
+
+Each output is seen at noise levels that suit it: x_hat_k only has to be right at the coarse level that survives
+renoising to sigma_{k+1}, so its sigma_d = sigma_{k+1} + (1 - sigma_{k+1}) * u with u logit-normal (the final
+output: sigma_{k+1} = 0, plain logit-normal), drawn the same way in the G and the D terms; real and fake of one
+output share sigma_d and noise. Hinge or non-saturating; optional R1 (approximate or exact, on the final output's
+reals) and wrong-prompt fakes (real images with another sample's prompt), see ``discriminator.py``.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +47,8 @@ from torch.nn import functional as F
 from . import flow
 from .backbones.base import Conditioning
 from .config import require
-from .discriminator import Discriminator, d_loss, g_loss, r1_penalty
+from .discriminator import (Discriminator, approx_r1_penalty, d_fake_loss, d_loss, g_loss, perturb, r1_penalty,
+                            twice_differentiable_attention, wrong_prompt_pairs)
 from .student import Student
 
 Tensor = torch.Tensor
@@ -41,75 +62,216 @@ class RecipeConfig:
     adv_weight: float = 1.0
     step1_weight: float = 1.0
     final_reg_weight: float = 0.0
+    # the discriminator's reals for a non-final output with an adversarial loss: `final` = the final output's reals
+    # (real_source), `implied` = the clean image implied by the teacher's state at sigma_{k+1} (teacher only)
+    step1_adv_real: Literal["final", "implied"] = "final"
+    # adversarial weights rise linearly from 0 to their value over this many generator steps (0 = no ramp)
+    adv_ramp_steps: int = 0
+    # `own`: each step starts from the previous step's transition (the recipe). `teacher_renoised`: step k > 0 starts
+    # from the teacher's final renoised to sigma_k with fresh noise (LADD's inputs; needs end_to_end false)
+    student_inputs: Literal["own", "teacher_renoised"] = "own"
 
     def validate(self) -> None:
         require(self.adv_weight >= 0 and self.step1_weight >= 0 and self.final_reg_weight >= 0, "adv_weight",
                 "and the other loss weights must be >= 0")
+        require(self.adv_weight > 0 or self.final_reg_weight > 0, "adv_weight",
+                "and final_reg_weight are both 0: the final output would get no loss")
+        require(self.adv_ramp_steps >= 0, "adv_ramp_steps", "must be >= 0 (0 = no ramp)")
+        if self.student_inputs == "teacher_renoised":
+            require(not self.end_to_end, "end_to_end", "must be false with student_inputs=teacher_renoised (no step "
+                    "feeds the next, there is nothing to back-propagate through)")
+            require(self.step1_loss != "none" and self.step1_weight > 0, "step1_loss",
+                    "must give step 1 a loss with student_inputs=teacher_renoised (its output feeds nothing else)")
+        if self.step1_loss == "adversarial" and self.step1_adv_real == "implied":
+            require(self.real_source == "teacher", "step1_adv_real",
+                    "=implied is the teacher's own state: it needs real_source=teacher")
 
 
-def sample_sigma_d(batch: int, disc: Discriminator, generator: torch.Generator, device=None) -> Tensor:
+# --------------------------------------------------------------------------- pieces
+
+
+def adv_ramp(rc: RecipeConfig, generator_step: int) -> float:
+    """Factor on every adversarial generator term at 0-based generator step ``generator_step``: ``step / N`` over
+    the first ``N = adv_ramp_steps`` steps (0 at the first), 1 afterwards and without a ramp."""
+    if rc.adv_ramp_steps <= 0:
+        return 1.0
+    return min(1.0, generator_step / rc.adv_ramp_steps)
+
+
+def adversarial_outputs(rc: RecipeConfig, num_steps: int) -> list[int]:
+    """Indices k of the outputs x_hat_k scored by the discriminator, the final one first.
+
+    The final output always is (its D logs are the run's health signal even when ``adv_weight`` is 0); the earlier
+    ones when ``step1_loss`` is adversarial. The generator and the discriminator step both follow this list.
+    """
+    final = [num_steps - 1]
+    if rc.step1_loss == "adversarial" and rc.step1_weight > 0:
+        return final + list(range(num_steps - 1))
+    return final
+
+
+def sigma_floor(student: Student, k: int) -> float:
+    """The lowest sigma_d at which output k is judged: sigma_{k+1} (0 for the final output)."""
+    sigmas = student.cfg.sigmas
+    return float(sigmas[k + 1]) if k + 1 < len(sigmas) else 0.0
+
+
+def sample_sigma_d(batch: int, disc: Discriminator, generator: torch.Generator, device=None,
+                   floor: float = 0.0) -> Tensor:
+    """``floor + (1 - floor) * u``, ``u`` logit-normal (``discriminator.sigma_mean/std``): in ``[floor, 1]``."""
     cfg = disc.cfg
-    return flow.sample_logit_normal(batch, cfg.sigma_mean, cfg.sigma_std, generator=generator).to(device)
+    u = flow.sample_logit_normal(batch, cfg.sigma_mean, cfg.sigma_std, generator=generator)
+    return (floor + (1 - floor) * u).to(device)
 
 
 def _randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
     return torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
 
 
+def implied_clean(batch: dict[str, Tensor], student: Student, k: int) -> Tensor:
+    """x_tilde: the clean image implied by the teacher's state at sigma_{k+1} on the straight path of the noise."""
+    return flow.x0_from_state(batch["states"][:, k + 1], batch["noise"], student.cfg.sigmas[k + 1])
+
+
+def student_outputs(student: Student, batch: dict[str, Tensor], cond: Conditioning, rc: RecipeConfig,
+                    generator: torch.Generator) -> dict[str, list[Tensor]]:
+    """The K clean estimates ``x_hat`` and each step's input ``states`` (``states[0]`` = the noise).
+
+    ``own``: :meth:`Student.run` (the transition of step k feeds step k+1). ``teacher_renoised``: step k > 0 gets
+    ``renoise(x_T, sigma_k, n_k)``; the fresh ``n_k`` (returned as ``input_noise``) are drawn from ``generator``
+    first, for k = 1..K-1 in order.
+    """
+    if rc.student_inputs == "own":
+        return student.run(batch["noise"], cond, detach_between=not rc.end_to_end, generator=generator)
+    final = batch["final"]
+    sigmas = student.cfg.sigmas
+    input_noise = [_randn_like(final, generator) for _ in sigmas[1:]]
+    states = [batch["noise"]] + [flow.renoise(final, n, s) for n, s in zip(input_noise, sigmas[1:])]
+    x_hats = []
+    for k, x in enumerate(states):
+        sigma = student.step_sigma(k, x.shape[0], x.device)
+        x_hats.append(flow.x0_from_velocity(x, student.velocity(k, x, sigma, cond), sigma))
+    return {"x_hat": x_hats, "states": states, "input_noise": input_noise}
+
+
+def _suffix(k: int, num_steps: int) -> str:
+    """Log-key suffix of output k: none for the final output, ``/step{k+1}`` for the others (1-based, as x_hat_1)."""
+    return "" if k == num_steps - 1 else f"/step{k + 1}"
+
+
+# --------------------------------------------------------------------------- losses
+
+
 def generator_loss(student: Student, disc: Discriminator, batch: dict[str, Tensor], cond: Conditioning,
-                   rc: RecipeConfig, generator: torch.Generator) -> tuple[Tensor, dict[str, float], dict]:
-    """Total generator loss, scalar logs, and the student's outputs (``x_hat`` per step)."""
+                   rc: RecipeConfig, generator: torch.Generator,
+                   adv_scale: float = 1.0) -> tuple[Tensor, dict[str, float], dict]:
+    """Total generator loss, scalar logs, and the student's outputs (``x_hat`` per step).
+
+    ``adv_scale`` multiplies every adversarial term (the ramp, :func:`adv_ramp`).
+    """
     noise = batch["noise"]
-    out = student.run(noise, cond, detach_between=not rc.end_to_end, generator=generator)
+    out = student_outputs(student, batch, cond, rc, generator)
     x_hats = out["x_hat"]
     final = x_hats[-1]
-    sigma_d = sample_sigma_d(noise.shape[0], disc, generator, noise.device)
-    d_noise = _randn_like(final, generator)
+    num = len(x_hats)
+
+    # adversarial terms: every scored output, the final one first, each at its own sigma_d range
+    adv_terms, fake_logits = {}, {}
     with student.teacher() as teacher:
-        fake_logits = disc.score(teacher.features, final, sigma_d, d_noise, cond)
-        adv = g_loss(fake_logits, disc.cfg.loss)
-        step1 = final.new_zeros(())
-        for k, x_hat in enumerate(x_hats[:-1]):
-            if rc.step1_loss == "intermediate":
-                s_next = student.cfg.sigmas[k + 1]
-                target = flow.x0_from_state(batch["states"][:, k + 1], noise, s_next)
-                step1 = step1 + F.mse_loss(x_hat, target)
-            elif rc.step1_loss == "final":
-                step1 = step1 + F.mse_loss(x_hat, batch["final"])
-            elif rc.step1_loss == "adversarial":
-                step1 = step1 + g_loss(disc.score(teacher.features, x_hat, sigma_d, d_noise, cond), disc.cfg.loss)
+        for k in adversarial_outputs(rc, num):
+            sigma_d = sample_sigma_d(noise.shape[0], disc, generator, noise.device, floor=sigma_floor(student, k))
+            d_noise = _randn_like(final, generator)
+            fake_logits[k] = disc.score(teacher.features, x_hats[k], sigma_d, d_noise, cond)
+            adv_terms[k] = g_loss(fake_logits[k], disc.cfg.loss)
+    adv = adv_terms[num - 1]
+
+    # step-1 regulariser on every non-final output
+    step1 = final.new_zeros(())
+    for k, x_hat in enumerate(x_hats[:-1]):
+        if rc.step1_loss == "intermediate":
+            step1 = step1 + F.mse_loss(x_hat, implied_clean(batch, student, k))
+        elif rc.step1_loss == "final":
+            step1 = step1 + F.mse_loss(x_hat, batch["final"])
+        elif rc.step1_loss == "adversarial":
+            step1 = step1 + adv_scale * adv_terms[k]
+
     reg = F.mse_loss(final, batch["final"]) if rc.final_reg_weight > 0 else final.new_zeros(())
-    total = rc.adv_weight * adv + rc.step1_weight * step1 + rc.final_reg_weight * reg
+    total = adv_scale * rc.adv_weight * adv + rc.step1_weight * step1 + rc.final_reg_weight * reg
+
     logs = {"g_adv": adv.item(), "g_step1": step1.item(), "g_reg": reg.item(), "g_total": total.item(),
-            "g_fake_logit": fake_logits.mean().item(), "out_mean": final.mean().item(), "out_std": final.std().item(),
-            "step1_mse_to_teacher": F.mse_loss(x_hats[0].detach(), flow.x0_from_state(
-                batch["states"][:, 1], noise, student.cfg.sigmas[1])).item() if len(x_hats) > 1 else 0.0}
+            "adv_ramp": float(adv_scale), "adv_weight_eff": float(adv_scale * rc.adv_weight),
+            "out_mean": final.mean().item(), "out_std": final.std().item(),
+            "step1_mse_to_teacher": F.mse_loss(x_hats[0].detach(), implied_clean(batch, student, 0)).item()
+            if num > 1 else 0.0}
+    logs.update({f"g_fake_logit{_suffix(k, num)}": v.mean().item() for k, v in fake_logits.items()})
     return total, logs, out
 
 
 def discriminator_loss(student: Student, disc: Discriminator, batch: dict[str, Tensor], real: Tensor,
-                       cond: Conditioning, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-    """Hinge / non-saturating D loss on real vs sg(student output) at a shared sigma_d and noise."""
+                       cond: Conditioning, generator: torch.Generator,
+                       rc: RecipeConfig | None = None) -> tuple[Tensor, dict[str, float]]:
+    """D loss: for every output the generator scores, real vs sg(x_hat_k) at a shared sigma_d and noise.
+
+    ``real`` is the final output's real batch (teacher finals or dataset images, per ``real_source``). Adds R1 on
+    the final output's reals (``r1: approx`` runs the teacher under no_grad twice; ``exact`` keeps a graph through
+    it) and wrong-prompt fakes. ``rc`` defaults to :class:`RecipeConfig`'s defaults.
+    """
+    rc = rc or RecipeConfig()
+    cfg = disc.cfg
     with torch.no_grad():
-        fake = student.run(batch["noise"], cond)["x_hat"][-1]
-    sigma_d = sample_sigma_d(real.shape[0], disc, generator, real.device)
-    d_noise = _randn_like(real, generator)
-    blocks = disc.cfg.blocks
+        x_hats = student_outputs(student, batch, cond, rc, generator)["x_hat"]
+    num = len(x_hats)
+    total = real.new_zeros((), dtype=torch.float32)
+    d_total = real.new_zeros((), dtype=torch.float32)
+    logs: dict[str, float] = {}
     with student.teacher() as teacher:
-        with torch.no_grad():
-            fake_feats = teacher.features(flow.renoise(fake, d_noise, sigma_d), sigma_d, cond, blocks)
-        if disc.cfg.r1_weight > 0:
-            real_noisy = flow.renoise(real, d_noise, sigma_d).requires_grad_(True)
-            real_feats = teacher.features(real_noisy, sigma_d, cond, blocks)
-        else:
-            with torch.no_grad():
-                real_feats = teacher.features(flow.renoise(real, d_noise, sigma_d), sigma_d, cond, blocks)
-    real_logits = disc(real_feats, sigma_d, cond)
-    fake_logits = disc(fake_feats, sigma_d, cond)
-    loss = d_loss(real_logits, fake_logits, disc.cfg.loss)
-    r1 = r1_penalty(real_logits, real_noisy) if disc.cfg.r1_weight > 0 else loss.new_zeros(())
-    total = loss + disc.cfg.r1_weight * r1
-    accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
-    logs = {"d_loss": loss.item(), "d_r1": r1.item(), "d_accuracy": accuracy.item(),
-            "d_real_logit": real_logits.mean().item(), "d_fake_logit": fake_logits.mean().item()}
+
+        def feats(x: Tensor, sigma: Tensor, c: Conditioning, keep_graph: bool = False) -> list[Tensor]:
+            with torch.set_grad_enabled(keep_graph):
+                return teacher.features(x, sigma, c, cfg.blocks)
+
+        for k in adversarial_outputs(rc, num):
+            is_final = k == num - 1
+            real_k = real if is_final or rc.step1_adv_real == "final" else implied_clean(batch, student, k)
+            sigma_d = sample_sigma_d(real.shape[0], disc, generator, real.device, floor=sigma_floor(student, k))
+            d_noise = _randn_like(real_k, generator)
+            fake_logits = disc(feats(flow.renoise(x_hats[k], d_noise, sigma_d), sigma_d, cond), sigma_d, cond)
+            exact_r1 = is_final and cfg.r1_weight > 0 and cfg.r1 == "exact"
+            real_in = flow.renoise(real_k, d_noise, sigma_d).detach().requires_grad_(exact_r1)
+            with twice_differentiable_attention() if exact_r1 else nullcontext():
+                real_logits = disc(feats(real_in, sigma_d, cond, keep_graph=exact_r1), sigma_d, cond)
+                r1_exact = r1_penalty(real_logits, real_in) if exact_r1 else None
+            loss = d_loss(real_logits, fake_logits, cfg.loss)
+            d_total = d_total + loss
+            sfx = _suffix(k, num)
+            if not is_final:
+                logs[f"d_loss{sfx}"] = loss.item()
+            logs.update({
+                f"d_accuracy{sfx}": (0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())).item(),
+                f"d_logit_gap{sfx}": (real_logits.mean() - fake_logits.mean()).item(),
+                f"d_real_logit{sfx}": real_logits.mean().item(), f"d_fake_logit{sfx}": fake_logits.mean().item()})
+            if not is_final:
+                continue
+            # regularisers: on the final output's reals only
+            if cfg.r1_weight > 0:
+                if exact_r1:
+                    r1 = r1_exact
+                else:
+                    shaken = perturb(real_in.detach(), cfg.r1_sigma, generator)
+                    r1 = approx_r1_penalty(real_logits, disc(feats(shaken, sigma_d, cond), sigma_d, cond))
+                total = total + cfg.r1_weight * r1
+                logs["d_r1"] = r1.item()
+            if cfg.wrong_prompt_weight > 0:
+                rows, partners = wrong_prompt_pairs(batch["prompt_index"], generator)
+                if rows.numel() > 0:
+                    rows, partners = rows.to(real.device), partners.to(real.device)
+                    wrong = cond[partners]
+                    w_logits = disc(feats(real_in.detach()[rows], sigma_d[rows], wrong), sigma_d[rows], wrong)
+                    w_loss = d_fake_loss(w_logits, cfg.loss)
+                    d_total = d_total + cfg.wrong_prompt_weight * w_loss
+                    logs.update({"d_wrong_prompt": w_loss.item(), "d_wrong_prompt_logit": w_logits.mean().item()})
+    total = total + d_total
+    # d_loss: every adversarial term (all outputs and wrong-prompt fakes) without R1; d_fake_batches: outputs seen
+    logs.update({"d_loss": d_total.item(), "d_r1": logs.get("d_r1", 0.0),
+                 "d_fake_batches": float(len(adversarial_outputs(rc, num)))})
     return total, logs

@@ -1,6 +1,12 @@
-"""Distillation loop: optimizers, D:G schedule, warm-up, clipping, EMA, logging, sample grids, checkpoints.
+"""Distillation loop: optimizers, D:G schedule, warm-ups, clipping, EMA, logging, sample grids, checkpoints.
 
 The method lives in ``recipe.py``; this file only schedules it. Rank-aware: logs, bars and files on rank 0.
+
+Two warm-ups protect the student from a discriminator that has not learnt anything yet: ``train.d_warmup_steps``
+discriminator-only updates run before the first generator update (they are not generator steps; the count is part
+of the checkpoint, so a resumed run does not repeat them), and ``recipe.adv_ramp_steps`` ramps the adversarial
+weight from 0 over the first generator steps (logged as ``adv_weight_eff``). ``train.warmup_steps`` is the
+learning-rate warm-up of both optimizers.
 
 A run folder::
 
@@ -30,7 +36,7 @@ from .checkpoint import rng_state, save_training_state, load_training_state, set
 from .config import require, save_config, to_dict
 from .discriminator import Discriminator, DiscriminatorConfig
 from .errors import TwostepError
-from .recipe import RecipeConfig, discriminator_loss, generator_loss
+from .recipe import RecipeConfig, adv_ramp, discriminator_loss, generator_loss
 from .student import Student, StudentConfig
 from .teacher import TeacherConfig
 from .teacher_data import TeacherData, TeacherDataConfig
@@ -48,7 +54,9 @@ class DistillTrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
     d_steps_per_g: int = 1
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # learning-rate warm-up (both optimizers)
+    # discriminator-only updates before the first generator update (not counted in `steps`; resume-safe)
+    d_warmup_steps: int = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     bf16: bool = False
@@ -66,6 +74,7 @@ class DistillTrainConfig:
         require(self.g_lr > 0 and self.d_lr > 0, "g_lr", "and d_lr must be positive")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
         require(self.d_steps_per_g >= 1, "d_steps_per_g", "must be at least 1")
+        require(self.d_warmup_steps >= 0, "d_warmup_steps", "must be >= 0 (0 = no discriminator warm-up)")
         require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         require(self.log_every >= 1 and self.sample_every >= 1 and self.checkpoint_every >= 1, "log_every",
                 "sample_every and checkpoint_every must be >= 1")
@@ -169,7 +178,8 @@ class Trainer:
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, warm)
         self.ema = EMA(self.groups, tc.ema_decay)
         self.generator = torch.Generator().manual_seed(tc.seed)
-        self.step = 0
+        self.step = 0  # generator updates done
+        self.d_warmup_done = 0  # discriminator-only warm-up updates done (train.d_warmup_steps)
         self.elapsed = 0.0
         if tc.gradient_checkpointing:
             student.set_gradient_checkpointing(True)
@@ -181,7 +191,8 @@ class Trainer:
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
                 "ema": self.ema.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
-                "step": self.step, "elapsed_s": self.elapsed, "config": to_dict(self.cfg)}
+                "step": self.step, "d_warmup_done": self.d_warmup_done, "elapsed_s": self.elapsed,
+                "config": to_dict(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
         own = dict(self.student.named_parameters())
@@ -200,6 +211,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
+        # checkpoints from before the warm-up existed: a run past step 0 is past any warm-up
+        self.d_warmup_done = state.get("d_warmup_done", self.cfg.train.d_warmup_steps if self.step > 0 else 0)
 
     def save_checkpoint(self) -> str:
         path = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:06d}.pt")
@@ -220,17 +233,18 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.bf16 else nullcontext()
 
-    def d_step(self) -> dict[str, float]:
-        """``d_steps_per_g`` discriminator updates; the student is only run under no_grad here."""
+    def d_step(self, updates: int | None = None) -> dict[str, float]:
+        """``updates`` (default ``d_steps_per_g``) discriminator updates; the student only runs under no_grad."""
         tc, rc = self.cfg.train, self.cfg.recipe
         logs: dict[str, float] = {}
         self.disc.requires_grad_(True)
-        for _ in range(tc.d_steps_per_g):
+        for _ in range(tc.d_steps_per_g if updates is None else updates):
             batch, cond = self._batch()
             real = batch["final"] if rc.real_source == "teacher" else self.real_images_fn(
                 batch["prompt_index"].cpu(), self.generator).to(self.device)
             with self._autocast():
-                d_total, d_logs = discriminator_loss(self.student, self.disc, batch, real, cond, self.generator)
+                d_total, d_logs = discriminator_loss(self.student, self.disc, batch, real, cond, self.generator,
+                                                     rc=rc)
             self.opt_d.zero_grad(set_to_none=True)
             d_total.backward()
             logs["grad_norm/d"] = grad_norm(self.disc.parameters())
@@ -240,15 +254,28 @@ class Trainer:
         self.sched_d.step()
         return logs
 
+    def d_warmup(self) -> dict[str, float]:
+        """The discriminator-only updates still due (``train.d_warmup_steps``), one at a time; the student is not
+        touched. Returns the last update's D health as ``d_warmup/...`` (empty once the warm-up is done)."""
+        remaining = self.cfg.train.d_warmup_steps - self.d_warmup_done
+        if remaining <= 0:
+            return {}
+        logs: dict[str, float] = {}
+        for _ in progress(range(remaining), total=remaining, desc="discriminator warm-up", leave=False):
+            logs = self.d_step(updates=1)
+            self.d_warmup_done += 1
+        return {f"d_warmup/{k}": logs[k] for k in ("d_loss", "d_accuracy", "d_logit_gap") if k in logs}
+
     def g_step(self) -> dict[str, float]:
-        """One student update; the discriminator is frozen meanwhile (its heads get no gradient)."""
+        """One student update; the discriminator is frozen meanwhile (its heads get no gradient). The adversarial
+        terms are scaled by the ramp at this generator step (``recipe.adv_ramp_steps``)."""
         tc = self.cfg.train
         self.disc.requires_grad_(False)
         try:
             batch, cond = self._batch()
             with self._autocast():
                 g_total, logs, _ = generator_loss(self.student, self.disc, batch, cond, self.cfg.recipe,
-                                                  self.generator)
+                                                  self.generator, adv_scale=adv_ramp(self.cfg.recipe, self.step))
             self.opt_g.zero_grad(set_to_none=True)
             g_total.backward()
         finally:
@@ -261,9 +288,16 @@ class Trainer:
         self.ema.update(self.step)
         return logs
 
+    @property
+    def uses_discriminator(self) -> bool:
+        """False for pure regression (no adversarial term anywhere): the D step would cost time and change nothing."""
+        rc = self.cfg.recipe
+        return rc.adv_weight > 0 or (rc.step1_loss == "adversarial" and rc.step1_weight > 0)
+
     def train_step(self) -> dict[str, float]:
-        logs = {**self.d_step(), **self.g_step()}
-        if not all(math.isfinite(logs[k]) for k in ("g_total", "d_loss")):
+        """One generator step: any discriminator warm-up still due, ``d_steps_per_g`` D updates, one G update."""
+        logs = {**self.d_warmup(), **self.d_step(), **self.g_step()} if self.uses_discriminator else self.g_step()
+        if not all(math.isfinite(logs[k]) for k in ("g_total", "d_loss") if k in logs):
             raise TwostepError(f"losses became non-finite at step {self.step}; lower train.g_lr / train.d_lr")
         self.step += 1
         return logs
@@ -304,8 +338,8 @@ class Trainer:
                     if writer is not None:
                         for k, v in logs.items():
                             writer.add_scalar(k, v, self.step)
-                    bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs['d_loss']:.3f}",
-                                    acc=f"{logs['d_accuracy']:.2f}")
+                    bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
+                                    acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
                 if main and self.sample_fn is not None and (self.step % tc.sample_every == 0 or self.step == tc.steps):
                     with self.ema.applied():
                         self.sample_fn(self.student, os.path.join(self.run_dir, "samples",

@@ -53,7 +53,8 @@ class ZImageDistillConfig:
     data_dir: str = "runs/zimage/teacher_data"  # written by `twostep teacher-data --prompts ...`
     teacher_data: ZImageDataConfig = field(default_factory=ZImageDataConfig)
     student: StudentConfig = field(default_factory=lambda: StudentConfig(lora_rank=64, lora_alpha=64.0))
-    discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(blocks=[7, 15, 23],
+    # heads on early, middle and late blocks of 30 (block 26 is ~87% deep: fine detail); see the YAML
+    discriminator: DiscriminatorConfig = field(default_factory=lambda: DiscriminatorConfig(blocks=[7, 15, 23, 26],
                                                                                          hidden=256, text_norm=True))
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     train: DistillTrainConfig = field(default_factory=_real_train_defaults)

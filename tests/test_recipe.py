@@ -1,0 +1,262 @@
+"""The recipe's adversarial part on a tiny teacher: what the discriminator sees as fake, approximate vs exact R1,
+the discriminator warm-up and the adversarial ramp, wrong-prompt fakes, and the LADD reference arm's inputs."""
+
+import pytest
+import torch
+
+from test_engine import make_cfg, make_trainer, perturb_lora, world  # noqa: F401  (world is a fixture)
+from twostep import flow
+from twostep.backbones.zimage import ZImageBackbone
+from twostep.config import ConfigError
+from twostep.discriminator import Discriminator, wrong_prompt_pairs
+from twostep.recipe import (adv_ramp, discriminator_loss, generator_loss, implied_clean, student_outputs)
+
+LADD = ["recipe.student_inputs=teacher_renoised", "recipe.step1_loss=adversarial", "recipe.final_reg_weight=0",
+        "recipe.end_to_end=false"]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Record every renoise input (clean images handed to the discriminator) and every teacher feature call."""
+    record = {"renoised": [], "features": []}
+    real_renoise, real_features = flow.renoise, ZImageBackbone.features
+
+    def renoise(x, noise, sigma):
+        record["renoised"].append(x.detach().clone())
+        return real_renoise(x, noise, sigma)
+
+    def features(self, x, sigma, cond, blocks):
+        record["features"].append({"grad": torch.is_grad_enabled(), "sigma": sigma.detach().clone(),
+                                   "x": x})
+        return real_features(self, x, sigma, cond, blocks)
+
+    monkeypatch.setattr(flow, "renoise", renoise)
+    monkeypatch.setattr(ZImageBackbone, "features", features)
+    return record
+
+
+def d_batch(trainer, student):
+    batch, cond = trainer._batch()
+    with torch.no_grad():
+        x_hats = student_outputs(student, batch, cond, trainer.cfg.recipe, gen())["x_hat"]
+    return batch, cond, x_hats
+
+
+def seen(record, x):
+    return any(r.shape == x.shape and torch.allclose(r, x, atol=1e-6) for r in record["renoised"])
+
+
+# --------------------------------------------------------------------------- every scored output feeds the D
+
+
+@pytest.mark.parametrize("step1_loss", ["adversarial", "final", "intermediate"])
+def test_discriminator_fakes_include_step1_exactly_when_it_is_scored(world, spies, step1_loss):
+    trainer, student, disc = make_trainer(world, f"recipe.step1_loss={step1_loss}", "student.params=decoupled")
+    perturb_lora(student)
+    batch, cond, (x1, x2) = d_batch(trainer, student)
+    _, logs = discriminator_loss(student, disc, batch, batch["final"], cond, gen(), rc=trainer.cfg.recipe)
+    adversarial = step1_loss == "adversarial"
+    assert seen(spies, x2), "the final output is always a fake"
+    assert seen(spies, x1) == adversarial
+    assert logs["d_fake_batches"] == (2 if adversarial else 1)
+    assert ("d_accuracy/step1" in logs) == adversarial and ("d_logit_gap/step1" in logs) == adversarial
+    assert "d_accuracy" in logs and "d_logit_gap" in logs
+    if adversarial:  # x̂1 is judged at sigma_d in [sigma2, 1], in the D step and in the G step alike
+        sigma2 = student.cfg.sigmas[1]
+        assert sum(bool((c["sigma"] >= sigma2).all()) for c in spies["features"]) >= 2  # its fake and real passes
+        spies["features"].clear()
+        generator_loss(student, disc, batch, cond, trainer.cfg.recipe, gen())
+        assert len(spies["features"]) == 2 and bool((spies["features"][1]["sigma"] >= sigma2).all())
+
+
+def test_step1_reals_are_the_stated_ones(world, spies):
+    trainer, student, disc = make_trainer(world, "recipe.step1_loss=adversarial", "recipe.step1_adv_real=implied")
+    batch, cond, _ = d_batch(trainer, student)
+    discriminator_loss(student, disc, batch, batch["final"], cond, gen(), rc=trainer.cfg.recipe)
+    assert seen(spies, implied_clean(batch, student, 0)) and seen(spies, batch["final"])
+    with pytest.raises(ConfigError, match="recipe.step1_adv_real"):
+        make_cfg("recipe.step1_loss=adversarial", "recipe.step1_adv_real=implied", "recipe.real_source=data")
+
+
+# --------------------------------------------------------------------------- R1
+
+
+def _graph_leaves(tensor):
+    """Every leaf tensor (AccumulateGrad variable) the autograd graph of ``tensor`` reaches."""
+    leaves, stack, visited = [], [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(n for n, _ in node.next_functions)
+    return leaves
+
+
+@pytest.mark.parametrize("mode", ["approx", "exact"])
+def test_approximate_r1_never_differentiates_through_the_teacher(world, spies, mode):
+    trainer, student, disc = make_trainer(world, "discriminator.r1_weight=1.0", f"discriminator.r1={mode}")
+    batch, cond, _ = d_batch(trainer, student)
+    total, logs = discriminator_loss(student, disc, batch, batch["final"], cond, gen(), rc=trainer.cfg.recipe)
+    heads = {id(p) for p in disc.parameters()}
+    foreign = [leaf for leaf in _graph_leaves(total) if id(leaf) not in heads]
+    grad_calls = [c for c in spies["features"] if c["grad"]]
+    if mode == "approx":
+        assert not grad_calls, "approx R1: every teacher feature pass of the D step runs under no_grad"
+        assert not foreign, "approx R1: the loss's graph reaches the heads only"
+        assert len(spies["features"]) == 3  # fake, real, perturbed real
+    else:
+        assert len(grad_calls) == 1, "exact R1 keeps a graph through the teacher for the real pass"
+        assert any(leaf.shape == batch["final"].shape for leaf in foreign), "and differentiates to the real input"
+    total.backward()
+    assert all(p.grad is not None for p in disc.parameters() if p.requires_grad)
+    assert logs["d_r1"] > 0 and torch.isfinite(torch.tensor(logs["d_r1"]))
+
+
+def test_approximate_r1_is_a_finite_difference(world):
+    trainer, student, disc = make_trainer(world, "discriminator.r1_weight=1.0")
+    perturb_lora(student)
+    batch, cond, _ = d_batch(trainer, student)
+    values = {}
+    for sigma in (1e-2, 1e-3, 1e-7):
+        disc.cfg.r1_sigma = sigma
+        values[sigma] = discriminator_loss(student, disc, batch, batch["final"], cond, gen(), rc=trainer.cfg.recipe)[1][
+            "d_r1"]
+    assert values[1e-2] > 0
+    assert 30 < values[1e-2] / values[1e-3] < 300, values  # quadratic in the perturbation size
+    assert values[1e-7] < 1e-6 * values[1e-2]
+
+
+# --------------------------------------------------------------------------- warm-up and ramp
+
+
+def test_discriminator_warmup_trains_only_the_heads_and_survives_resume(world):
+    trainer, student, disc = make_trainer(world, "train.d_warmup_steps=3", "train.d_lr=0.01", "train.warmup_steps=1")
+    student_before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    disc_before = {n: p.detach().clone() for n, p in disc.named_parameters()}
+    logs = trainer.d_warmup()
+    assert trainer.d_warmup_done == 3 and trainer.step == 0, "warm-up updates are not generator steps"
+    assert "d_warmup/d_accuracy" in logs
+    assert all(torch.equal(p, student_before[n]) for n, p in student.named_parameters())
+    assert any(not torch.equal(p, disc_before[n]) for n, p in disc.named_parameters())
+    assert trainer.d_warmup() == {}, "done once"
+
+    calls = []
+    real_d_step = trainer.d_step
+    trainer.d_step = lambda updates=None: calls.append(updates) or real_d_step(updates)
+    trainer.train_step()
+    assert trainer.step == 1 and calls == [None], "a train step after the warm-up runs the usual D:G schedule"
+
+    state = trainer.state_dict()
+    assert state["d_warmup_done"] == 3
+    fresh, _, _ = make_trainer(world, "train.d_warmup_steps=3")
+    fresh.load_state_dict(state)
+    assert fresh.d_warmup_done == 3 and fresh.d_warmup() == {}, "a resumed run does not repeat the warm-up"
+
+
+def test_adversarial_ramp_weights(world):
+    cfg = make_cfg("recipe.adv_ramp_steps=4", "recipe.adv_weight=2.0")
+    assert [adv_ramp(cfg.recipe, s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert adv_ramp(make_cfg().recipe, 0) == 1.0, "no ramp by default"
+    trainer, _, _ = make_trainer(world, "recipe.adv_ramp_steps=4", "recipe.adv_weight=2.0")
+    logs = trainer.g_step()
+    assert logs["adv_weight_eff"] == 0.0 and logs["adv_ramp"] == 0.0
+    assert logs["g_total"] == pytest.approx(logs["g_step1"] + logs["g_reg"], rel=1e-5), "no adversarial term yet"
+    trainer.step = 2
+    assert trainer.g_step()["adv_weight_eff"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="recipe.adv_ramp_steps"):
+        make_cfg("recipe.adv_ramp_steps=-1")
+    with pytest.raises(ConfigError, match="train.d_warmup_steps"):
+        make_cfg("train.d_warmup_steps=-1")
+
+
+# --------------------------------------------------------------------------- wrong-prompt fakes
+
+
+def test_wrong_prompt_pairs_always_differ():
+    for labels in ([0, 0, 1, 2, 2, 2], [0, 0, 0, 1], list(range(8)), [5, 5, 5, 5, 5, 5, 5, 9]):
+        index = torch.tensor(labels)
+        for seed in range(5):
+            rows, partners = wrong_prompt_pairs(index, gen(seed))
+            assert rows.tolist() == list(range(len(labels))), "every sample with some other prompt is used"
+            assert (index[rows] != index[partners]).all()
+    rows, partners = wrong_prompt_pairs(torch.tensor([3, 3, 3]), gen())
+    assert rows.numel() == 0 and partners.numel() == 0, "no different prompt in the batch: skipped"
+
+
+def test_wrong_prompt_fakes_in_the_discriminator_loss(world, monkeypatch):
+    import twostep.recipe as recipe
+
+    trainer, student, disc = make_trainer(world, "discriminator.wrong_prompt_weight=0.5")
+    batch, cond, _ = d_batch(trainer, student)
+    pairs, conds = [], []
+    real_pairs, real_forward = recipe.wrong_prompt_pairs, Discriminator.forward
+
+    def spy_pairs(index, generator):
+        pairs.append(real_pairs(index, generator))
+        return pairs[-1]
+
+    def spy_forward(self, features, sigma, c):
+        conds.append(c)
+        return real_forward(self, features, sigma, c)
+
+    monkeypatch.setattr(recipe, "wrong_prompt_pairs", spy_pairs)
+    monkeypatch.setattr(Discriminator, "forward", spy_forward)
+    total, logs = discriminator_loss(student, disc, batch, batch["final"], cond, gen(), rc=trainer.cfg.recipe)
+    ((rows, partners),) = pairs
+    index = batch["prompt_index"]
+    assert rows.numel() > 0 and (index[rows] != index[partners]).all()
+    assert torch.equal(conds[-1].embeds, cond[partners].embeds), "the last head call sees the partners' prompts"
+    assert "d_wrong_prompt" in logs and torch.isfinite(total)
+    disc.cfg.wrong_prompt_weight = 0.0
+    pairs.clear()
+    without = discriminator_loss(student, disc, batch, batch["final"], cond, gen(), rc=trainer.cfg.recipe)[1]
+    assert "d_wrong_prompt" not in without and not pairs, "off: no pairs drawn, no term"
+
+
+# --------------------------------------------------------------------------- LADD reference arm
+
+
+def test_ladd_inputs_are_the_teachers_output_renoised(world, spies):
+    trainer, student, disc = make_trainer(world, *LADD, "student.params=decoupled")
+    perturb_lora(student)
+    rc = trainer.cfg.recipe
+    batch, cond = trainer._batch()
+    with torch.no_grad():
+        out = student_outputs(student, batch, cond, rc, gen(7))
+        own = student.run(batch["noise"], cond)
+    (n,) = out["input_noise"]
+    assert torch.equal(n, torch.randn(batch["final"].shape, generator=gen(7))), "fresh noise, drawn first"
+    sigma2 = student.cfg.sigmas[1]
+    torch.testing.assert_close(out["states"][1], flow.add_noise(batch["final"], n, sigma2))
+    assert torch.equal(out["states"][0], batch["noise"]), "step 1 still starts from the noise"
+    assert not torch.allclose(out["states"][1], own["states"][1]), "not the student's own transition"
+    with torch.no_grad():
+        v = student.velocity(1, out["states"][1], student.step_sigma(1, n.shape[0]), cond)
+    torch.testing.assert_close(out["x_hat"][1], flow.x0_from_velocity(out["states"][1], v, sigma2))
+
+    # the D trains on every step's output; the G loss is adversarial only and reaches both parameter sets
+    _, logs = discriminator_loss(student, disc, batch, batch["final"], cond, gen(7), rc=rc)
+    assert logs["d_fake_batches"] == 2 and seen(spies, out["x_hat"][0]) and seen(spies, out["x_hat"][1])
+    loss, g_logs, _ = generator_loss(student, disc, batch, cond, rc, gen(3))
+    assert g_logs["g_reg"] == 0.0 and g_logs["g_total"] == pytest.approx(g_logs["g_adv"] + g_logs["g_step1"], rel=1e-5)
+    loss.backward()
+    for name, params in student.parameter_groups().items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["recipe.end_to_end=true"], "recipe.end_to_end"),
+    (["recipe.step1_loss=none"], "recipe.step1_loss"),
+    (["recipe.adv_weight=0.0"], "recipe.adv_weight"),
+])
+def test_nonsense_recipes_name_the_key(extra, key):
+    make_cfg(*LADD)  # the LADD arm as the lead sets it is valid
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make_cfg(*LADD, *extra)
