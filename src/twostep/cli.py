@@ -69,25 +69,33 @@ def cmd_train_teacher(args) -> None:
     from .teacher import TeacherConfig, train_teacher
 
     cfg = load_config(TeacherConfig, _config_path(args.config), args.overrides)
-    meta = train_teacher(cfg, args.out, resume=args.resume)
+    meta = train_teacher(cfg, args.out, resume=args.resume, command=_command_line(args))
     print(f"teacher trained in {meta['train_wall_s']:.0f}s -> {os.path.join(args.out, 'teacher.safetensors')}")
+
+
+def cmd_ship_teacher(args) -> None:
+    from .shipped import SHIPPED_ROOT, ship_teacher
+
+    prov = ship_teacher(args.run, args.world, out=args.out, command=args.command, steps=args.steps)
+    fd = prov["eval_8_step_fd"]
+    print(f"shipped the {args.world} teacher -> {args.out or os.path.join(SHIPPED_ROOT, args.world)} ("
+          + (f"8-step FD {fd:.3f}, " if fd is not None else "") + f"{len(prov['sha256'])} files checksummed)")
 
 
 def cmd_sample(args) -> None:
     from .reports import image_grid, save_image
     from .sampling import generate, make_noise
     from .teacher import load_teacher
-    from .toy.data import NUM_CLASSES
     from .utils import ensure_parent_writable
 
     import torch
 
     ensure_parent_writable(args.out, what="grid image")
     teacher = load_teacher(args.model)
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_prompt)
+    labels = torch.arange(teacher.num_classes).repeat_interleave(args.per_prompt)
     noise = make_noise(len(labels), teacher.image_shape, args.seed)
     images = generate(teacher.backbone, noise, teacher.cond(labels), args.steps, teacher.config.sampling.shift)
-    grid = image_grid(images, ncols=args.per_prompt, row_labels=[str(d) for d in range(NUM_CLASSES)])
+    grid = image_grid(images, ncols=args.per_prompt, row_labels=teacher.world.class_names)
     save_image(grid, args.out)
     print(f"wrote {args.out} ({args.steps} steps, {args.per_prompt} samples per prompt, seed {args.seed})")
 
@@ -234,24 +242,34 @@ def cmd_plan(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run_bench, write_bench_section
+    from .bench import WORLD_BENCHES, bench_images, bench_section, run_bench, write_bench_section
 
-    report = run_bench(args.out, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides, quick=args.quick,
-                       seeds=args.seeds, arms=args.arm, teacher_dir=args.teacher, steps=args.steps,
-                       batch_size=args.batch_size)
-    from .bench import bench_section
-
-    print(bench_section(report, _command_line(args), os.path.join(args.out, "gap_closure.png")))
+    if args.world not in WORLD_BENCHES:
+        raise TwostepError(f"--world {args.world}: known worlds are {', '.join(WORLD_BENCHES)}")
+    config = _config_path(args.config, WORLD_BENCHES[args.world].config)
+    report = run_bench(args.out, config, args.overrides, quick=args.quick, seeds=args.seeds, arms=args.arm,
+                       teacher_dir=args.teacher, steps=args.steps, batch_size=args.batch_size, world=args.world,
+                       workers=args.workers)
+    print(bench_section(report, _command_line(args), bench_images(args.out)))
     if args.results:
-        write_bench_section(args.results, report, _command_line(args), os.path.join(args.out, "gap_closure.png"))
+        write_bench_section(args.results, report, _command_line(args), args.out)
         print(f"updated {args.results}")
 
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    report = run_demo(args.out, config_path=_config_path(args.config, DEFAULT_DEMO_CONFIG),
-                      overrides=args.overrides, results_path=args.results)
+    from .bench import WORLD_BENCHES
+
+    if args.world not in WORLD_BENCHES:
+        raise TwostepError(f"--world {args.world}: known worlds are {', '.join(WORLD_BENCHES)}")
+    if args.results and args.world != "digits":
+        raise TwostepError("--results writes the digits world's sections; the detail world's results come from "
+                           "`twostep bench --world detail --results docs/results.md`")
+    out = args.out or ("runs/demo" if args.world == "digits" else f"runs/demo_{args.world}")
+    report = run_demo(out, config_path=_config_path(args.config, WORLD_BENCHES[args.world].config),
+                      overrides=args.overrides, results_path=args.results,
+                      retrain_teacher=args.train_teacher)
     html = os.path.splitext(report)[0] + ".html"
     print(f"report: {report} (open {html} in a browser)")
 
@@ -269,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN/state.pt")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=500")
     p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("ship-teacher", help="make a shipped teacher folder (weights, eval, provenance) from a run")
+    p.add_argument("run", help="finished `twostep train-teacher` run folder")
+    p.add_argument("--world", default="digits", help="which world's shipped teacher it becomes (default digits)")
+    p.add_argument("--out", help="folder to write (default: the package's shipped/WORLD; replaced atomically)")
+    p.add_argument("--command", help="the command that trained RUN (default: from RUN/provenance.json)")
+    p.add_argument("--steps", type=_steps_list, default=[1, 2, 4, 8, 16], help="eval step counts (default 1,2,4,8,16)")
+    p.set_defaults(func=cmd_ship_teacher)
 
     p = sub.add_parser("sample", help="write a grid of samples (rows = prompts 0..9)")
     p.add_argument("--model", default="runs/teacher", help="teacher run folder")
@@ -334,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="ablations of the recipe at equal budget, several seeds (make bench)")
     p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
+    p.add_argument("--world", default="digits", help="digits (default) | detail: the world to bench on")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="runs trained in parallel, one CPU thread each (default 1); finished runs are reused")
     p.add_argument("--out", default="runs/bench", help="bench folder (default: runs/bench)")
     p.add_argument("--teacher", help="reuse this teacher run (default: train one into OUT/teacher)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny teacher, one seed, a few steps")
@@ -346,9 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job on the offline world (make demo)")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
-    p.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
+    p.add_argument("--world", default="digits", help="digits (default) | detail")
+    p.add_argument("--config", help=f"YAML config (default: the world's, {DEFAULT_DEMO_CONFIG} for digits)")
+    p.add_argument("--out", help="demo folder (default: runs/demo, runs/demo_detail for the detail world)")
     p.add_argument("--results", help="also rewrite the sections of this markdown file (docs/results.md)")
+    p.add_argument("--train-teacher", action="store_true",
+                   help="train the teacher from scratch instead of starting from the shipped one")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=cmd_demo)
     return parser

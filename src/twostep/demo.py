@@ -1,6 +1,8 @@
 """``twostep demo``: the main job on the offline world, start to finish, with a report to look at.
 
-1. train the toy teacher (or reuse it when ``OUT/teacher`` was made with the same config);
+1. start from the shipped toy teacher (``twostep/shipped/``) when the config's teacher section is the one it was
+   trained with; otherwise (or with ``--train-teacher``) train one into ``OUT/teacher`` (reused when made with
+   the same config);
 2. build the teacher-data cache (finished shards are kept);
 3. distil the 2-step student with the shipped defaults (reused when ``OUT/student`` has the same config);
 4. evaluate teacher 8-step, naive teacher 2-step, student 2-step and its step-1 estimate on the same noise;
@@ -24,8 +26,8 @@ from .errors import TwostepError
 from .evaluate import build_evaluator, evaluate_teacher_steps
 from .reports import image_grid, save_figure, save_image
 from .results import distill_bars, metrics_table, write_distill_section, write_teacher_section
-from .teacher import load_teacher, train_teacher
-from .toy.data import NUM_CLASSES
+from .shipped import matching_shipped_teacher, read_provenance
+from .teacher import load_teacher, platform_summary, train_teacher
 from .train import DistillConfig
 from .utils import ensure_writable_dir, write_text
 
@@ -41,21 +43,22 @@ def same_config(run_dir: str, cfg_dict: dict, required_file: str) -> bool:
         return yaml.safe_load(f) == cfg_dict
 
 
-def comparison_grid(images: dict[str, torch.Tensor], labels: torch.Tensor, per_prompt: int):
+def comparison_grid(images: dict[str, torch.Tensor], labels: torch.Tensor, per_prompt: int,
+                    class_names: list[str]):
     """Rows = prompts 0..9; one block of ``per_prompt`` columns per sampler, same noise in every block."""
     names = list(images)
     shape = next(iter(images.values())).shape[1:]
     blocks = []
     for name in names:
         imgs = images[name]
-        picked = torch.stack([imgs[labels == c][:per_prompt] for c in range(NUM_CLASSES)])  # (10, P, C, H, W)
+        picked = torch.stack([imgs[labels == c][:per_prompt] for c in range(len(class_names))])  # (K, P, C, H, W)
         blocks.append(picked)
-    gap = torch.ones(NUM_CLASSES, 1, *shape)
+    gap = torch.ones(len(class_names), 1, *shape)
     rows = torch.cat([b if i == 0 else torch.cat([gap, b], 1) for i, b in enumerate(blocks)], dim=1)
     header = []
     for i, name in enumerate(names):
         header += [name.replace("_", " ")] + [""] * (per_prompt - 1) + ([""] if i < len(names) - 1 else [])
-    return image_grid(rows.reshape(-1, *shape), ncols=rows.shape[1], row_labels=[str(d) for d in range(NUM_CLASSES)],
+    return image_grid(rows.reshape(-1, *shape), ncols=rows.shape[1], row_labels=class_names,
                       col_labels=header, scale=4)
 
 
@@ -69,11 +72,11 @@ def loss_curves(log_path: str, out_path: str) -> None:
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for key in ["g_adv", "g_step1", "d_loss"]:
-        axes[0].plot(steps, [r[key] for r in records], label=key)
+        axes[0].plot(steps, [r.get(key, float("nan")) for r in records], label=key)
     axes[0].set_title("losses")
-    axes[1].plot(steps, [r["d_accuracy"] for r in records], label="D accuracy")
-    axes[1].plot(steps, [r["d_real_logit"] for r in records], label="real logit")
-    axes[1].plot(steps, [r["d_fake_logit"] for r in records], label="fake logit")
+    axes[1].plot(steps, [r.get("d_accuracy", float("nan")) for r in records], label="D accuracy")
+    axes[1].plot(steps, [r.get("d_real_logit", float("nan")) for r in records], label="real logit")
+    axes[1].plot(steps, [r.get("d_fake_logit", float("nan")) for r in records], label="fake logit")
     axes[1].set_title("discriminator")
     axes[2].plot(steps, [r["out_std"] for r in records], label="output std")
     axes[2].plot(steps, [r["step1_mse_to_teacher"] for r in records], label="step-1 MSE to teacher")
@@ -103,6 +106,15 @@ def markdown_to_html_table(md: str) -> str:
     return "\n".join(out) + "</table>"
 
 
+def _wall_line(meta: dict) -> str:
+    """Each stage's wall time and the machine; a shipped teacher costs no training time."""
+    teacher = (f"teacher 0 s (shipped: {meta['teacher_dir']}; `twostep demo --train-teacher` trains it)"
+               if meta.get("teacher_source") == "shipped" else f"teacher {meta['teacher_wall_s']:.0f} s (trained)")
+    total = sum(meta[k] for k in ("teacher_wall_s", "data_wall_s", "student_wall_s", "eval_wall_s"))
+    return (f"Wall time on {meta.get('machine', 'this machine')}: {teacher}, teacher data {meta['data_wall_s']:.0f} s, "
+            f"student {meta['student_wall_s']:.0f} s, evaluation {meta['eval_wall_s']:.0f} s; {total:.0f} s in all.")
+
+
 def write_reports(out: str, result: dict, bars: list[str], meta: dict) -> str:
     table = metrics_table(result)
     md = "\n".join([
@@ -110,14 +122,13 @@ def write_reports(out: str, result: dict, bars: list[str], meta: dict) -> str:
         f"Teacher: tiny `ZImageTransformer2DModel`, {meta['teacher_steps']} steps on the Turbo schedule. Student: "
         f"{meta['student']} trained {meta['student_steps']} generator steps with the full Turbo++ recipe "
         f"({meta['recipe']}).", "",
-        "Same prompts (rows: digit 0..9) and same noise in every block:", "",
+        "Same prompts (rows: prompts) and same noise in every block:", "",
         "![comparison](comparison.png)", "",
         table, "",
         f"Gap closure (FD_naive2 − FD_student2) / (FD_naive2 − FD_teacher8) = **{result['gap_closure']:.3f}**", "",
         *bars, "",
         "Training curves:", "", "![loss curves](loss_curves.png)", "",
-        f"Wall time: teacher {meta['teacher_wall_s']:.0f} s, teacher data {meta['data_wall_s']:.0f} s, student "
-        f"{meta['student_wall_s']:.0f} s, evaluation {meta['eval_wall_s']:.0f} s.",
+        _wall_line(meta),
     ])
     write_text(os.path.join(out, "report.md"), md + "\n")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>twostep demo</title>
@@ -126,18 +137,21 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;te
 td:first-child,th:first-child{{text-align:left}}</style></head><body>
 <h1>twostep demo: 2-step distillation on the offline world</h1>
 <p>Teacher {meta['teacher_steps']} steps vs naive 2 steps vs the 2-step student ({html.escape(meta['student'])}) and
-its step-1 estimate, same prompts (rows: digit 0..9) and same noise.</p>
+its step-1 estimate, same prompts (rows: prompts) and same noise.</p>
 {_img_tag(os.path.join(out, 'comparison.png'), 'comparison grid')}
 <h2>Metrics</h2>{markdown_to_html_table(table)}
 <p>Gap closure: <b>{result['gap_closure']:.3f}</b></p>
 <ul>{''.join('<li>' + html.escape(b.lstrip('- ').replace('**', '')) + '</li>' for b in bars)}</ul>
 <h2>Training</h2>{_img_tag(os.path.join(out, 'loss_curves.png'), 'loss curves')}
+<p>{html.escape(_wall_line(meta).replace('`', ''))}</p>
 </body></html>"""
     write_text(os.path.join(out, "report.html"), page)
     return os.path.join(out, "report.md")
 
 
-def run_demo(out: str, config_path: str | None = None, overrides=(), results_path: str | None = None) -> str:
+def run_demo(out: str, config_path: str | None = None, overrides=(), results_path: str | None = None,
+             retrain_teacher: bool = False) -> str:
+    """``retrain_teacher``: train the teacher from scratch even when the shipped one has the same config."""
     import time
 
     cfg = load_config(DistillConfig, config_path, overrides)
@@ -148,12 +162,21 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
     walls = json.load(open(walls_path, encoding="utf-8")) if os.path.isfile(walls_path) else {}
 
     started = time.perf_counter()
-    if same_config(teacher_dir, to_dict(cfg.teacher), "teacher.safetensors") and "teacher" in walls:
+    shipped, why = (None, "--train-teacher") if retrain_teacher else matching_shipped_teacher(to_dict(cfg.teacher))
+    if shipped:  # as a real user starts from a downloaded Z-Image-Turbo
+        print(f"starting from the shipped teacher {shipped} (same config; `twostep demo --train-teacher` trains one)")
+        weights = read_provenance(shipped)["sha256"]["teacher.safetensors"]
+        if walls.get("teacher_source") != "shipped" or walls.get("teacher_sha256") != weights:
+            walls.pop("student", None)  # the student was distilled from another teacher
+        walls.update(teacher=0.0, teacher_source="shipped", teacher_sha256=weights)
+        teacher_dir = shipped
+    elif (same_config(teacher_dir, to_dict(cfg.teacher), "teacher.safetensors") and "teacher" in walls
+          and walls.get("teacher_source", "trained") == "trained"):
         print(f"reusing the teacher in {teacher_dir} (same config)")
     else:
-        print(f"training the teacher into {teacher_dir}")
+        print(f"training the teacher into {teacher_dir} ({why})")
         train_teacher(cfg.teacher, teacher_dir)
-        walls["teacher"] = time.perf_counter() - started
+        walls["teacher"], walls["teacher_source"] = time.perf_counter() - started, "trained"
         walls.pop("student", None)
 
     started = time.perf_counter()
@@ -186,8 +209,10 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
     if results_path:  # the teacher's step sweep goes into docs/results.md only
         steps_result = evaluate_teacher_steps(load_teacher(teacher_dir), EVAL_STEPS, evaluator=evaluator)
 
-    labels = torch.arange(len(next(iter(images.values())))) % NUM_CLASSES
-    save_image(comparison_grid(images, labels, per_prompt=5), os.path.join(out, "comparison.png"))
+    class_names = teacher.world.class_names
+    labels = torch.arange(len(next(iter(images.values())))) % len(class_names)
+    save_image(comparison_grid(images, labels, per_prompt=5, class_names=class_names),
+               os.path.join(out, "comparison.png"))
     loss_curves(os.path.join(student_dir, "train_log.jsonl"), os.path.join(out, "loss_curves.png"))
     sc = cfg.student
     meta = {"teacher_steps": cfg.teacher.sampling.steps, "student_steps": cfg.train.steps,
@@ -196,8 +221,11 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
             "recipe": f"real_source={cfg.recipe.real_source}, end_to_end={cfg.recipe.end_to_end}, "
                       f"step1_loss={cfg.recipe.step1_loss}, renoise={cfg.student.renoise}",
             "teacher_wall_s": walls["teacher"], "data_wall_s": walls["teacher_data"],
-            "student_wall_s": walls["student"], "eval_wall_s": eval_wall}
-    result["command"] = "twostep demo" + (f" --out {out}" if out != "runs/demo" else "")
+            "student_wall_s": walls["student"], "eval_wall_s": eval_wall,
+            "teacher_source": walls.get("teacher_source", "trained"), "teacher_dir": teacher_dir,
+            "machine": platform_summary()}
+    result["command"] = ("twostep demo" + (f" --out {out}" if out != "runs/demo" else "")
+                         + (" --train-teacher" if retrain_teacher else ""))
     if steps_result is not None:
         result["teacher_steps_eval"] = steps_result
     result["walls"] = meta

@@ -265,7 +265,9 @@ def merge_student(student: Student) -> MergedStudent:
                 if isinstance(module, BaseTunerLayer) and name in module.lora_A:
                     key = f"{module_name}.weight"
                     state[key] = state[key] + module.get_delta_weight(name).to(state[key].dtype)
-        plain = ZImageTransformer2DModel.from_config(transformer.config).to(transformer.dtype)
-        plain.load_state_dict(state)
+        # assign=True: the parameters become the merged tensors, in the student's dtype and device (a
+        # `.to(dtype)` on a diffusers model logs a keep-in-float32 warning, even when it changes nothing)
+        plain = ZImageTransformer2DModel.from_config(transformer.config)
+        plain.load_state_dict(state, assign=True)
         merged_sets.append(ZImageBackbone(plain.eval().requires_grad_(False)))
     return MergedStudent([merged_sets[student.set_index(k)] for k in range(cfg.num_steps)], cfg)
