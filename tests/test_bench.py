@@ -48,3 +48,36 @@ def test_arms_are_relative_to_the_papers_recipe_and_defaults_are_the_config():
     assert arm_overrides(DEFAULTS) == [] and arm_overrides("params=shared")[:len(PAPER)] == PAPER
     summary = {FULL: {"gap_closure": (0.6, 0.05)}, DEFAULTS: {"gap_closure": (0.8, 0.02)}}
     assert "better than the paper's recipe (+0.200)" in reading(summary)[-1]
+
+
+def test_detail_bench_quick_writes_curves_samples_and_reading(tmp_path):
+    """`twostep bench --world detail --quick`: every detail arm runs, with curves, D health and calibration rows."""
+    from twostep.bench import WORLD_BENCHES
+
+    out, results = str(tmp_path / "bench"), tmp_path / "results.md"
+    assert main(["bench", "--world", "detail", "--quick", "--out", out, "--results", str(results)]) == 0
+    report = json.load(open(os.path.join(out, "results.json")))
+    assert report["world"] == "detail" and set(report["runs"]) == set(WORLD_BENCHES["detail"].arms)
+    for name, runs in report["runs"].items():
+        run = runs[0]
+        assert math.isfinite(run["high_band_ratio"]) and run["curves"]["gap_closure"], name
+        if name != "regression only":  # pure regression trains no discriminator
+            assert run["curves"]["d_accuracy"], name
+    assert any("blurred_0.5px" in k for k in report["references"])
+    text = results.read_text()
+    assert "twostep:bench-detail:begin" in text and "high-band ratio" in text
+    assert "regression only" in text and "Reading (generated" in text
+    for image in ("bench_detail_curves.png", "bench_detail_samples.png"):
+        assert (tmp_path / "img" / image).stat().st_size > 1000
+
+
+def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
+    from twostep.bench import FULL, REGRESSION, detail_reading
+
+    summary = {FULL: {"gap_closure": (0.9, 0.02), "high_band_ratio": (0.95, 0.02), "final_d_accuracy": (0.7, 0)},
+               REGRESSION: {"gap_closure": (0.7, 0.02), "high_band_ratio": (0.6, 0.03),
+                            "final_d_accuracy": (float("nan"), 0)}}
+    lines = detail_reading(summary)
+    assert "**beats** regression only" in lines[0] and "**beats** regression only" in lines[1]
+    summary[REGRESSION]["gap_closure"] = (0.89, 0.05)
+    assert "does **not** differ from" in detail_reading(summary)[0]

@@ -21,8 +21,8 @@ from .sampling import generate, make_noise
 from .student import Student, merge_student
 from .teacher import Teacher, load_teacher
 from .teacher_data import TeacherData, TeacherSource, cache_provenance, generate_teacher_data
-from .toy.data import NUM_CLASSES, load_digit_splits
-from .toy.evaluator import Evaluator, frechet_distance
+from .worlds import Evaluator
+from .worlds.digits.evaluator import frechet_distance
 from .train import DistillConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
 from .utils import atomic_path, file_sha256, is_main_process
 
@@ -63,45 +63,46 @@ def build_student(teacher_run: str, cfg: DistillConfig) -> tuple[Student, Discri
 
 
 def grid_writer(teacher: Teacher, per_prompt: int = 6, seed: int = 0):
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_prompt)
+    labels = torch.arange(teacher.num_classes).repeat_interleave(per_prompt)
     noise = make_noise(len(labels), teacher.image_shape, seed)
     cond = teacher.cond(labels)
 
     def write(student: Student, path: str) -> None:
         images = student.sample(noise, cond)["final"]
-        save_image(image_grid(images, ncols=per_prompt, row_labels=[str(d) for d in range(NUM_CLASSES)]), path)
+        save_image(image_grid(images, ncols=per_prompt, row_labels=teacher.world.class_names), path)
 
     return write
 
 
-def quick_eval(teacher: Teacher, num_samples: int = 500):
-    """Periodic metrics during training (EMA weights): FD to held-out real, class accuracy, diversity."""
-    evaluator = build_evaluator(teacher)
+def quick_eval(teacher: Teacher, num_samples: int = 500, evaluator: Evaluator | None = None):
+    """Periodic metrics during training (EMA weights) on a fixed noise set: FD to held-out real, class accuracy,
+    diversity, world-specific metrics, and gap closure (plus high-band ratio where measured) against the teacher's
+    8-step and naive K-step samples of the same noise."""
+    evaluator = evaluator or build_evaluator(teacher)
     labels, noise, cond = eval_set(teacher, num_samples)
+    refs: dict[str, dict[str, float]] = {}
 
     def run(student: Student) -> dict[str, float]:
-        return evaluator.score(student.sample(noise, cond)["final"], labels)
+        if not refs:
+            images = teacher_references(teacher, num_samples, student.cfg.num_steps)
+            refs.update({name: evaluator.score(imgs, labels) for name, imgs in images.items()})
+        row = evaluator.score(student.sample(noise, cond)["final"], labels)
+        fd_teacher, fd_naive = (r["fd_real"] for r in refs.values())
+        row["gap_closure"] = (fd_naive - row["fd_real"]) / (fd_naive - fd_teacher)
+        if "high_band" in row:
+            row["high_band_ratio"] = row["high_band"] / next(iter(refs.values()))["high_band"]
+        return row
 
     return run
 
 
 def real_image_sampler(teacher: Teacher):
-    """``real_source: data``: a real training digit of the same class for every prompt in the batch."""
-    train, _ = load_digit_splits(teacher.config.data.heldout_fraction, teacher.config.data.split_seed)
-    by_class = [train.images[train.labels == c] for c in range(NUM_CLASSES)]
-
-    def sample(prompt_index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        out = []
-        for c in prompt_index.tolist():
-            pool = by_class[c]
-            out.append(pool[torch.randint(0, len(pool), (1,), generator=generator)])
-        return torch.cat(out)
-
-    return sample
+    """``real_source: data``: a real training image of the same class for every prompt in the batch."""
+    return teacher.world.sample_real
 
 
 def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: str,
-                  resume: str | None = None) -> dict:
+                  resume: str | None = None, evaluator: Evaluator | None = None, eval_samples: int = 500) -> dict:
     """Distil the toy teacher into ``cfg.student`` in ``out_dir``; returns the run's meta."""
     checkpoint = setup_run(cfg, out_dir, resume)
     if cfg.train.threads:
@@ -110,7 +111,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     data = load_teacher_data(base, cfg, data_dir)
     trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
                       sample_fn=grid_writer(base),
-                      eval_fn=quick_eval(base) if cfg.train.eval_every else None)
+                      eval_fn=quick_eval(base, eval_samples, evaluator) if cfg.train.eval_every else None)
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     with trainer.ema.applied():
@@ -192,6 +193,9 @@ def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evalu
         row["psnr_vs_teacher"] = psnr(imgs, reference) if name != f"teacher_{teacher_steps}" else float("inf")
         row["mean"], row["std"] = float(imgs.mean()), float(imgs.std())
         rows[name] = row
+    if "high_band" in rows[f"teacher_{teacher_steps}"]:  # worlds that measure detail: 1.0 = as sharp as the teacher
+        for row in rows.values():
+            row["high_band_ratio"] = row["high_band"] / rows[f"teacher_{teacher_steps}"]["high_band"]
     fd_naive = rows[f"teacher_naive_{k}"]["fd_real"]
     fd_teacher = rows[f"teacher_{teacher_steps}"]["fd_real"]
     fd_student = rows[f"student_{k}"]["fd_real"]
