@@ -8,6 +8,7 @@ the ten prompt embeddings are cached next to them, so nothing is re-encoded late
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ...backbones.base import Conditioning
@@ -40,6 +41,19 @@ class ToyTextConfig:
         require(self.max_length >= 16, "max_length", "must be at least 16 (the chat template takes 9 tokens)")
 
 
+@contextmanager
+def _quiet_transformers_progress():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def build_prompt_cache(cfg: ToyTextConfig, out_dir: str, prompts: list[str] | None = None) -> str:
     """Build the local tokenizer + tiny Qwen3, save them under ``out_dir/text``, cache the prompt embeddings."""
     prompts = prompts or class_prompts()
@@ -48,7 +62,8 @@ def build_prompt_cache(cfg: ToyTextConfig, out_dir: str, prompts: list[str] | No
     feats = encode_prompts(tokenizer, encoder, prompts, max_length=cfg.max_length)
     text_dir = os.path.join(out_dir, "text")
     tokenizer.save_pretrained(os.path.join(text_dir, "tokenizer"))
-    encoder.save_pretrained(os.path.join(text_dir, "text_encoder"))
+    with _quiet_transformers_progress():  # its "Writing model shards" bar writes \r updates into logs
+        encoder.save_pretrained(os.path.join(text_dir, "text_encoder"))
     path = os.path.join(out_dir, PROMPT_CACHE)
     save_prompt_embeds(path, prompts, feats, provenance={"encoder": "toy tiny Qwen3Model", "seed": cfg.seed,
                                                           "hidden_states": -2, "max_length": cfg.max_length})
