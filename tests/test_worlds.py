@@ -84,3 +84,24 @@ def test_detail_demo_config_carries_the_detail_teacher_config():
 def test_unknown_world_is_a_config_error():
     with pytest.raises(Exception, match="world"):
         load_config(TeacherConfig, None, ["world=mars"])
+
+
+def test_detail_demo_runs_end_to_end(tmp_path):
+    """`twostep demo --world detail` on a tiny teacher: report, comparison grid, high-band ratio per row."""
+    import json
+
+    from twostep.cli import main
+
+    out = str(tmp_path / "demo")
+    tiny = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.model.axes_dims=[4,6,6]",
+            "teacher.model.n_layers=2", "teacher.text.hidden_size=8", "teacher.train.steps=3",
+            "teacher.train.batch_size=8", "teacher.train.warmup_steps=1", "teacher_data.num_samples=32",
+            "teacher_data.shard_size=32", "teacher_data.batch_size=32", "discriminator.blocks=[0,1]",
+            "discriminator.hidden=16", "train.batch_size=4", "train.steps=3", "train.d_warmup_steps=1",
+            "recipe.adv_ramp_steps=2", "train.eval_every=3", "train.sample_every=100", "teacher.eval.num_samples=20",
+            "teacher.eval.batch_size=20", "teacher.eval.throughput_batch=4", "teacher.eval.throughput_repeats=1"]
+    assert main(["demo", "--world", "detail", "--out", out, *tiny]) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert all("high_band_ratio" in row for row in metrics["rows"].values())
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 1000
+    assert main(["demo", "--world", "detail", "--results", str(tmp_path / "r.md"), "--out", out, *tiny]) == 2

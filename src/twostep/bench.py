@@ -198,7 +198,8 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
     if world == "detail":
         references.update(calibration_rows(reference_images, evaluator, cfg.teacher.sampling.steps))
     arms_info = {n: {"overrides": arm_overrides(n, overrides), "what": ARMS[n][1]} for n in arm_names}
-    report = {"world": world, "bench": to_dict(bc), "quick": quick, "arms": arms_info,
+    report = {"world": world, "bench": to_dict(bc), "quick": quick, "arms": arms_info, "config": config_path,
+              "defaults_arm": defaults_arm(config_path, arm_names),
               "references": references, "runs": runs, "summary": summary, "machine": platform_summary(),
               "total_wall_s": time.perf_counter() - bench_started}
     write_text(os.path.join(out, "results.json"), json.dumps(report, indent=2) + "\n")
@@ -457,6 +458,20 @@ def detail_reading(summary: dict) -> list[str]:
     return lines
 
 
+def defaults_arm(config_path: str | None, arm_names: list[str]) -> str | None:
+    """The arm whose recipe the config's defaults are (student, discriminator, recipe and D schedule equal)."""
+    def recipe_of(cfg) -> dict:
+        d = to_dict(cfg)
+        return {"student": d["student"], "discriminator": d["discriminator"], "recipe": d["recipe"],
+                "d_warmup_steps": d["train"]["d_warmup_steps"]}
+
+    shipped = recipe_of(load_config(DistillConfig, config_path))
+    for name in arm_names:
+        if name != DEFAULTS and recipe_of(load_config(DistillConfig, config_path, arm_overrides(name))) == shipped:
+            return name
+    return None
+
+
 def _ms(ms, p: int = 3) -> str:
     return f"{ms[0]:.{p}f} ± {ms[1]:.{p}f}"
 
@@ -502,6 +517,9 @@ def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
                   "Learning curves (mean over seeds; band: min..max) and the discriminator's health:", "",
                   f"![learning curves]({images['curves']})", "", "Reading (generated from the numbers above):", "",
                   *detail_reading(report["summary"])]
+        chosen = report.get("defaults_arm")
+        lines.append(f"- The shipped detail config (`{report.get('config')}`) is the arm `{chosen}`." if chosen else
+                     f"- The shipped detail config (`{report.get('config')}`) matches none of these arms.")
         return "\n".join(lines)
     lines += ["| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | FD of x̂1 ↓ | class acc ↑ | diversity | "
               "PSNR vs teacher | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

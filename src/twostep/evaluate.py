@@ -75,7 +75,7 @@ def format_table(result: dict) -> str:
         lines.append(f"| teacher, {n} steps | {row['fd_real']:.3f} | {row['class_accuracy']:.3f} | "
                      f"{row['diversity']:.3f} | {speed} |")
     floor = result["real_floor"]
-    lines.append(f"| real training digits (floor) | {floor['fd_real']:.3f} | {floor['class_accuracy']:.3f} | "
+    lines.append(f"| real training images (floor) | {floor['fd_real']:.3f} | {floor['class_accuracy']:.3f} | "
                  f"{floor['diversity']:.3f} | – |")
     return "\n".join(lines)
 
