@@ -74,10 +74,12 @@ def test_detail_bench_quick_writes_curves_samples_and_reading(tmp_path):
 def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
     from twostep.bench import FULL, REGRESSION, detail_reading
 
-    summary = {FULL: {"gap_closure": (0.9, 0.02), "high_band_ratio": (0.95, 0.02), "final_d_accuracy": (0.7, 0)},
+    summary = {FULL: {"gap_closure": (0.9, 0.02), "high_band_ratio": (0.95, 0.02), "final_d_accuracy": (0.7, 0),
+                      "fd_teacher": (2.0, 0.1)},
                REGRESSION: {"gap_closure": (0.7, 0.02), "high_band_ratio": (0.6, 0.03),
-                            "final_d_accuracy": (float("nan"), 0)}}
+                            "final_d_accuracy": (float("nan"), 0), "fd_teacher": (0.5, 0.1)}}
     lines = detail_reading(summary)
-    assert "**beats** regression only" in lines[0] and "**beats** regression only" in lines[1]
+    assert "**beats** regression only" in lines[0] and "**beats** regression only" in lines[2]
+    assert "**loses to** regression only" in lines[1]  # FD to the teacher: regression imitates it more closely
     summary[REGRESSION]["gap_closure"] = (0.89, 0.05)
     assert "does **not** differ from" in detail_reading(summary)[0]

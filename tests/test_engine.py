@@ -334,3 +334,24 @@ def _crash_at_step(monkeypatch, step: int):
 
     monkeypatch.setattr(train_mod.Trainer, "train_step", crash)
     return real_step
+
+
+def test_periodic_eval_references_come_from_the_clean_teacher(world):
+    """The student's base carries its LoRA layers: the periodic evaluation's teacher rows must not."""
+    from twostep.distill import build_student, quick_eval
+    from twostep.evaluate import build_evaluator, eval_set
+    from twostep.sampling import generate
+    from twostep.teacher import load_teacher
+
+    student, _, base = build_student(world["teacher"], world["cfg"])
+    with torch.no_grad():
+        for params in student.parameter_groups().values():
+            for p in params:
+                p.add_(0.5)  # adapters far from zero: a LoRA-carrying "teacher" would now differ a lot
+    clean = load_teacher(world["teacher"])
+    evaluator = build_evaluator(clean)
+    run = quick_eval(base, 20, evaluator)
+    run(student)
+    labels, noise, cond = eval_set(clean, 20)
+    expected = evaluator.score(generate(clean.backbone, noise, cond, 8, clean.config.sampling.shift), labels)
+    assert run.references["8"]["fd_real"] == pytest.approx(expected["fd_real"], rel=1e-4)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from .config import load_config, require, to_dict
 from .distill import evaluate_student, load_student, make_teacher_data, teacher_references, train_student
 from .errors import TwostepError
-from .shipped import matching_shipped_teacher
-from .evaluate import build_evaluator
+from .evaluate import build_evaluator, eval_set
 from .reports import save_figure, update_section
+from .shipped import matching_shipped_teacher
 from .teacher import load_teacher, platform_summary, train_teacher
 from .train import DistillConfig
 from .utils import ensure_writable_dir, progress, write_text
@@ -120,18 +120,31 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
-def _curves(log_path: str) -> dict[str, list[tuple[int, float]]]:
-    """Learning curves of one run from its train log: periodic-eval metrics and the discriminator's health."""
+def _curves(log_path: str, refs: dict[str, dict[str, float]] | None) -> dict[str, list[tuple[int, float]]]:
+    """Learning curves of one run from its train log: gap closure and high-band ratio of the periodic evaluations
+    (recomputed from their raw FD and high-band power against ``refs``, the clean teacher's 8-step and naive
+    rows on the same noise, so every arm is measured against one reference) and the discriminator's health."""
     curves: dict[str, list[tuple[int, float]]] = {m: [] for m in CURVE_METRICS}
+    fd_teacher, fd_naive = (r["fd_real"] for r in refs.values()) if refs else (None, None)
     for line in open(log_path, encoding="utf-8"):
         record = json.loads(line)
-        for metric in ("gap_closure", "high_band_ratio"):
-            if f"eval/{metric}" in record:
-                curves[metric].append((record["step"], record[f"eval/{metric}"]))
+        if refs and "eval/fd_real" in record:
+            curves["gap_closure"].append((record["step"], (fd_naive - record["eval/fd_real"]) / (fd_naive - fd_teacher)))
+            if "eval/high_band" in record:
+                high_teacher = next(iter(refs.values()))["high_band"]
+                curves["high_band_ratio"].append((record["step"], record["eval/high_band"] / high_teacher))
         if "d_accuracy" in record:
             curves["d_accuracy"].append((record["step"], record["d_accuracy"]))
             curves["d_logit_gap"].append((record["step"], record["d_real_logit"] - record["d_fake_logit"]))
     return {m: c for m, c in curves.items() if c}
+
+
+def _add_curves(record: dict, run_dir: str, refs: dict | None, steps: int) -> None:
+    curves = _curves(os.path.join(run_dir, "train_log.jsonl"), refs)
+    for metric in ("d_accuracy", "d_logit_gap"):  # health over the last fifth of training
+        tail = [v for step, v in curves.get(metric, []) if step > 0.8 * steps]
+        record[f"final_{metric}"] = statistics.fmean(tail) if tail else float("nan")
+    record["curves"] = curves
 
 
 def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = False, seeds: int | None = None,
@@ -189,6 +202,13 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
                 results[futures[future][:2]] = future.result()
                 bar.update(1)
     bar.close()
+    curve_refs = None
+    if bc.curve_every:  # one clean reference for every run's curves (500 samples, the periodic evaluation's noise)
+        labels, _, _ = eval_set(clean_teacher, bc.curve_samples)
+        curve_refs = {name: evaluator.score(images, labels) for name, images in
+                      teacher_references(clean_teacher, bc.curve_samples, cfg.student.num_steps).items()}
+    for name, seed, _, run_dir in jobs:
+        _add_curves(results[(name, seed)]["record"], run_dir, curve_refs, bc.steps)
     runs = {name: [results[(name, seed)]["record"] for seed in range(bc.seeds)] for name in arm_names}
     references = dict(results[jobs[0][:2]]["references"])
     for name in arm_names:
@@ -251,11 +271,6 @@ def _run_job(job: tuple, context: dict) -> dict:
     for extra in ("high_band_ratio", "edge_width"):
         if extra in student_row:
             record[extra] = student_row[extra]
-    curves = _curves(os.path.join(run_dir, "train_log.jsonl"))
-    for metric in ("d_accuracy", "d_logit_gap"):  # health over the last fifth of training
-        tail = [v for step, v in curves.get(metric, []) if step > 0.8 * bc.steps]
-        record[f"final_{metric}"] = statistics.fmean(tail) if tail else float("nan")
-    record["curves"] = curves
     references = {k: rows[k] for k in rows if k.startswith("teacher")}
     references["real_floor"] = result["real_floor"]
     out = {"record": record, "references": references, "config": to_dict(arm_cfg)}
@@ -427,7 +442,8 @@ def detail_reading(summary: dict) -> list[str]:
     component matters. Same rule as :func:`reading`: a difference counts only beyond the seeds' spread."""
     lines = []
     if FULL in summary and REGRESSION in summary:
-        for metric, label, higher in (("gap_closure", "gap closure (FD)", True),
+        for metric, label, higher in (("gap_closure", "gap closure (FD to held-out real)", True),
+                                      ("fd_teacher", "FD to the teacher's 8-step samples (lower is better)", False),
                                       ("high_band_ratio", "high-band ratio (|1 − r|, detail)", None)):
             if metric == "high_band_ratio":  # closeness to the teacher's detail: 1.0 is best, over-sharpening too
                 dist = {n: ((abs(1 - v[metric][0])), v[metric][1]) for n, v in summary.items() if metric in v}
