@@ -34,14 +34,14 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
-from twostep import flow
+from twostep.engine import flow
 from twostep.backbones.base import Conditioning
 from twostep.backbones.zimage import ZIMAGE_TURBO_CONFIG, ZImageBackbone
-from twostep.discriminator import Discriminator
+from twostep.engine.discriminator import Discriminator
 from twostep.plan import PlanRequest, plan_memory
-from twostep.recipe import RecipeConfig, discriminator_loss, generator_loss
-from twostep.real.train import ZImageDistillConfig
-from twostep.student import Student
+from twostep.engine.recipe import RecipeConfig, discriminator_loss, generator_loss
+from twostep.worlds.zimage.train import ZImageDistillConfig
+from twostep.engine.student import Student
 from twostep.testing import tiny_transformer_config
 
 CAPTION_TOKENS = 128  # a typical prompt's length (the planner's 512 is the maximum)

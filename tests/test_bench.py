@@ -40,7 +40,7 @@ def test_reading_compares_against_the_spread():
 def test_arms_are_relative_to_the_papers_recipe_and_defaults_are_the_config():
     from twostep.bench import DEFAULTS, FULL, PAPER, arm_overrides
     from twostep.config import load_config
-    from twostep.train import DistillConfig
+    from twostep.distill import DistillConfig
 
     paper = load_config(DistillConfig, None, arm_overrides(FULL))
     assert (paper.student.params, paper.recipe.step1_loss, paper.recipe.final_reg_weight) == ("decoupled",

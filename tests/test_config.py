@@ -44,7 +44,7 @@ def test_bad_files(tmp_path):
 
 
 def test_shipped_configs_load_and_agree():
-    from twostep.train import DistillConfig
+    from twostep.distill import DistillConfig
 
     teacher = load_config(TeacherConfig, "configs/toy_teacher.yaml")
     assert teacher == TeacherConfig(), "toy_teacher.yaml and the code defaults must not drift apart"
@@ -55,7 +55,7 @@ def test_shipped_configs_load_and_agree():
 
 def test_demo_yaml_equals_engine_defaults():
     """configs/toy_demo.yaml spells out the defaults; the two must not drift apart."""
-    from twostep.train import DistillConfig
+    from twostep.distill import DistillConfig
 
     demo = load_config(DistillConfig, "configs/toy_demo.yaml")
     defaults = DistillConfig()
@@ -65,7 +65,7 @@ def test_demo_yaml_equals_engine_defaults():
 
 def test_zimage_yaml_equals_the_real_paths_defaults():
     """configs/zimage_turbo_2step_lora.yaml spells out ZImageDistillConfig's defaults (gpu_check and plan use them)."""
-    from twostep.real.train import ZImageDistillConfig, is_real_config
+    from twostep.worlds.zimage.train import ZImageDistillConfig, is_real_config
 
     shipped = load_config(ZImageDistillConfig, "configs/zimage_turbo_2step_lora.yaml")
     assert to_dict(shipped) == to_dict(ZImageDistillConfig())

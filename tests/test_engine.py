@@ -6,15 +6,16 @@ import os
 import pytest
 import torch
 
-from twostep import flow
+from twostep.engine import flow
 from twostep.cli import main
 from twostep.config import load_config
 from twostep.distill import build_student, load_teacher_data, make_teacher_data
 from twostep.errors import TwostepError
-from twostep.recipe import generator_loss
+from twostep.engine.recipe import generator_loss
 from twostep.teacher import load_teacher
-from twostep.teacher_data import TeacherData
-from twostep.train import DistillConfig, Trainer
+from twostep.engine.teacher_data import TeacherData
+from twostep.distill import DistillConfig
+from twostep.engine.train import Trainer
 
 TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.model.axes_dims=[4,6,6]",
            "teacher.model.n_layers=4", "teacher.text.hidden_size=8", "teacher.train.steps=3",
@@ -88,7 +89,7 @@ def test_cache_holds_the_teachers_own_trajectory(world):
 
 
 def test_interrupted_cache_rerun_equals_uninterrupted(world, tmp_path, monkeypatch):
-    import twostep.teacher_data as td
+    import twostep.engine.teacher_data as td
 
     cfg = world["cfg"]
     real_make = td._make_shard
@@ -206,7 +207,7 @@ def test_gradient_checkpointing_keeps_lora_gradients(world):
 
 
 def test_resume_gives_the_same_next_losses(world, tmp_path, monkeypatch):
-    import twostep.train as train_mod
+    import twostep.engine.train as train_mod
 
     full = str(tmp_path / "full")
     args = ["train", "--teacher", world["teacher"], "--data", world["data"], *TEACHER, *DISTILL]
@@ -262,7 +263,7 @@ def test_demo_end_to_end_writes_the_report_and_reuses_work(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [[], ["student.params=shared"], ["student.form=full"]])
 def test_merged_student_matches_the_trained_one(world, extra):
-    from twostep.student import merge_student
+    from twostep.engine.student import merge_student
 
     cfg = make_cfg(*extra)
     student, _, base = build_student(world["teacher"], cfg)
@@ -308,7 +309,7 @@ def test_bf16_autocast_and_checkpointing_train(world, tmp_path):
 
 
 def test_resumed_log_has_each_step_once(world, tmp_path, monkeypatch):
-    import twostep.train as train_mod
+    import twostep.engine.train as train_mod
 
     run = str(tmp_path / "run")
     args = ["train", "--teacher", world["teacher"], "--data", world["data"], "--out", run, *TEACHER, *DISTILL,
@@ -323,7 +324,7 @@ def test_resumed_log_has_each_step_once(world, tmp_path, monkeypatch):
 
 def _crash_at_step(monkeypatch, step: int):
     """Make ``Trainer.train_step`` raise KeyboardInterrupt at ``step``; returns the real method to restore."""
-    import twostep.train as train_mod
+    import twostep.engine.train as train_mod
 
     real_step = train_mod.Trainer.train_step
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from twostep import flow
+from twostep.engine import flow
 
 
 def diffusers_sigmas(n: int, shift: float = 3.0) -> torch.Tensor:

@@ -96,7 +96,7 @@ def diffusers_log(caplog):
 @pytest.fixture(scope="module")
 def tiny_student():
     from twostep.backbones.zimage import ZImageBackbone
-    from twostep.student import Student, StudentConfig
+    from twostep.engine.student import Student, StudentConfig
     from twostep.testing import tiny_transformer_config
 
     backbone = ZImageBackbone.from_config(tiny_transformer_config(cap_feat_dim=8, in_channels=1), seed=0)
@@ -106,7 +106,7 @@ def tiny_student():
 def test_merge_student_raises_no_warning(tiny_student, caplog):
     from diffusers import ZImageTransformer2DModel
 
-    from twostep.student import merge_student
+    from twostep.engine.student import merge_student
     from twostep.testing import tiny_transformer_config
 
     with diffusers_log(caplog):  # control: this capture does see the keep-in-float32 warning of `.to(dtype)`

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 
-from twostep import flow
+from twostep.engine import flow
 from twostep.backbones import Conditioning, ZImageBackbone
 from twostep.text import encode_prompts
 

@@ -69,7 +69,7 @@ def test_full_mode_shards_optimizer_state():
 
 def test_lora_count_matches_peft_on_a_tiny_folder(tiny_folder):
     from twostep.backbones.zimage import ZImageBackbone
-    from twostep.student import Student, StudentConfig
+    from twostep.engine.student import Student, StudentConfig
 
     plan = plan_memory(PlanRequest(model=str(tiny_folder), mode="lora", resolution=128, batch=1, lora_rank=4))
     student = Student(ZImageBackbone.from_pretrained(str(tiny_folder), dtype=None), StudentConfig(lora_rank=4))

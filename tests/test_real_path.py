@@ -53,8 +53,8 @@ def chain(tmp_path_factory):
 
 def _student(run):
     """The trained student (EMA weights) and the conditioning of PROMPTS, built by our own code."""
-    from twostep.real.text_cache import PromptEmbeds
-    from twostep.real.train import build_real_student, load_real_run
+    from twostep.worlds.zimage.text_cache import PromptEmbeds
+    from twostep.worlds.zimage.train import build_real_student, load_real_run
 
     cfg, meta, state = load_real_run(run)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, "text"))
@@ -73,7 +73,7 @@ def _noise(seed):
 def test_teacher_cache_is_the_pipelines_own_8_step_trajectory(chain):
     from diffusers import ZImagePipeline
 
-    from twostep.teacher_data import TeacherData
+    from twostep.engine.teacher_data import TeacherData
 
     data = TeacherData(chain["data"])
     assert len(data) == 6 and data.provenance["resolution"] == RES and data.provenance["dtype"] == "bfloat16"
@@ -106,7 +106,7 @@ def test_teacher_cache_is_the_pipelines_own_8_step_trajectory(chain):
 def test_text_cache_matches_the_pipelines_prompt_encoding(chain):
     from diffusers import ZImagePipeline
 
-    from twostep.real.text_cache import PromptEmbeds
+    from twostep.worlds.zimage.text_cache import PromptEmbeds
 
     pipe = ZImagePipeline.from_pretrained(chain["pipe"])
     embeds = PromptEmbeds(os.path.join(chain["data"], "text"))
@@ -159,7 +159,7 @@ def test_stock_pipeline_with_the_step_switch_equals_our_2_step_sampler(chain):
 
 def test_lora_export_round_trips_into_the_student(chain):
     from twostep.export import apply_step_loras, load_step_loras
-    from twostep.real.train import build_real_student, load_real_run
+    from twostep.worlds.zimage.train import build_real_student, load_real_run
 
     student, embeds = _student(chain["run"])
     cfg, meta, _ = load_real_run(chain["run"])
@@ -198,7 +198,7 @@ def test_comfyui_keys_match_the_loader_pattern_and_load_in_diffusers(chain):
 
 def test_merged_export_is_one_plain_transformer_per_step(chain):
     from twostep.backbones.zimage import ZImageBackbone
-    from twostep.student import MergedStudent
+    from twostep.engine.student import MergedStudent
 
     student, embeds = _student(chain["run"])
     steps = [ZImageBackbone.from_pretrained(os.path.join(chain["merged"], f"transformer_step{k}"), dtype=torch.float32)
@@ -240,8 +240,8 @@ def _error(capsys, argv) -> str:
 
 
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, capsys, monkeypatch):
-    import twostep.real.data as real_data
-    import twostep.real.train as real_train
+    import twostep.worlds.zimage.data as real_data
+    import twostep.worlds.zimage.train as real_train
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
@@ -291,7 +291,7 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, cap
 
 def test_bf16_base_with_autocast_trains_fp32_adapters(chain, tmp_path):
     """The real configuration's precision: frozen bf16 base, bf16 autocast, fp32 LoRA adapters and heads."""
-    from twostep.real.train import build_real_student, load_real_run
+    from twostep.worlds.zimage.train import build_real_student, load_real_run
 
     run = str(tmp_path / "bf16")
     args = [a for a in TRAIN if not a.startswith(("model.dtype", "train.bf16", "train.steps"))]
@@ -321,7 +321,7 @@ def test_export_refuses_what_stock_samplers_cannot_reproduce(chain, tmp_path, ca
 
 
 def test_text_cache_resumes_by_shard_and_reads_across_shards(tmp_path):
-    from twostep.real.text_cache import PromptEmbeds, encode_prompt_cache
+    from twostep.worlds.zimage.text_cache import PromptEmbeds, encode_prompt_cache
 
     pipe_dir = str(tmp_path / "pipe")
     tiny_zimage_pipeline(seed=0).save_pretrained(pipe_dir)

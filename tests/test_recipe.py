@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from test_engine import make_cfg, make_trainer, perturb_lora, world  # noqa: F401  (world is a fixture)
-from twostep import flow
+from twostep.engine import flow
 from twostep.backbones.zimage import ZImageBackbone
 from twostep.config import ConfigError
-from twostep.discriminator import Discriminator, wrong_prompt_pairs
-from twostep.recipe import (adv_ramp, discriminator_loss, generator_loss, implied_clean, student_outputs)
+from twostep.engine.discriminator import Discriminator, wrong_prompt_pairs
+from twostep.engine.recipe import (adv_ramp, discriminator_loss, generator_loss, implied_clean, student_outputs)
 
 LADD = ["recipe.student_inputs=teacher_renoised", "recipe.step1_loss=adversarial", "recipe.final_reg_weight=0",
         "recipe.end_to_end=false"]
@@ -191,7 +191,7 @@ def test_wrong_prompt_pairs_always_differ():
 
 
 def test_wrong_prompt_fakes_in_the_discriminator_loss(world, monkeypatch):
-    import twostep.recipe as recipe
+    import twostep.engine.recipe as recipe
 
     trainer, student, disc = make_trainer(world, "discriminator.wrong_prompt_weight=0.5")
     batch, cond, _ = d_batch(trainer, student)

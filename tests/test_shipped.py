@@ -40,7 +40,7 @@ def test_shipped_teacher_checksums_and_loads_into_its_config(world):
 
 
 def test_the_demo_config_starts_from_the_shipped_digits_teacher():
-    from twostep.train import DistillConfig
+    from twostep.distill import DistillConfig
 
     teacher_cfg = to_dict(load_config(DistillConfig, "configs/toy_demo.yaml").teacher)
     assert matching_shipped_teacher(teacher_cfg) == (shipped_teacher_dir("digits"), "")

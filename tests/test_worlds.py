@@ -8,7 +8,7 @@ import yaml
 
 from twostep.config import load_config, to_dict
 from twostep.teacher import TeacherConfig
-from twostep.train import DistillConfig
+from twostep.distill import DistillConfig
 from twostep.worlds import DetailWorld, DigitsWorld, get_world
 from twostep.worlds.detail.data import CLASS_NAMES, NUM_CLASSES, gaussian_blur, generate
 from twostep.worlds.detail.evaluator import DetailEvaluator, edge_width, high_band_energy

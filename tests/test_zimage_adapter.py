@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 
-from twostep import flow
+from twostep.engine import flow
 from twostep.backbones import ZIMAGE_TURBO_CONFIG, Conditioning, ZImageBackbone
 from twostep.errors import TwostepError
 from twostep.testing import tiny_transformer_config

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass
 
 from .config import load_config, require, to_dict
-from .distill import evaluate_student, load_student, make_teacher_data, teacher_references, train_student
+from .distill import (DistillConfig, evaluate_student, load_student, make_teacher_data, teacher_references,
+                      train_student)
 from .errors import TwostepError
 from .evaluate import build_evaluator, eval_set
 from .reports import save_figure, update_section
 from .shipped import matching_shipped_teacher
 from .teacher import load_teacher, platform_summary, train_teacher
-from .train import DistillConfig
 from .utils import ensure_writable_dir, progress, write_text
 
 # The recipe as the paper states it, set explicitly so the ablations mean the same thing whatever the defaults

@@ -128,7 +128,7 @@ def cmd_teacher_data(args) -> None:
     if args.prompts:
         return _real_teacher_data(args)
     from .distill import make_teacher_data
-    from .train import DistillConfig
+    from .distill import DistillConfig
 
     cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
     out = args.out or "runs/teacher_data"
@@ -141,8 +141,8 @@ def _real_teacher_data(args) -> None:
     import yaml
 
     from .config import load_config, to_dict
-    from .real.data import make_real_teacher_data
-    from .real.train import ZImageDistillConfig
+    from .worlds.zimage.data import make_real_teacher_data
+    from .worlds.zimage.train import ZImageDistillConfig
     from .utils import write_text
 
     update = {"teacher_data": {"prompts": os.path.abspath(args.prompts)}}
@@ -164,12 +164,12 @@ def cmd_train(args) -> None:
     from .config import load_config
 
     config = _config_path(args.config, DEFAULT_DEMO_CONFIG)
-    from .real.train import is_real_config
+    from .worlds.zimage.train import is_real_config
 
     if is_real_config(config):
         return _real_train(args, config)
     from .distill import train_student
-    from .train import DistillConfig
+    from .distill import DistillConfig
 
     cfg = load_config(DistillConfig, config, args.overrides)
     out = args.out or "runs/student"
@@ -180,7 +180,7 @@ def cmd_train(args) -> None:
 
 def _real_train(args, config: str) -> None:
     from .config import load_config, read_yaml
-    from .real.train import ZImageDistillConfig, train_zimage_student
+    from .worlds.zimage.train import ZImageDistillConfig, train_zimage_student
 
     data_dir = os.path.abspath(args.data or load_config(ZImageDistillConfig, config).data_dir)
     update = {"data_dir": data_dir}

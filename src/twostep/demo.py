@@ -21,14 +21,14 @@ import torch
 import yaml
 
 from .config import load_config, to_dict
-from .distill import STUDENT_WEIGHTS, evaluate_student, load_student, make_teacher_data, train_student
+from .distill import (STUDENT_WEIGHTS, DistillConfig, evaluate_student, load_student, make_teacher_data,
+                      train_student)
 from .errors import TwostepError
 from .evaluate import build_evaluator, evaluate_teacher_steps
 from .reports import image_grid, save_figure, save_image
 from .results import distill_bars, metrics_table, write_distill_section, write_teacher_section
 from .shipped import matching_shipped_teacher, read_provenance
 from .teacher import load_teacher, platform_summary, train_teacher
-from .train import DistillConfig
 from .utils import ensure_writable_dir, write_text
 
 EVAL_STEPS = [1, 2, 4, 8, 16]

@@ -8,25 +8,43 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import load_config
-from .discriminator import Discriminator
+from .config import load_config, require
+from .engine.discriminator import Discriminator, DiscriminatorConfig
+from .engine.recipe import RecipeConfig
+from .engine.student import Student, StudentConfig, merge_student
+from .engine.teacher_data import TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, generate_teacher_data
+from .engine.train import DistillTrainConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
 from .errors import TwostepError
 from .evaluate import build_evaluator, eval_set, measure_throughput
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
-from .student import Student, merge_student
-from .teacher import Teacher, load_teacher
-from .teacher_data import TeacherData, TeacherSource, cache_provenance, generate_teacher_data
+from .teacher import Teacher, TeacherConfig, load_teacher
+from .utils import atomic_path, file_sha256, is_main_process
 from .worlds import Evaluator
 from .worlds.digits.evaluator import frechet_distance
-from .train import DistillConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
-from .utils import atomic_path, file_sha256, is_main_process
 
 STUDENT_WEIGHTS = "student.safetensors"
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the teacher run's recipe (demo trains it)
+    teacher_data: TeacherDataConfig = field(default_factory=TeacherDataConfig)
+    # measured on the offline world (`twostep bench`, docs/results.md): one shared parameter set, x̂1 regressed to the
+    # teacher's final, plus MSE of x̂2 to it beat the paper's settings there. The classes keep the paper's recipe.
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(params="shared"))
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    recipe: RecipeConfig = field(default_factory=lambda: RecipeConfig(step1_loss="final", final_reg_weight=1.0))
+    train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
+
+    def validate(self) -> None:
+        require(list(self.student.sigmas) == list(self.teacher_data.student_sigmas), "student.sigmas",
+                "must equal teacher_data.student_sigmas (the cache holds the teacher states there)")
 
 
 def teacher_source(teacher: Teacher) -> TeacherSource:

@@ -24,8 +24,8 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from .engine.student import StudentConfig
 from .errors import TwostepError
-from .student import StudentConfig
 from .utils import atomic_dir, write_text
 
 Tensor = torch.Tensor
@@ -78,7 +78,7 @@ def _file_meta(info: dict) -> dict[str, str]:
 
 
 def _run_info(cfg, meta: dict) -> dict:
-    from .flow import turbo_sigmas
+    from .engine.flow import turbo_sigmas
 
     sigmas = list(cfg.student.sigmas)
     default = turbo_sigmas(len(sigmas), cfg.teacher_data.shift).tolist()[:-1]
@@ -155,9 +155,9 @@ Or, with twostep installed: `pipe, switch = twostep.pipeline.load_two_step_pipel
 
 def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> list[str]:
     """Write ``fmt`` for a finished real run into ``out`` (atomically); returns the files that matter."""
-    from .real.data import resolve_teacher
-    from .real.pipeline_io import torch_dtype
-    from .real.train import load_real_run
+    from .worlds.zimage.data import resolve_teacher
+    from .worlds.zimage.pipeline_io import torch_dtype
+    from .worlds.zimage.train import load_real_run
 
     if fmt not in FORMATS:
         raise TwostepError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

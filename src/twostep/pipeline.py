@@ -64,7 +64,7 @@ def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None =
     from diffusers import ZImagePipeline
 
     info = read_export_info(folder)
-    from .real.pipeline_io import pick_device
+    from .worlds.zimage.pipeline_io import pick_device
 
     device = pick_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -106,8 +106,8 @@ def count_parameters(config: dict[str, Any], lora_rank: int) -> dict[str, int]:
     from diffusers import ZImageTransformer2DModel
     from torch import nn
 
-    from .discriminator import Discriminator
-    from .student import StudentConfig
+    from .engine.discriminator import Discriminator
+    from .engine.student import StudentConfig
 
     try:
         with torch.device("meta"):
@@ -128,7 +128,7 @@ def count_parameters(config: dict[str, Any], lora_rank: int) -> dict[str, int]:
 
 def _real_discriminator_config():
     """The heads configs/zimage_turbo_2step_lora.yaml trains (the real path's defaults)."""
-    from .real.train import ZImageDistillConfig
+    from .worlds.zimage.train import ZImageDistillConfig
 
     return ZImageDistillConfig().discriminator
 

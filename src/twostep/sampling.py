@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import flow
 from .backbones.base import Backbone, Conditioning
+from .engine import flow
 
 Tensor = torch.Tensor
 

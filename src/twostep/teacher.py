@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import flow
 from .backbones.base import Conditioning
 from .backbones.zimage import TinyZImageConfig, ZImageBackbone
-from .checkpoint import load_training_state, load_weights, rng_state, save_training_state, save_weights, \
-    set_rng_state
 from .config import load_config, require, save_config
+from .engine import flow
+from .engine.checkpoint import load_training_state, load_weights, rng_state, save_training_state, save_weights, \
+    set_rng_state
 from .errors import TwostepError
+from .utils import ensure_writable_dir, file_sha256, is_main_process, progress, write_text
 from .worlds import get_world
 from .worlds.digits.world import PROMPT_CACHE, ToyDataConfig, ToyTextConfig, build_prompt_cache, load_prompt_table
-from .utils import ensure_writable_dir, file_sha256, is_main_process, progress, write_text
 
 WEIGHTS = "teacher.safetensors"
 STATE = "state.pt"

@@ -6,8 +6,9 @@
 - ``zimage``: the real model (``worlds/zimage``): prompt files, cached Qwen3 embeddings and pipeline latents; it
   plugs into the same engine through its teacher-data cache rather than this interface's image sampler.
 
-The engine (``flow``, ``student``, ``discriminator``, ``recipe``, ``train``, ``teacher_data``) imports nothing from
-here; ``teacher.py``, ``distill.py``, ``evaluate.py``, ``demo`` and ``bench`` do, through :func:`get_world`.
+The engine (``engine/``: ``flow``, ``student``, ``discriminator``, ``recipe``, ``train``, ``teacher_data``,
+``checkpoint``) imports nothing from here; ``teacher.py``, ``distill.py``, ``evaluate.py``, ``demo`` and ``bench`` do,
+through :func:`get_world`, and ``cli``, ``export`` and ``plan`` reach ``worlds/zimage`` directly.
 """
 
 from __future__ import annotations

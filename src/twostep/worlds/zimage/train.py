@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..backbones.zimage import ZImageBackbone
-from ..config import load_config, require
-from ..discriminator import Discriminator, DiscriminatorConfig
-from ..errors import TwostepError
-from ..recipe import RecipeConfig
-from ..student import Student, StudentConfig
-from ..teacher_data import TeacherData
-from ..train import DistillTrainConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
-from ..utils import atomic_path, is_main_process
+from ...backbones.zimage import ZImageBackbone
+from ...config import load_config, require
+from ...engine.discriminator import Discriminator, DiscriminatorConfig
+from ...engine.recipe import RecipeConfig
+from ...engine.student import Student, StudentConfig
+from ...engine.teacher_data import TeacherData
+from ...engine.train import DistillTrainConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
+from ...errors import TwostepError
+from ...utils import atomic_path, is_main_process
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
 from .text_cache import PromptEmbeds
@@ -70,7 +70,7 @@ def is_real_config(path: str | None) -> bool:
     """A YAML with a top-level ``model:`` section configures the real path (the toy's has ``teacher:``)."""
     if not path or not os.path.isfile(path):
         return False
-    from ..config import read_yaml
+    from ...config import read_yaml
 
     return "model" in (read_yaml(path) or {})
 

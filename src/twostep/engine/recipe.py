@@ -44,9 +44,9 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
+from ..backbones.base import Conditioning
+from ..config import require
 from . import flow
-from .backbones.base import Conditioning
-from .config import require
 from .discriminator import (Discriminator, approx_r1_penalty, d_fake_loss, d_loss, g_loss, perturb, r1_penalty,
                             twice_differentiable_attention, wrong_prompt_pairs)
 from .student import Student

@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from ..errors import TwostepError
-from ..teacher_data import DTYPES
+from ...engine.teacher_data import DTYPES
+from ...errors import TwostepError
 
 Tensor = torch.Tensor
 

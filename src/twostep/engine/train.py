@@ -28,19 +28,19 @@ import re
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from ..config import require, save_config, to_dict
+from ..errors import TwostepError
+from ..utils import ensure_writable_dir, is_main_process, progress, write_text
 from .checkpoint import rng_state, save_training_state, load_training_state, set_rng_state
-from .config import require, save_config, to_dict
-from .discriminator import Discriminator, DiscriminatorConfig
-from .errors import TwostepError
+from .discriminator import Discriminator
 from .recipe import RecipeConfig, adv_ramp, discriminator_loss, generator_loss
-from .student import Student, StudentConfig
-from .teacher import TeacherConfig
-from .teacher_data import TeacherData, TeacherDataConfig
-from .utils import ensure_writable_dir, is_main_process, progress, write_text
+from .student import Student
+from .teacher_data import TeacherData
 
 Tensor = torch.Tensor
 
@@ -81,20 +81,15 @@ class DistillTrainConfig:
         require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 turns periodic evaluation off)")
 
 
-@dataclass
-class DistillConfig:
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the teacher run's recipe (demo trains it)
-    teacher_data: TeacherDataConfig = field(default_factory=TeacherDataConfig)
-    # measured on the offline world (`twostep bench`, docs/results.md): one shared parameter set, x̂1 regressed to the
-    # teacher's final, plus MSE of x̂2 to it beat the paper's settings there. The classes keep the paper's recipe.
-    student: StudentConfig = field(default_factory=lambda: StudentConfig(params="shared"))
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    recipe: RecipeConfig = field(default_factory=lambda: RecipeConfig(step1_loss="final", final_reg_weight=1.0))
-    train: DistillTrainConfig = field(default_factory=DistillTrainConfig)
+class RunConfig(Protocol):
+    """What the loop reads of a run's config: ``train`` and ``recipe`` (``to_dict`` saves the whole of it).
 
-    def validate(self) -> None:
-        require(list(self.student.sigmas) == list(self.teacher_data.student_sigmas), "student.sigmas",
-                "must equal teacher_data.student_sigmas (the cache holds the teacher states there)")
+    A world's wiring supplies the full dataclass: ``distill.DistillConfig`` for the offline worlds,
+    ``worlds.zimage.train.ZImageDistillConfig`` for the real path.
+    """
+
+    train: DistillTrainConfig
+    recipe: RecipeConfig
 
 
 class EMA:
@@ -158,7 +153,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 class Trainer:
     """Holds the student, discriminator, optimizers and EMA; :meth:`fit` runs the loop."""
 
-    def __init__(self, cfg: DistillConfig, student: Student, disc: Discriminator, data: TeacherData,
+    def __init__(self, cfg: RunConfig, student: Student, disc: Discriminator, data: TeacherData,
                  prompt_table, real_images_fn, run_dir: str, sample_fn=None, eval_fn=None, device=None):
         tc = cfg.train
         self.device = torch.device(device or "cpu")
@@ -350,7 +345,7 @@ class Trainer:
             writer.close()
 
 
-def setup_run(cfg: DistillConfig, run_dir: str, resume: str | None) -> str | None:
+def setup_run(cfg: RunConfig, run_dir: str, resume: str | None) -> str | None:
     """Create the run folder, save the resolved config; return the checkpoint to resume from (or None)."""
     ensure_writable_dir(run_dir, what="training run folder")
     checkpoint = None

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import require
-from ..errors import TwostepError
-from ..prompts import prompts_sha256, read_prompts
-from ..teacher_data import (TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, existing_cache,
-                            generate_teacher_data)
-from ..utils import ensure_writable_dir, progress, write_text
+from ...config import require
+from ...engine.teacher_data import (TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, existing_cache,
+                                    generate_teacher_data)
+from ...errors import TwostepError
+from ...prompts import prompts_sha256, read_prompts
+from ...utils import ensure_writable_dir, progress, write_text
 from .pipeline_io import (check_scheduler, check_zimage_pipeline, component_fingerprint, decode_latents,
                           latent_shape, load_vae, pick_device, resolve_pipeline_dir, torch_dtype)
 from .text_cache import PromptEmbeds, encode_prompt_cache, text_provenance
@@ -103,7 +103,7 @@ def expected_provenance(cfg: ZImageDataConfig, teacher: RealTeacher) -> dict:
 def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtype: str = "bfloat16",
                            device: str = "auto") -> dict:
     """All three stages into ``out_dir``; every check runs before the first model loads. Returns the manifest."""
-    from ..backbones.zimage import ZImageBackbone
+    from ...backbones.zimage import ZImageBackbone
 
     cfg.validate()
     if not cfg.prompts:

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import TwostepError
-from .utils import atomic_path
+from ..errors import TwostepError
+from ..utils import atomic_path
 
 
 def save_weights(module: nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:

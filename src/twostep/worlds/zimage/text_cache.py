@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..backbones.base import Conditioning
-from ..errors import TwostepError
-from ..prompts import prompts_sha256
-from ..text import encode_prompts
-from ..utils import atomic_path, ensure_writable_dir, progress, write_text
+from ...backbones.base import Conditioning
+from ...errors import TwostepError
+from ...prompts import prompts_sha256
+from ...text import encode_prompts
+from ...utils import atomic_path, ensure_writable_dir, progress, write_text
 from .pipeline_io import component_fingerprint, load_text_encoder, pick_device, torch_dtype
 
 Tensor = torch.Tensor

@@ -25,10 +25,10 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from ..backbones.base import Conditioning
+from ..backbones.zimage import ZImageBackbone
+from ..config import require
 from . import flow
-from .backbones.base import Conditioning
-from .backbones.zimage import ZImageBackbone
-from .config import require
 
 Tensor = torch.Tensor
 

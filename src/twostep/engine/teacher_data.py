@@ -25,10 +25,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..config import require
+from ..errors import TwostepError
+from ..utils import atomic_path, ensure_writable_dir, file_sha256, progress, write_text
 from . import flow
-from .config import require
-from .errors import TwostepError
-from .utils import atomic_path, ensure_writable_dir, file_sha256, progress, write_text
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
