@@ -81,5 +81,9 @@ def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
     lines = detail_reading(summary)
     assert "**beats** regression only" in lines[0] and "**beats** regression only" in lines[2]
     assert "**loses to** regression only" in lines[1]  # FD to the teacher: regression imitates it more closely
+    summary["params=shared"] = {"gap_closure": (0.8, 0.01), "high_band_ratio": (0.9, 0.01), "fd_teacher": (3.0, 0.1),
+                                "final_d_accuracy": (0.6, 0)}
+    shared = [line for line in detail_reading(summary) if line.startswith("- `params=shared`")][0]
+    assert "lower than the paper's recipe" in shared and "further from the teacher" in shared
     summary[REGRESSION]["gap_closure"] = (0.89, 0.05)
     assert "does **not** differ from" in detail_reading(summary)[0]

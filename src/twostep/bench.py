@@ -459,8 +459,11 @@ def detail_reading(summary: dict) -> list[str]:
             break
         verdict, delta, margin = compare(summary, name, FULL, "gap_closure")
         word = {"better": "higher than", "worse": "lower than", "tie": "within the spread of"}[verdict]
+        t_verdict, t_delta, _ = compare(summary, name, FULL, "fd_teacher", higher_is_better=False)
+        t_word = {"better": "closer to", "worse": "further from", "tie": "as close to"}[t_verdict]
         lines.append(f"- `{name}` ({ARMS[name][1]}): gap closure {_ms(summary[name]['gap_closure'])}, {word} the "
-                     f"paper's recipe ({delta:+.3f}); high-band ratio {_ms(summary[name]['high_band_ratio'])}.")
+                     f"paper's recipe ({delta:+.3f}); FD to the teacher {_ms(summary[name]['fd_teacher'])}, {t_word} "
+                     f"the teacher than the paper's recipe; high-band ratio {_ms(summary[name]['high_band_ratio'])}.")
     health = [f"`{n}` {v['final_d_accuracy'][0]:.2f}" for n, v in summary.items()
               if math.isfinite(v.get("final_d_accuracy", (float("nan"),))[0]) and v["gap_closure"] is not None
               and n != REGRESSION]
