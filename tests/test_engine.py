@@ -355,4 +355,4 @@ def test_periodic_eval_references_come_from_the_clean_teacher(world):
     run(student)
     labels, noise, cond = eval_set(clean, 20)
     expected = evaluator.score(generate(clean.backbone, noise, cond, 8, clean.config.sampling.shift), labels)
-    assert run.references["8"]["fd_real"] == pytest.approx(expected["fd_real"], rel=1e-4)
+    assert run.references["teacher_8"]["fd_real"] == pytest.approx(expected["fd_real"], rel=1e-4)

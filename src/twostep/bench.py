@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 
 from .config import load_config, require, to_dict
-from .distill import (DistillConfig, evaluate_student, load_student, make_teacher_data, teacher_references,
-                      train_student)
+from .distill import (DistillConfig, evaluate_student, gap_closure, load_student, make_teacher_data,
+                      teacher_references, train_student)
 from .errors import TwostepError
 from .evaluate import build_evaluator, eval_set
 from .reports import save_figure, update_section
@@ -125,11 +125,10 @@ def _curves(log_path: str, refs: dict[str, dict[str, float]] | None) -> dict[str
     (recomputed from their raw FD and high-band power against ``refs``, the clean teacher's 8-step and naive
     rows on the same noise, so every arm is measured against one reference) and the discriminator's health."""
     curves: dict[str, list[tuple[int, float]]] = {m: [] for m in CURVE_METRICS}
-    fd_teacher, fd_naive = (r["fd_real"] for r in refs.values()) if refs else (None, None)
     for line in open(log_path, encoding="utf-8"):
         record = json.loads(line)
         if refs and "eval/fd_real" in record:
-            curves["gap_closure"].append((record["step"], (fd_naive - record["eval/fd_real"]) / (fd_naive - fd_teacher)))
+            curves["gap_closure"].append((record["step"], gap_closure(record["eval/fd_real"], refs)))
             if "eval/high_band" in record:
                 high_teacher = next(iter(refs.values()))["high_band"]
                 curves["high_band_ratio"].append((record["step"], record["eval/high_band"] / high_teacher))
@@ -211,12 +210,11 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
         _add_curves(results[(name, seed)]["record"], run_dir, curve_refs, bc.steps)
     runs = {name: [results[(name, seed)]["record"] for seed in range(bc.seeds)] for name in arm_names}
     references = dict(results[jobs[0][:2]]["references"])
-    for name in arm_names:
-        save_tensor_grid(results[(name, 0)]["images"], os.path.join(out, "samples", f"{_slug(name)}.safetensors"))
     summary = {name: {metric: _mean_std([r[metric] for r in rs]) for metric in rs[0] if metric not in
                       ("seed", "curves")} for name, rs in runs.items()}
     if world == "detail":
-        references.update(calibration_rows(reference_images, evaluator, cfg.teacher.sampling.steps))
+        references.update(calibration_rows(reference_images, evaluator, cfg.teacher.sampling.steps,
+                                           clean_teacher.num_classes))
     arms_info = {n: {"overrides": arm_overrides(n, overrides), "what": ARMS[n][1]} for n in arm_names}
     report = {"world": world, "bench": to_dict(bc), "quick": quick, "arms": arms_info, "config": config_path,
               "defaults_arm": defaults_arm(config_path, arm_names),
@@ -231,7 +229,7 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
     plot_gap_closure(summary, os.path.join(out, "gap_closure.png"))
     if bc.curve_every:
         plot_curves(runs, os.path.join(out, "curves.png"))
-    samples_grid(out, arm_names, reference_images, clean_teacher, cfg)
+    samples_grid(out, {name: results[(name, 0)]["images"] for name in arm_names}, reference_images, clean_teacher)
     return report
 
 
@@ -295,7 +293,7 @@ def save_tensor_grid(images, path: str) -> None:
     save_file({"images": images[:100].contiguous()}, path)
 
 
-def calibration_rows(reference_images: dict, evaluator, teacher_steps: int) -> dict:
+def calibration_rows(reference_images: dict, evaluator, teacher_steps: int, num_classes: int) -> dict:
     """The teacher's own samples blurred by a known amount: the metrics must order these correctly."""
     from .worlds.detail.data import gaussian_blur
     from .worlds.digits.evaluator import frechet_distance
@@ -303,7 +301,7 @@ def calibration_rows(reference_images: dict, evaluator, teacher_steps: int) -> d
     import torch
 
     reference = reference_images[f"teacher_{teacher_steps}"]
-    labels = torch.arange(len(reference)) % 10
+    labels = torch.arange(len(reference)) % num_classes
     ref_row = evaluator.score(reference, labels)
     ref_feats = evaluator.features(reference)
     rows = {}
@@ -316,19 +314,15 @@ def calibration_rows(reference_images: dict, evaluator, teacher_steps: int) -> d
     return rows
 
 
-def samples_grid(out: str, arm_names: list[str], reference_images: dict, teacher, cfg) -> None:
+def samples_grid(out: str, arm_images: dict, reference_images: dict, teacher) -> None:
     """Teacher 8-step, naive 2-step and each arm's final samples (seed 0), same noise: OUT/samples.png."""
     import torch
-    from safetensors.torch import load_file
 
     from .demo import comparison_grid
     from .reports import save_image
 
     blocks = {name.replace("_", " "): imgs for name, imgs in reference_images.items()}
-    for name in arm_names:
-        path = os.path.join(out, "samples", f"{_slug(name)}.safetensors")
-        if os.path.isfile(path):
-            blocks[name] = load_file(path)["images"]
+    blocks.update(arm_images)
     n = min(len(v) for v in blocks.values())
     blocks = {k: v[:n] for k, v in blocks.items()}
     labels = torch.arange(n) % teacher.num_classes
@@ -566,9 +560,10 @@ def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def bench_images(out: str) -> dict[str, str]:
-    """The bench's pictures in its output folder, by kind."""
-    return {kind: os.path.join(out, f"{kind}.png") for kind in ("gap_closure", "curves", "samples")}
+def bench_images(out: str, world: str = "digits") -> dict[str, str]:
+    """The pictures a world's bench section shows, in its output folder, by kind."""
+    kinds = ("curves", "samples") if world == "detail" else ("gap_closure",)
+    return {kind: os.path.join(out, f"{kind}.png") for kind in kinds}
 
 
 def write_bench_section(path: str, report: dict, command: str, out: str) -> None:
@@ -580,7 +575,7 @@ def write_bench_section(path: str, report: dict, command: str, out: str) -> None
     os.makedirs(image_dir, exist_ok=True)
     prefix = "bench" if world == "digits" else f"bench_{world}"
     rel = {}
-    for kind, src in bench_images(out).items():
+    for kind, src in bench_images(out, world).items():
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(image_dir, f"{prefix}_{kind}.png"))
             rel[kind] = f"img/{prefix}_{kind}.png"

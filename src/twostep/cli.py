@@ -250,7 +250,7 @@ def cmd_bench(args) -> None:
     report = run_bench(args.out, config, args.overrides, quick=args.quick, seeds=args.seeds, arms=args.arm,
                        teacher_dir=args.teacher, steps=args.steps, batch_size=args.batch_size, world=args.world,
                        workers=args.workers)
-    print(bench_section(report, _command_line(args), bench_images(args.out)))
+    print(bench_section(report, _command_line(args), bench_images(args.out, args.world)))
     if args.results:
         write_bench_section(args.results, report, _command_line(args), args.out)
         print(f"updated {args.results}")

@@ -92,6 +92,12 @@ def grid_writer(teacher: Teacher, per_prompt: int = 6, seed: int = 0):
     return write
 
 
+def gap_closure(fd: float, refs: dict[str, dict[str, float]]) -> float:
+    """(FD_naive - FD) / (FD_naive - FD_teacher) with ``refs`` = :func:`teacher_references`' rows, scored."""
+    fd_teacher, fd_naive = (row["fd_real"] for row in refs.values())
+    return (fd_naive - fd) / (fd_naive - fd_teacher) if fd_naive != fd_teacher else float("nan")
+
+
 def quick_eval(teacher: Teacher, num_samples: int = 500, evaluator: Evaluator | None = None):
     """Periodic metrics during training (EMA weights) on a fixed noise set: FD to held-out real, class accuracy,
     diversity, world-specific metrics, and gap closure (plus high-band ratio where measured) against the teacher's
@@ -102,18 +108,16 @@ def quick_eval(teacher: Teacher, num_samples: int = 500, evaluator: Evaluator | 
 
     def run(student: Student) -> dict[str, float]:
         if not refs:  # the clean teacher: `teacher.backbone` carries the student's LoRA layers here
-            shift, steps, bs = teacher.config.sampling.shift, teacher.config.sampling.steps, teacher.config.eval.batch_size
             with student.teacher() as clean:
-                for n in (steps, student.cfg.num_steps):
-                    refs[str(n)] = evaluator.score(generate(clean, noise, cond, n, shift, bs), labels)
+                images = teacher_references(teacher, num_samples, student.cfg.num_steps, backbone=clean)
+            refs.update({name: evaluator.score(imgs, labels) for name, imgs in images.items()})
         row = evaluator.score(student.sample(noise, cond)["final"], labels)
-        fd_teacher, fd_naive = (r["fd_real"] for r in refs.values())
-        row["gap_closure"] = (fd_naive - row["fd_real"]) / (fd_naive - fd_teacher)
+        row["gap_closure"] = gap_closure(row["fd_real"], refs)
         if "high_band" in row:
             row["high_band_ratio"] = row["high_band"] / next(iter(refs.values()))["high_band"]
         return row
 
-    run.references = refs  # filled at the first call: {"8": teacher row, "2": naive row}
+    run.references = refs  # filled at the first call: {"teacher_8": row, "teacher_naive_2": row}
     return run
 
 
@@ -178,14 +182,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
-def teacher_references(teacher: Teacher, num_samples: int, student_steps: int) -> dict[str, torch.Tensor]:
-    """The teacher at its own step count and naively at the student's, on the evaluation noise and prompts."""
+def teacher_references(teacher: Teacher, num_samples: int, student_steps: int,
+                       backbone=None) -> dict[str, torch.Tensor]:
+    """The teacher at its own step count and naively at the student's, on the evaluation noise and prompts.
+
+    ``backbone``: the network to sample (default ``teacher.backbone``; a student's clean teacher view otherwise).
+    """
     ec = teacher.config.eval
+    backbone = backbone or teacher.backbone
     _, noise, cond = eval_set(teacher, num_samples)
     shift, steps = teacher.config.sampling.shift, teacher.config.sampling.steps
-    return {f"teacher_{steps}": generate(teacher.backbone, noise, cond, steps, shift, ec.batch_size),
-            f"teacher_naive_{student_steps}": generate(teacher.backbone, noise, cond, student_steps, shift,
-                                                       ec.batch_size)}
+    return {f"teacher_{steps}": generate(backbone, noise, cond, steps, shift, ec.batch_size),
+            f"teacher_naive_{student_steps}": generate(backbone, noise, cond, student_steps, shift, ec.batch_size)}
 
 
 def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evaluator: Evaluator | None = None,
@@ -217,13 +225,10 @@ def evaluate_student(student: Student, teacher: Teacher, num_samples: int, evalu
     if "high_band" in rows[f"teacher_{teacher_steps}"]:  # worlds that measure detail: 1.0 = as sharp as the teacher
         for row in rows.values():
             row["high_band_ratio"] = row["high_band"] / rows[f"teacher_{teacher_steps}"]["high_band"]
-    fd_naive = rows[f"teacher_naive_{k}"]["fd_real"]
-    fd_teacher = rows[f"teacher_{teacher_steps}"]["fd_real"]
-    fd_student = rows[f"student_{k}"]["fd_real"]
+    refs = {name: rows[name] for name in (f"teacher_{teacher_steps}", f"teacher_naive_{k}")}
     result = {"num_samples": num_samples, "heldout_real": len(evaluator.heldout), "noise_seed": ec.seed,
               "rows": rows, "real_floor": evaluator.real_floor(num_samples),
-              "gap_closure": (fd_naive - fd_student) / (fd_naive - fd_teacher) if fd_naive != fd_teacher else
-              float("nan")}
+              "gap_closure": gap_closure(rows[f"student_{k}"]["fd_real"], refs)}
     if measure_speed:
         b = ec.throughput_batch
         tn, tc = noise[:b], cond[:b]

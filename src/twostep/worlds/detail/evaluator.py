@@ -13,11 +13,10 @@ FD is biased by sample count: compare FDs only at equal counts and with the same
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..digits.evaluator import frechet_distance, per_prompt_diversity
+from ..digits.evaluator import ClassifierEvaluator
 from .data import NUM_CLASSES, SHAPE_CLASSES, generate
 
 HIGH_BAND_CUTOFF = 0.25  # cycles per pixel
@@ -90,7 +89,7 @@ def edge_width(images: torch.Tensor, top_k: int = 12) -> float:
     return float((contrast[keep] / steep[keep]).mean())
 
 
-class DetailEvaluator:
+class DetailEvaluator(ClassifierEvaluator):
     """Holds the classifier and a fixed held-out set of real images; scores batches of generated ones."""
 
     def __init__(self, seed: int = 0, heldout_samples: int = 1000, heldout_seed: int = 777,
@@ -103,21 +102,9 @@ class DetailEvaluator:
         self.heldout_feats = self.features(self.heldout_images)
         self.heldout_accuracy = self.accuracy(self.heldout_images, self.heldout_labels)
 
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> np.ndarray:
-        return self.classifier.features(images.float().clamp(-1, 1)).double().numpy()
-
-    @torch.no_grad()
-    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        return float((self.classifier(images.float().clamp(-1, 1)).argmax(-1) == labels).float().mean())
-
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        feats = self.features(images)
         shapes = torch.isin(labels, torch.tensor(SHAPE_CLASSES))
-        return {"fd_real": frechet_distance(feats, self.heldout_feats),
-                "class_accuracy": self.accuracy(images, labels),
-                "diversity": per_prompt_diversity(feats, labels.numpy()),
-                "high_band": high_band_energy(images),
+        return {**super().score(images, labels), "high_band": high_band_energy(images),
                 "edge_width": edge_width(images[shapes]) if shapes.any() else float("nan")}
 
     def real_floor(self, num_samples: int, seed: int = 0) -> dict[str, float]:

@@ -96,14 +96,14 @@ def per_prompt_diversity(feats: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-class Evaluator:
-    """Holds the classifier and the held-out reference features; scores batches of generated digits."""
+class ClassifierEvaluator:
+    """Scores images in a trained classifier's feature space: FD to ``heldout_feats``, class accuracy, diversity.
 
-    def __init__(self, train: DigitSplit, heldout: DigitSplit, seed: int = 0):
-        self.classifier = train_classifier(train, seed=seed)
-        self.train, self.heldout = train, heldout
-        self.heldout_feats = self.features(heldout.images)
-        self.heldout_accuracy = self.accuracy(heldout.images, heldout.labels)
+    Subclasses set ``classifier`` (with ``features`` and logits ``forward``) and ``heldout_feats``.
+    """
+
+    classifier: nn.Module
+    heldout_feats: np.ndarray
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> np.ndarray:
@@ -115,13 +115,23 @@ class Evaluator:
         return float((pred == labels).float().mean())
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Metrics of ``images`` ``(N, 1, 8, 8)`` generated for prompts ``labels`` ``(N,)``."""
+        """Metrics of ``images`` ``(N, C, H, W)`` generated for prompts ``labels`` ``(N,)``."""
         feats = self.features(images)
         return {
             "fd_real": frechet_distance(feats, self.heldout_feats),
             "class_accuracy": self.accuracy(images, labels),
             "diversity": per_prompt_diversity(feats, labels.numpy()),
         }
+
+
+class Evaluator(ClassifierEvaluator):
+    """Holds the classifier and the held-out reference features; scores batches of generated digits."""
+
+    def __init__(self, train: DigitSplit, heldout: DigitSplit, seed: int = 0):
+        self.classifier = train_classifier(train, seed=seed)
+        self.train, self.heldout = train, heldout
+        self.heldout_feats = self.features(heldout.images)
+        self.heldout_accuracy = self.accuracy(heldout.images, heldout.labels)
 
     def real_floor(self, num_samples: int, seed: int = 0) -> dict[str, float]:
         """The same metrics for ``num_samples`` real *training* digits: what a perfect generator would score."""
