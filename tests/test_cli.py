@@ -25,7 +25,7 @@ def test_train_teacher_writes_a_complete_run(teacher_run):
     names = set(os.listdir(teacher_run))
     assert {"config.yaml", "teacher.safetensors", "prompt_embeds.safetensors", "train_log.jsonl", "meta.json",
             "text"} <= names
-    assert "state.pt" not in names, "a finished run keeps no resume state"
+    assert "checkpoints" not in names, "a finished run keeps no resume state"
     assert not [n for n in names if n.endswith(".tmp")]
     log = [json.loads(line) for line in open(os.path.join(teacher_run, "train_log.jsonl"))]
     assert [r["step"] for r in log] == [0, 1, 2, 3]
@@ -73,7 +73,7 @@ def test_teacher_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(teacher_mod, "ema_update", crash_after_two)
     assert main(["train-teacher", "--out", broken, *TINY]) == 130
-    assert os.path.isfile(os.path.join(broken, "state.pt"))
+    assert os.path.isfile(os.path.join(broken, "checkpoints", "step_000002", "MANIFEST.json"))
     monkeypatch.setattr(teacher_mod, "ema_update", real_update)
     assert main(["train-teacher", "--out", broken, "--resume", *TINY]) == 0
     a = load_file(os.path.join(full, "teacher.safetensors"))

@@ -217,7 +217,7 @@ def test_resume_gives_the_same_next_losses(world, tmp_path, monkeypatch):
     broken = str(tmp_path / "broken")
     real_step = _crash_at_step(monkeypatch, 3)
     assert main([*args, "--out", broken]) == 130
-    assert sorted(os.listdir(os.path.join(broken, "checkpoints"))) == ["step_000002.pt"]
+    assert sorted(os.listdir(os.path.join(broken, "checkpoints"))) == ["step_000002"]
     monkeypatch.setattr(train_mod.Trainer, "train_step", real_step)
     assert main([*args, "--out", broken, "--resume", "latest"]) == 0
     resumed = {r["step"]: r for r in map(json.loads, open(os.path.join(broken, "train_log.jsonl")))}

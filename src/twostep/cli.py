@@ -1,6 +1,7 @@
 """``twostep`` command line. Each subcommand takes a few flags plus dotted config overrides (``train.lr=3e-4``).
 
-Errors a user can fix are printed as one line (``twostep: error: ...``) with exit code 2.
+Errors a user can fix are printed as one line (``twostep: error: ...``) with exit code 2. A run stopped by
+SIGTERM/SIGINT saves its state and exits with code 75 (``engine.preemption.EXIT_CODE``); ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shlex
 import sys
 import warnings
 
+from .engine.preemption import Preempted
 from .errors import TwostepError
 
 DEFAULT_TEACHER_CONFIG = "configs/toy_teacher.yaml"
@@ -68,8 +70,10 @@ def cmd_train_teacher(args) -> None:
     from .config import load_config
     from .teacher import TeacherConfig, train_teacher
 
-    cfg = load_config(TeacherConfig, _config_path(args.config), args.overrides)
-    meta = train_teacher(cfg, args.out, resume=args.resume, command=_command_line(args))
+    config = _resume_config(args.config, args.out) if args.resume else _config_path(args.config)
+    cfg = load_config(TeacherConfig, config, args.overrides)
+    meta = train_teacher(cfg, args.out, resume=args.resume, command=_command_line(args),
+                         allow_config_change=args.allow_config_change)
     print(f"teacher trained in {meta['train_wall_s']:.0f}s -> {os.path.join(args.out, 'teacher.safetensors')}")
 
 
@@ -160,10 +164,21 @@ def _real_teacher_data(args) -> None:
           f"{cfg.teacher_data.resolution}px in {len(manifest['shards'])} shards -> {out}")
 
 
+def _resume_config(config: str | None, run_dir: str | None) -> str | None:
+    """On ``--resume`` the run's own saved config is the default, so no override has to be repeated."""
+    if config or not run_dir:
+        return config
+    saved = os.path.join(run_dir, "config.yaml")
+    return saved if os.path.isfile(saved) else None
+
+
 def cmd_train(args) -> None:
     from .config import load_config
 
-    config = _config_path(args.config, DEFAULT_DEMO_CONFIG)
+    if args.allow_config_change and not args.resume:
+        raise TwostepError("--allow-config-change only applies with --resume")
+    config = _resume_config(args.config, args.out or "runs/student") if args.resume else None
+    config = config or _config_path(args.config, DEFAULT_DEMO_CONFIG)
     from .worlds.zimage.train import is_real_config
 
     if is_real_config(config):
@@ -174,7 +189,7 @@ def cmd_train(args) -> None:
     cfg = load_config(DistillConfig, config, args.overrides)
     out = args.out or "runs/student"
     meta = train_student(args.teacher or "runs/teacher", args.data or "runs/teacher_data", cfg, out,
-                         resume=args.resume)
+                         resume=args.resume, allow_config_change=args.allow_config_change)
     print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")
 
 
@@ -193,7 +208,7 @@ def _real_train(args, config: str) -> None:
         update.setdefault("model", {})["path"] = _local_path(args.teacher)
     cfg = load_config(ZImageDistillConfig, config, args.overrides, update)
     out = args.out or "runs/zimage/student"
-    meta = train_zimage_student(cfg, out, resume=args.resume)
+    meta = train_zimage_student(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
     print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s on {meta['device']}) -> {out}")
 
 
@@ -284,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-teacher", help="train the offline world's 8-step teacher")
     p.add_argument("--config", help=f"YAML config (default: {DEFAULT_TEACHER_CONFIG} if present)")
     p.add_argument("--out", default="runs/teacher", help="run folder (default: runs/teacher)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest good checkpoint in RUN/checkpoints (RUN/config.yaml is the default "
+                        "config)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept config values that differ from the checkpoint's (listed)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=500")
     p.set_defaults(func=cmd_train_teacher)
 
@@ -330,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="toy teacher run (default runs/teacher); real: overrides model.path")
     p.add_argument("--data", help="teacher-data folder (default runs/teacher_data; real: the config's data_dir)")
     p.add_argument("--out", help="run folder (default runs/student; real: runs/zimage/student)")
-    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest (or a given) checkpoint")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the newest good checkpoint (or a given step_NNNNNN folder); the run's own "
+                        "config.yaml is the default config")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept config values that differ from the checkpoint's (listed)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. recipe.end_to_end=false train.steps=200")
     p.set_defaults(func=cmd_train)
 
@@ -388,11 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may sit on both sides of an option (`... a.b=1 --resume latest c.d=2`): argparse only takes
+    # one run of positionals, so the rest are collected here
+    stray = [a for a in extra if not (hasattr(args, "overrides") and "=" in a and not a.startswith("-"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     args.argv = argv
     warnings.filterwarnings("ignore", message=".*Matrix is singular.*")
     try:
         args.func(args)
+    except Preempted as err:
+        print(f"twostep: {err}", file=sys.stderr)
+        return err.exit_code
     except TwostepError as err:
         print(f"twostep: error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,9 @@ It plays the part Z-Image-Turbo plays for real: a model that is good at 8 steps 
     RUN/prompt_embeds.safetensors  cached embeddings of the ten prompts
     RUN/train_log.jsonl            loss, lr, grad norm every ``log_every`` steps
     RUN/meta.json                  wall time, weight hash, versions
-    RUN/state.pt                   resumable training state (``--resume``)
+    RUN/checkpoints/step_XXXXXX/   resumable training state while the run is unfinished (``--resume``; removed
+                                   at the end). Same format, preemption and non-finite guard as the student's
+                                   (engine/checkpoint.py, engine/preemption.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -28,17 +31,25 @@ from torch import nn
 
 from .backbones.base import Conditioning
 from .backbones.zimage import TinyZImageConfig, ZImageBackbone
-from .config import load_config, require, save_config
+from .config import load_config, require, save_config, to_dict
 from .engine import flow
-from .engine.checkpoint import load_training_state, load_weights, rng_state, save_training_state, save_weights, \
-    set_rng_state
+from .engine.checkpoint import CheckpointError, checkpoint_dir, find_resumable, load_state, load_weights, \
+    prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_weights, set_rng_state
+from .engine.preemption import Preempted, StopOnSignal
+from .engine.train import check_config_change, first_nonfinite_grad
 from .errors import TwostepError
-from .utils import ensure_writable_dir, file_sha256, is_main_process, progress, write_text
+from .utils import check_can_write_dir, ensure_writable_dir, file_sha256, is_main_process, progress, trim_jsonl, \
+    write_text
 from .worlds import get_world
 from .worlds.digits.world import PROMPT_CACHE, ToyDataConfig, ToyTextConfig, build_prompt_cache, load_prompt_table
 
 WEIGHTS = "teacher.safetensors"
-STATE = "state.pt"
+CHECKPOINTS = "checkpoints"
+OLD_STATE = "state.pt"  # the pickle-format state of older versions: refused, never loaded
+# what a resumed teacher run may not change (they define its tensors or its data), and what it changes freely
+IDENTITY_KEYS = ("world", "model.", "text.", "data.")
+OPERATIONAL_KEYS = ("train.threads", "train.log_every", "train.checkpoint_every", "train.keep_last",
+                    "train.max_bad_steps")
 
 
 @dataclass
@@ -55,15 +66,24 @@ class TeacherTrainConfig:
     sigma_shift: float = 1.0  # measured: 1.0 beats 3.0 at equal steps (FD 4.7 vs 6.9, 600 steps)
     log_every: int = 50
     checkpoint_every: int = 500
+    keep_last: int = 1  # newest checkpoints kept while the run is unfinished
+    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
 
     def validate(self) -> None:
         require(self.steps >= 1, "steps", "must be at least 1")
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
-        require(self.lr > 0, "lr", "must be positive")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",
+                "must be a positive number (the largest gradient norm applied)")
         require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        require(math.isfinite(self.sigma_mean), "sigma_mean", "must be a finite number")
         require(self.sigma_std > 0 and self.sigma_shift > 0, "sigma_std", "and sigma_shift must be positive")
-        require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every", "and checkpoint_every must be >= 1")
+        for key in ("log_every", "checkpoint_every", "keep_last", "max_bad_steps"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default)")
 
 
 @dataclass
@@ -175,16 +195,39 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, command: str | None = None) -> dict:
+def _resume_checkpoint(cfg: TeacherConfig, out_dir: str, allow_config_change: bool) -> str:
+    """Checks only: the teacher checkpoint ``--resume`` continues from, with its config compared to ``cfg``."""
+    root = os.path.join(out_dir, CHECKPOINTS)
+    if os.path.isfile(os.path.join(out_dir, OLD_STATE)) and not os.path.isdir(root):
+        from .engine.checkpoint import old_format_error
+
+        raise old_format_error(os.path.join(out_dir, OLD_STATE))
+    checkpoint = find_resumable(root, report=lambda message: print(f"twostep: {message}"))
+    if checkpoint is None:
+        raise TwostepError(f"--resume: no checkpoint in {root}; start without --resume")
+    saved = read_state_json(checkpoint).get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {checkpoint} records no config")
+    for change in check_config_change(saved, to_dict(cfg), os.path.basename(checkpoint), allow_config_change,
+                                      identity_keys=IDENTITY_KEYS, operational_keys=OPERATIONAL_KEYS):
+        print(f"twostep: resuming with a changed config: {change}")
+    return checkpoint
+
+
+def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, command: str | None = None,
+                  allow_config_change: bool = False) -> dict:
     """Train the toy teacher into ``out_dir``; returns the run's ``meta`` dict. ``command``: the command line
-    recorded in ``provenance.json`` (default: one that retrains from the run's own config.yaml)."""
+    recorded in ``provenance.json`` (default: one that retrains from the run's own config.yaml). A refused
+    ``--resume`` writes nothing."""
+    checkpoint = _resume_checkpoint(cfg, out_dir, allow_config_change) if resume else None
+    check_can_write_dir(out_dir, what="teacher run folder")
     ensure_writable_dir(out_dir, what="teacher run folder")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tc = cfg.train
-    state_path = os.path.join(out_dir, STATE)
-    if resume and not os.path.isfile(state_path):
-        raise TwostepError(f"--resume: {state_path} does not exist; start without --resume")
+    root = os.path.join(out_dir, CHECKPOINTS)
+    for path in remove_stale_temporaries(out_dir) + remove_stale_temporaries(root):
+        print(f"twostep: removed {path}, left by an interrupted write")
 
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     world = cfg.build_world()
@@ -197,22 +240,36 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, comman
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tc))
     data_gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    start_step, elapsed_before = 0, 0.0
-    if resume:
-        state = load_training_state(state_path)
+    start_step, elapsed_before, bad_steps = 0, 0.0, 0
+    if checkpoint:
+        state = load_state(checkpoint, verify=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         data_gen.set_state(state["data_rng"])
         set_rng_state(state["rng"])
-        start_step, elapsed_before = state["step"], state["elapsed_s"]
+        start_step, elapsed_before, bad_steps = state["step"], state["elapsed_s"], state["bad_steps"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+
+    def save(step: int) -> str:
+        path = checkpoint_dir(root, step)
+        save_state(path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "data_rng": data_gen.get_state(), "rng": rng_state(),
+            "step": step, "bad_steps": bad_steps, "elapsed_s": elapsed_before + time.perf_counter() - started,
+            "config": to_dict(cfg)}, what=f"teacher checkpoint at step {step}")
+        prune_checkpoints(root, tc.keep_last)
+        return path
 
     log_path = os.path.join(out_dir, "train_log.jsonl")
-    log_mode = "a" if resume else "w"
+    if is_main_process():  # a resumed run drops the records of steps it will redo
+        trim_jsonl(log_path, lambda record: record.get("step", 0) < start_step, report=print)
     started = time.perf_counter()
+    last_checkpoint = checkpoint
     bar = progress(range(start_step, tc.steps), total=tc.steps, desc="teacher", initial=start_step)
-    with open(log_path, log_mode, encoding="utf-8") if is_main_process() else open(os.devnull, "w") as log:
+    with StopOnSignal("teacher training") as stop, \
+            open(log_path, "a", encoding="utf-8") if is_main_process() else open(os.devnull, "w") as log:
         for step in bar:
             x0, labels = world.training_batch(tc.batch_size, data_gen)
             noise = torch.randn(x0.shape, generator=data_gen)
@@ -223,23 +280,40 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, comman
             loss = torch.nn.functional.mse_loss(v, flow.velocity_target(x0, noise))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            ema_update(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            problem = None
             if not torch.isfinite(loss):
-                raise TwostepError(f"teacher loss became {loss.item()} at step {step}; lower train.lr")
-            if step % tc.log_every == 0 or step == tc.steps - 1:
+                problem = f"loss={loss.item()}"
+            elif not torch.isfinite(grad_norm):
+                problem = f"gradient of '{first_nonfinite_grad(model.named_parameters())}' is non-finite"
+            if problem is None:  # a non-finite step applies nothing: weights, EMA and optimizer state stay put
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, grad_norm)
+                opt.step()
+                ema_update(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
+                bad_steps = 0
+            else:
+                opt.zero_grad(set_to_none=True)
+                bad_steps += 1
+                bar.write(f"teacher step {step}: update skipped ({problem})")
+            sched.step()
+            if bad_steps >= tc.max_bad_steps:
+                kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint exists"
+                raise TwostepError(f"{bad_steps} teacher steps in a row (up to step {step}) had non-finite values "
+                                   f"(last: {problem}); nothing non-finite was saved and {kept}; lower train.lr")
+            if step % tc.log_every == 0 or step == tc.steps - 1 or problem:
                 record = {"step": step, "loss": round(loss.item(), 6), "lr": sched.get_last_lr()[0],
                           "grad_norm": round(float(grad_norm), 4)}
+                if problem:
+                    record["skipped"] = problem
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
-                save_training_state(state_path, {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "data_rng": data_gen.get_state(), "rng": rng_state(),
-                    "step": step + 1, "elapsed_s": elapsed_before + time.perf_counter() - started})
+            if is_main_process() and step + 1 < tc.steps and ((step + 1) % tc.checkpoint_every == 0
+                                                               or stop.requested):
+                last_checkpoint = save(step + 1)
+            if stop.requested and step + 1 < tc.steps:
+                raise Preempted(f"stopped by {stop.signal_name} at teacher step {step + 1} of {tc.steps}; state "
+                                f"saved in {last_checkpoint}; rerun the same command with --resume to continue")
     wall = elapsed_before + time.perf_counter() - started
 
     weights = os.path.join(out_dir, WEIGHTS)
@@ -250,9 +324,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, comman
         "parameters": sum(p.numel() for p in model.parameters()), "machine": platform_summary(),
     }
     write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2) + "\n")
-    if os.path.exists(state_path):
-        os.remove(state_path)
-    from .config import to_dict
+    shutil.rmtree(root, ignore_errors=True)  # a finished teacher keeps no resume state
     from .shipped import write_provenance
 
     retrain = f"twostep train-teacher --config {os.path.join(out_dir, 'config.yaml')} --out {out_dir}"

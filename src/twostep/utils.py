@@ -237,3 +237,43 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_can_write_dir(path: str, what: str = "output folder") -> str:
+    """Like :func:`ensure_writable_dir` but creates nothing: for checks made before a command may write."""
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise TwostepError(f"{what} {path!r} is a file; choose a folder")
+    probe = target
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise TwostepError(f"cannot write to {what} {path!r} ({probe} is not writable); choose another path")
+    return path
+
+
+def trim_jsonl(path: str, keep, report=print) -> None:
+    """Rewrite the JSON-lines log ``path`` with only the records ``keep(record)`` accepts. A final line cut short
+    by a kill is dropped with a warning; an unreadable line elsewhere is an error naming ``path:LINE``."""
+    import json
+
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    kept = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as err:
+            if number == len(lines):
+                report(f"twostep: warning: {path}:{number}: dropped a partial last record (an interrupted write)")
+                continue
+            raise TwostepError(f"{path}:{number}: not a JSON record ({err}); fix or delete that line") from err
+        if keep(record):
+            kept.append(raw.decode("utf-8") + "\n")
+    write_text(path, "".join(kept))

@@ -1,15 +1,26 @@
-"""Weights and resumable training state on disk.
+"""Weights and resumable training state on disk. Nothing here unpickles: a checkpoint can never run code.
 
 - weights: safetensors, loaded with shape checks that name the first bad tensor;
-- training state: one ``torch.save`` file (weights, optimizer, EMA, RNG states, step, data position),
-  written atomically so an interrupted save never replaces a good checkpoint.
+- training state: one folder per checkpoint::
+
+      step_000100/tensors.safetensors   every tensor of the state (weights, optimizer moments, EMA, RNG states)
+      step_000100/state.json            everything else (step, counters, optimizer hyper-parameters, Python and
+                                        NumPy RNG states, the resolved config), with tensors by reference
+      step_000100/MANIFEST.json         format version, size and sha256 of the two files; written last
+
+  The folder is built under a temporary name and renamed into place, so a killed write leaves either the previous
+  checkpoints untouched plus a ``.step_*.tmp`` folder (removed at the next start) or a complete new one.
+  :func:`find_resumable` verifies the newest checkpoint and falls back to an older good one, saying so.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from typing import Any
+import re
+import shutil
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -17,13 +28,48 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import TwostepError
-from ..utils import atomic_path
+from ..utils import atomic_dir, atomic_path, file_sha256
+
+FORMAT = "twostep-training-state"
+FORMAT_VERSION = 1
+TENSORS = "tensors.safetensors"
+STATE_JSON = "state.json"
+MANIFEST = "MANIFEST.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(TwostepError):
+    """A checkpoint that is missing, incomplete, corrupt or of a format this version does not load."""
+
+
+class NonFiniteError(TwostepError):
+    """A tensor about to be saved holds NaN or infinity."""
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write ``what`` when any floating tensor holds NaN or inf (names the first one)."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteError(f"refusing to save {what}: tensor '{name}' holds {bad} non-finite values; nothing "
+                                 "was written")
 
 
 def save_weights(module: nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    save_tensors(state, path, what=f"weights {path}", metadata=metadata)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, what: str,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write of finite tensors (see :func:`assert_finite`)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    assert_finite(tensors, what)
     with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def load_weights(module: nn.Module, path: str, what: str = "checkpoint") -> None:
@@ -49,25 +95,227 @@ def load_weights(module: nn.Module, path: str, what: str = "checkpoint") -> None
     module.load_state_dict(state)
 
 
+# --------------------------------------------------------------------------- RNG states as plain data
+
+
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Torch, NumPy and Python RNG states as tensors and JSON-able values (no pickle needed to store them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
-def save_training_state(path: str, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+# --------------------------------------------------------------------------- nested state <-> tensors + JSON
+
+_TENSOR, _TUPLE, _MAP = "__tensor__", "__tuple__", "__map__"
 
 
-def load_training_state(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise TwostepError(f"no training state at {path}; start without --resume")
+def split_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A nested state (dicts, lists, tuples, tensors, scalars) -> (JSON-able skeleton, flat tensors by path)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            name = path or "root"
+            while name in tensors:
+                name += "_"
+            tensors[name] = node.detach().to("cpu").contiguous()
+            return {_TENSOR: name}
+        if isinstance(node, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in node):
+                return {k: walk(v, f"{path}/{k}" if path else k) for k, v in node.items()}
+            return {_MAP: [[k, walk(v, f"{path}/{k}" if path else str(k))] for k, v in node.items()]}
+        if isinstance(node, tuple):
+            return {_TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(node)]}
+        if isinstance(node, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(node)]
+        if isinstance(node, (np.integer, np.floating, np.bool_)):
+            return node.item()
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"training state entry {path!r} has unsupported type {type(node).__name__}")
+
+    return walk(state, ""), tensors
+
+
+def join_state(skeleton: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """Inverse of :func:`split_state`; a reference to a tensor that is not there is a :class:`CheckpointError`."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if set(node) == {_TENSOR}:
+                if node[_TENSOR] not in tensors:
+                    raise CheckpointError(f"{where}: {STATE_JSON} refers to tensor {node[_TENSOR]!r} that "
+                                          f"{TENSORS} lacks")
+                return tensors[node[_TENSOR]]
+            if set(node) == {_TUPLE}:
+                return tuple(walk(v) for v in node[_TUPLE])
+            if set(node) == {_MAP}:
+                return {k: walk(v) for k, v in node[_MAP]}
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(skeleton)
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+
+
+def checkpoint_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:06d}")
+
+
+def save_state(folder: str, state: dict[str, Any], what: str = "training state") -> None:
+    """Write ``state`` as a checkpoint folder (see the module doc), atomically; non-finite tensors are refused."""
+    skeleton, tensors = split_state(state)
+    assert_finite(tensors, f"{what} {folder}")
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, os.path.join(tmp, TENSORS))
+        with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
+            json.dump(skeleton, f)
+        files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
+                 for name in (TENSORS, STATE_JSON)}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, "version": FORMAT_VERSION, "files": files}, f, indent=2)
+
+
+def verify_state(folder: str) -> None:
+    """Raise :class:`CheckpointError` unless ``folder`` is a complete checkpoint whose files match its manifest."""
+    if os.path.isfile(folder):
+        if folder.endswith(".pt"):
+            raise old_format_error(folder)
+        raise CheckpointError(f"checkpoint {folder} is a file; a checkpoint is a step_NNNNNN folder")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"checkpoint {folder} is incomplete ({MANIFEST} missing: its write was interrupted)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001
-        raise TwostepError(f"training state {path} is unreadable ({err}); delete it and start again") from err
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            raise ValueError("not a twostep training state")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is unreadable ({err})") from err
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {folder} has format version {manifest.get('version')!r}; this twostep "
+                              f"reads version {FORMAT_VERSION}")
+    for name in (TENSORS, STATE_JSON):
+        path = os.path.join(folder, name)
+        entry = files.get(name) or {}
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+        if os.path.getsize(path) != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its checksum in {MANIFEST}")
+
+
+def read_state_json(folder: str) -> dict[str, Any]:
+    """The JSON half of a checkpoint (scalars, config; tensors as references), without verifying it."""
+    try:
+        with open(os.path.join(folder, STATE_JSON), encoding="utf-8") as f:
+            skeleton = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {STATE_JSON} is unreadable ({err})") from err
+    if not isinstance(skeleton, dict):
+        raise CheckpointError(f"checkpoint {folder}: {STATE_JSON} does not hold a mapping")
+    return skeleton
+
+
+def load_state(folder: str, verify: bool = True) -> dict[str, Any]:
+    """A checkpoint folder back as the nested state :func:`save_state` was given (checksums verified first
+    unless ``verify=False``, for a folder :func:`verify_state` has just passed)."""
+    if verify:
+        verify_state(folder)
+    skeleton = read_state_json(folder)
+    try:
+        tensors = load_file(os.path.join(folder, TENSORS))
+    except Exception as err:  # noqa: BLE001 - a checksummed file that still fails to parse: report, never crash
+        raise CheckpointError(f"checkpoint {folder}: {TENSORS} is unreadable ({err})".splitlines()[0]) from err
+    return join_state(skeleton, tensors, folder)
+
+
+def old_format_error(path: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is a training state in the old pickle format, which twostep no longer loads because unpickling can "
+        "run code; start the run again without --resume (finished weights such as *.safetensors are unaffected)")
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """``[(step, folder)]`` of the checkpoint folders under ``root``, oldest first (complete or not)."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def find_resumable(root: str, report: Callable[[str], None] = print) -> str | None:
+    """The newest checkpoint under ``root`` that verifies; each newer one that does not is reported and skipped.
+    None when there is none at all; a :class:`CheckpointError` when there are only bad or old-format ones."""
+    checkpoints = list_checkpoints(root)
+    if not checkpoints:
+        old = sorted(p for p in os.listdir(root) if p.endswith(".pt")) if os.path.isdir(root) else []
+        if old:
+            raise old_format_error(os.path.join(root, old[-1]))
+        return None
+    problems = [f"{os.path.join(root, name)} is an interrupted checkpoint write"
+                for name in sorted(os.listdir(root)) if name.startswith(".step_") and name.endswith(".tmp")]
+    for step, folder in reversed(checkpoints):
+        try:
+            verify_state(folder)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        for problem in problems:
+            report(f"{problem}; falling back to {os.path.basename(folder)}")
+        return folder
+    problems = [p for p in problems if "interrupted checkpoint write" not in p] or problems
+    raise CheckpointError(f"no usable checkpoint in {root}: {problems[0]}" + (
+        f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def prune_checkpoints(root: str, keep_last: int, keep_every: int = 0) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, keeping any whose step is a multiple of
+    ``keep_every`` (0: none kept that way). Incomplete folders older than the newest good one go too."""
+    removed = []
+    checkpoints = list_checkpoints(root)
+    for step, folder in checkpoints[:-keep_last] if keep_last else checkpoints:
+        if keep_every and step % keep_every == 0 and os.path.isfile(os.path.join(folder, MANIFEST)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove what killed atomic writes left in ``folder`` (``.NAME.*.tmp`` / ``.old`` files and folders)."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        if name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old")):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(path)
+    return removed

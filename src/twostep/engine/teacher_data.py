@@ -29,6 +29,8 @@ from ..config import require
 from ..errors import TwostepError
 from ..utils import atomic_path, ensure_writable_dir, file_sha256, progress, write_text
 from . import flow
+from .checkpoint import remove_stale_temporaries
+from .preemption import Preempted, StopOnSignal
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
@@ -98,7 +100,9 @@ def _shard_name(index: int) -> str:
 
 
 @torch.no_grad()
-def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count: int) -> dict[str, Tensor]:
+def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count: int,
+                stop: StopOnSignal | None = None) -> dict[str, Tensor] | None:
+    """The shard's tensors; None when ``stop`` was signalled between two batches (the partial shard is dropped)."""
     sigmas = flow.turbo_sigmas(cfg.teacher_steps, cfg.shift)
     picks = state_indices(sigmas, cfg.student_sigmas)
     seeds = torch.arange(start, start + count, dtype=torch.int64) + cfg.seed
@@ -110,6 +114,8 @@ def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count
     finals, states = [], []
     batches = range(0, count, cfg.batch_size)
     for b in progress(batches, desc=f"samples {start}-{start + count - 1}", leave=False) if len(batches) > 1 else batches:
+        if stop is not None and stop.requested:
+            return None
         p = prompt_index[b:b + cfg.batch_size]
         final, path = flow.euler_sample(lambda x, s, i: source.velocity(x, s, p), noise[b:b + cfg.batch_size],
                                         sigmas, return_states=True)
@@ -148,11 +154,25 @@ def existing_cache(out_dir: str, provenance: dict) -> dict | None:
 
 
 def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir: str) -> dict:
-    """Write (or finish) the sharded cache in ``out_dir``; returns the manifest."""
+    """Write (or finish) the sharded cache in ``out_dir``; returns the manifest.
+
+    SIGTERM / SIGINT stop it at the next batch boundary: finished shards stay (the manifest lists them), the shard
+    in progress is dropped, and :class:`~twostep.engine.preemption.Preempted` is raised; rerunning the same command
+    generates only the missing shards, byte-identical to an uninterrupted run (every sample has its own seed)."""
     ensure_writable_dir(out_dir, what="teacher-data folder")
+    for path in remove_stale_temporaries(out_dir):
+        print(f"twostep: removed {path}, left by an interrupted write")
     provenance = cache_provenance(cfg, source)
     manifest = existing_cache(out_dir, provenance) or {"provenance": provenance, "shards": {}, "complete": False}
     num_shards = (cfg.num_samples + cfg.shard_size - 1) // cfg.shard_size
+    with StopOnSignal("teacher-data generation") as stop:
+        _write_shards(cfg, source, out_dir, manifest, provenance, num_shards, stop)
+    manifest["complete"] = True
+    write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _write_shards(cfg, source, out_dir, manifest, provenance, num_shards, stop: StopOnSignal) -> None:
     bar = progress(range(num_shards), desc="teacher data")
     for index in bar:
         name = _shard_name(index)
@@ -164,15 +184,19 @@ def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir
             bar.write(f"teacher data: {name} is incomplete or does not match the manifest; regenerating it")
         start = index * cfg.shard_size
         count = min(cfg.shard_size, cfg.num_samples - start)
-        tensors = _make_shard(cfg, source, start, count)
+        tensors = _make_shard(cfg, source, start, count, stop)
+        if tensors is None:
+            done = len(manifest["shards"])
+            raise Preempted(f"stopped by {stop.signal_name}: {done} of {num_shards} shards of {out_dir} are done "
+                            "(the one in progress was dropped); rerun the same command to finish the rest")
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"provenance": json.dumps(provenance, sort_keys=True)})
         manifest["shards"][name] = {"first_index": start, "count": count, "sha256": file_sha256(path),
                                     "bytes": os.path.getsize(path)}
         write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-    manifest["complete"] = True
-    write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-    return manifest
+        if stop.requested and index + 1 < num_shards:
+            raise Preempted(f"stopped by {stop.signal_name}: {index + 1} of {num_shards} shards of {out_dir} are "
+                            "done; rerun the same command to finish the rest")
 
 
 class TeacherData:

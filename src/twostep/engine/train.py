@@ -14,17 +14,20 @@ A run folder::
     RUN/train_log.jsonl           every ``log_every`` steps: losses, D accuracy and logits, grad norms, output stats
     RUN/tb/                       the same scalars for TensorBoard
     RUN/samples/step_XXXXXX.png   fixed-seed grids (EMA weights): rows = prompts
-    RUN/checkpoints/step_XXXXXX.pt full state; ``--resume latest`` continues from the newest
+    RUN/checkpoints/step_XXXXXX/  full state (engine/checkpoint.py: safetensors + JSON + checksums, no pickle);
+                                  the last step is always saved; ``--resume latest`` continues from the newest good one
     RUN/student.safetensors       final EMA weights of the student's trainable parameters
+
+Reliability: SIGTERM / SIGINT finish the current step, save a checkpoint and exit with ``preemption.EXIT_CODE``; a
+step whose loss or gradient is non-finite applies no update (logged with the term or parameter), and
+``train.max_bad_steps`` such steps in a row stop the run; nothing non-finite is ever saved.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import re
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -35,8 +38,10 @@ from torch import nn
 
 from ..config import require, save_config, to_dict
 from ..errors import TwostepError
-from ..utils import ensure_writable_dir, is_main_process, progress, write_text
-from .checkpoint import rng_state, save_training_state, load_training_state, set_rng_state
+from ..utils import check_can_write_dir, ensure_writable_dir, is_main_process, progress, trim_jsonl, write_text
+from .checkpoint import CheckpointError, checkpoint_dir, find_resumable, load_state, prune_checkpoints, \
+    read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, set_rng_state, verify_state
+from .preemption import Preempted, StopOnSignal
 from .discriminator import Discriminator
 from .recipe import RecipeConfig, adv_ramp, discriminator_loss, generator_loss
 from .student import Student
@@ -65,20 +70,31 @@ class DistillTrainConfig:
     sample_every: int = 100
     eval_every: int = 100  # 0 = no periodic evaluation
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_last: int = 2  # newest checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = none)
+    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
     seed: int = 0
     threads: int = 0
 
     def validate(self) -> None:
-        require(self.steps >= 1 and self.batch_size >= 2, "steps", "must be >= 1 (and batch_size >= 2)")
-        require(self.g_lr > 0 and self.d_lr > 0, "g_lr", "and d_lr must be positive")
+        require(self.steps >= 1, "steps", "must be at least 1")
+        require(self.batch_size >= 2, "batch_size", "must be at least 2")
+        require(math.isfinite(self.g_lr) and self.g_lr > 0, "g_lr", "must be a positive number")
+        require(math.isfinite(self.d_lr) and self.d_lr > 0, "d_lr", "must be a positive number")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.d_steps_per_g >= 1, "d_steps_per_g", "must be at least 1")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (0 = no learning-rate warm-up)")
         require(self.d_warmup_steps >= 0, "d_warmup_steps", "must be >= 0 (0 = no discriminator warm-up)")
+        require(math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",
+                "must be a positive number (the largest gradient norm applied)")
         require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-        require(self.log_every >= 1 and self.sample_every >= 1 and self.checkpoint_every >= 1, "log_every",
-                "sample_every and checkpoint_every must be >= 1")
+        for key in ("log_every", "sample_every", "checkpoint_every", "keep_last", "max_bad_steps"):
+            require(getattr(self, key) >= 1, key, "must be at least 1")
+        require(self.keep_every >= 0, "keep_every", "must be >= 0 (0 keeps only the newest keep_last)")
         require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 turns periodic evaluation off)")
+        require(self.seed >= 0, "seed", "must be >= 0")
+        require(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default)")
 
 
 class RunConfig(Protocol):
@@ -137,17 +153,30 @@ def grad_norm(params) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
+def first_nonfinite_grad(named_params) -> str | None:
+    """Name of the first parameter whose gradient holds NaN or inf (None when all are finite)."""
+    for name, p in named_params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return None
+
+
+def nonfinite_loss(logs: dict[str, float]) -> str | None:
+    """The first logged loss term that is NaN or inf, as ``"term=value"`` (None when all are finite)."""
+    for key, value in logs.items():
+        if not key.startswith("grad_norm/") and not math.isfinite(value):
+            return f"{key}={value}"
+    return None
+
+
 def trainable_state(student: Student) -> dict[str, Tensor]:
     """Only what the student trains (LoRA adapters, or the per-step copies)."""
     names = {id(p) for params in student.parameter_groups().values() for p in params}
     return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    paths = glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt"))
-    if not paths:
-        return None
-    return max(paths, key=lambda p: int(re.findall(r"step_(\d+)\.pt$", p)[0]))
+class NonFiniteTraining(TwostepError):
+    """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient."""
 
 
 class Trainer:
@@ -164,6 +193,8 @@ class Trainer:
         self.sample_fn = sample_fn  # (student, path) -> None, writes a grid with the EMA weights applied
         self.eval_fn = eval_fn  # (student) -> {metric: value}, run with the EMA weights applied
         self.groups = student.parameter_groups()
+        names = {id(p): n for n, p in student.named_parameters()}
+        self.named_groups = {g: [(names[id(p)], p) for p in ps] for g, ps in self.groups.items()}
         self.opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in self.groups.items()], lr=tc.g_lr,
                                        betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.d_lr, betas=tuple(tc.betas),
@@ -175,6 +206,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(tc.seed)
         self.step = 0  # generator updates done
         self.d_warmup_done = 0  # discriminator-only warm-up updates done (train.d_warmup_steps)
+        self.bad_steps = 0  # consecutive steps with a skipped update
+        self.problems: list[str] = []  # this step's skipped updates, "what: why"
+        self.last_checkpoint: str | None = None
         self.elapsed = 0.0
         if tc.gradient_checkpointing:
             student.set_gradient_checkpointing(True)
@@ -186,8 +220,8 @@ class Trainer:
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
                 "ema": self.ema.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
-                "step": self.step, "d_warmup_done": self.d_warmup_done, "elapsed_s": self.elapsed,
-                "config": to_dict(self.cfg)}
+                "step": self.step, "d_warmup_done": self.d_warmup_done, "bad_steps": self.bad_steps,
+                "elapsed_s": self.elapsed, "config": to_dict(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
         own = dict(self.student.named_parameters())
@@ -206,16 +240,16 @@ class Trainer:
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
-        # checkpoints from before the warm-up existed: a run past step 0 is past any warm-up
-        self.d_warmup_done = state.get("d_warmup_done", self.cfg.train.d_warmup_steps if self.step > 0 else 0)
+        self.d_warmup_done, self.bad_steps = state["d_warmup_done"], state["bad_steps"]
 
     def save_checkpoint(self) -> str:
-        path = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:06d}.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_training_state(path, self.state_dict())
-        paths = sorted(glob.glob(os.path.join(self.run_dir, "checkpoints", "step_*.pt")))
-        for old in paths[:-self.cfg.train.keep_checkpoints]:
-            os.remove(old)
+        """``RUN/checkpoints/step_XXXXXX/`` (checksummed, atomic; refused when any tensor is non-finite), then
+        retention (``train.keep_last`` / ``train.keep_every``)."""
+        root = os.path.join(self.run_dir, "checkpoints")
+        path = checkpoint_dir(root, self.step)
+        save_state(path, self.state_dict(), what=f"checkpoint at step {self.step}")
+        prune_checkpoints(root, self.cfg.train.keep_last, self.cfg.train.keep_every)
+        self.last_checkpoint = path
         return path
 
     # ------------------------------------------------------------------ one iteration
@@ -228,11 +262,26 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.bf16 else nullcontext()
 
+    def _apply(self, optimizer, named_params, logs: dict[str, float], norm: float, what: str) -> bool:
+        """Clip and step ``optimizer`` unless a loss term or the gradient is non-finite: then the gradient is
+        dropped, nothing is applied, and the reason is added to :attr:`problems`. Returns whether it applied."""
+        problem = nonfinite_loss(logs)
+        if problem is None and not math.isfinite(norm):
+            problem = f"gradient of '{first_nonfinite_grad(named_params)}' is non-finite"
+        if problem is not None:
+            optimizer.zero_grad(set_to_none=True)
+            self.problems.append(f"{what}: {problem}")
+            return False
+        nn.utils.clip_grad_norm_([p for _, p in named_params], self.cfg.train.grad_clip)
+        optimizer.step()
+        return True
+
     def d_step(self, updates: int | None = None) -> dict[str, float]:
         """``updates`` (default ``d_steps_per_g``) discriminator updates; the student only runs under no_grad."""
         tc, rc = self.cfg.train, self.cfg.recipe
         logs: dict[str, float] = {}
         self.disc.requires_grad_(True)
+        named = list(self.disc.named_parameters())
         for _ in range(tc.d_steps_per_g if updates is None else updates):
             batch, cond = self._batch()
             real = batch["final"] if rc.real_source == "teacher" else self.real_images_fn(
@@ -242,9 +291,8 @@ class Trainer:
                                                      rc=rc)
             self.opt_d.zero_grad(set_to_none=True)
             d_total.backward()
-            logs["grad_norm/d"] = grad_norm(self.disc.parameters())
-            nn.utils.clip_grad_norm_(self.disc.parameters(), tc.grad_clip)
-            self.opt_d.step()
+            d_logs["grad_norm/d"] = grad_norm(self.disc.parameters())
+            self._apply(self.opt_d, named, d_logs, d_logs["grad_norm/d"], "discriminator update")
             logs.update(d_logs)
         self.sched_d.step()
         return logs
@@ -263,8 +311,8 @@ class Trainer:
 
     def g_step(self) -> dict[str, float]:
         """One student update; the discriminator is frozen meanwhile (its heads get no gradient). The adversarial
-        terms are scaled by the ramp at this generator step (``recipe.adv_ramp_steps``)."""
-        tc = self.cfg.train
+        terms are scaled by the ramp at this generator step (``recipe.adv_ramp_steps``). A skipped update also
+        skips the EMA update, so the saved weights do not move either."""
         self.disc.requires_grad_(False)
         try:
             batch, cond = self._batch()
@@ -277,10 +325,11 @@ class Trainer:
             self.disc.requires_grad_(True)
         for name, params in self.groups.items():
             logs[f"grad_norm/{name}"] = grad_norm(params)
-        nn.utils.clip_grad_norm_([p for ps in self.groups.values() for p in ps], tc.grad_clip)
-        self.opt_g.step()
+        named = [pair for pairs in self.named_groups.values() for pair in pairs]
+        total = math.sqrt(sum(logs[f"grad_norm/{name}"] ** 2 for name in self.groups))
+        if self._apply(self.opt_g, named, logs, total, "student update"):
+            self.ema.update(self.step)
         self.sched_g.step()
-        self.ema.update(self.step)
         return logs
 
     @property
@@ -290,16 +339,29 @@ class Trainer:
         return rc.adv_weight > 0 or (rc.step1_loss == "adversarial" and rc.step1_weight > 0)
 
     def train_step(self) -> dict[str, float]:
-        """One generator step: any discriminator warm-up still due, ``d_steps_per_g`` D updates, one G update."""
+        """One generator step: any discriminator warm-up still due, ``d_steps_per_g`` D updates, one G update.
+
+        Updates with a non-finite loss or gradient are skipped (see :meth:`_apply`); ``train.max_bad_steps``
+        steps in a row with a skipped update raise :class:`NonFiniteTraining`."""
+        self.problems = []
         logs = {**self.d_warmup(), **self.d_step(), **self.g_step()} if self.uses_discriminator else self.g_step()
-        if not all(math.isfinite(logs[k]) for k in ("g_total", "d_loss") if k in logs):
-            raise TwostepError(f"losses became non-finite at step {self.step}; lower train.g_lr / train.d_lr")
         self.step += 1
+        self.bad_steps = self.bad_steps + 1 if self.problems else 0
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
+                    "no checkpoint was written")
+            raise NonFiniteTraining(
+                f"{self.bad_steps} steps in a row (up to step {self.step}) had non-finite values, so no update was "
+                f"applied (last: {self.problems[-1]}); nothing non-finite was saved and {kept}; lower train.g_lr / "
+                "train.d_lr, or check the teacher data")
         return logs
 
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> None:
+        """Run to ``train.steps``. The last step is always checkpointed (``--resume latest train.steps=N`` extends
+        a finished run); on SIGTERM/SIGINT the current step finishes, a checkpoint is written and
+        :class:`~twostep.engine.preemption.Preempted` is raised."""
         tc = self.cfg.train
         main = is_main_process()
         writer = None
@@ -311,59 +373,154 @@ class Trainer:
             except ImportError:
                 writer = None
         log_path = os.path.join(self.run_dir, "train_log.jsonl")
-        if main and os.path.exists(log_path):
-            # a fresh run starts a new log; a resumed one drops records written after its checkpoint
-            kept = [line for line in open(log_path, encoding="utf-8") if json.loads(line)["step"] <= self.step]
-            write_text(log_path, "".join(kept))
+        if main:  # a fresh run starts a new log; a resumed one drops records written after its checkpoint
+            trim_jsonl(log_path, lambda record: record.get("step", 0) <= self.step, report=print)
         bar = progress(range(self.step, tc.steps), total=tc.steps, initial=self.step, desc="distill")
         started = time.perf_counter() - self.elapsed
-        with open(log_path, "a", encoding="utf-8") if main else open(os.devnull, "w") as log:
-            for _ in bar:
-                logs = self.train_step()
-                self.elapsed = time.perf_counter() - started
-                if main and self.eval_fn is not None and tc.eval_every and (
-                        self.step % tc.eval_every == 0 or self.step == tc.steps):
-                    with self.ema.applied():
-                        logs.update({f"eval/{k}": v for k, v in self.eval_fn(self.student).items()})
-                if self.step % tc.log_every == 0 or self.step == tc.steps or any(k.startswith("eval/") for k in logs):
-                    record = {"step": self.step, "elapsed_s": round(self.elapsed, 2),
-                              "g_lr": self.sched_g.get_last_lr()[0], **{k: round(v, 6) for k, v in logs.items()}}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if writer is not None:
-                        for k, v in logs.items():
-                            writer.add_scalar(k, v, self.step)
-                    bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
-                                    acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
-                if main and self.sample_fn is not None and (self.step % tc.sample_every == 0 or self.step == tc.steps):
-                    with self.ema.applied():
-                        self.sample_fn(self.student, os.path.join(self.run_dir, "samples",
-                                                                  f"step_{self.step:06d}.png"))
-                if main and self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
-                    self.save_checkpoint()
-        if writer is not None:
-            writer.close()
+        try:
+            with StopOnSignal("training") as stop, \
+                    open(log_path, "a", encoding="utf-8") if main else open(os.devnull, "w") as log:
+                for _ in bar:
+                    logs = self.train_step()
+                    self.elapsed = time.perf_counter() - started
+                    if self.problems and main:
+                        bar.write(f"step {self.step}: update skipped ({'; '.join(self.problems)})")
+                    if main and self.eval_fn is not None and tc.eval_every and (
+                            self.step % tc.eval_every == 0 or self.step == tc.steps):
+                        with self.ema.applied():
+                            logs.update({f"eval/{k}": v for k, v in self.eval_fn(self.student).items()})
+                    if (self.step % tc.log_every == 0 or self.step == tc.steps or self.problems
+                            or any(k.startswith("eval/") for k in logs)):
+                        record = {"step": self.step, "elapsed_s": round(self.elapsed, 2),
+                                  "g_lr": self.sched_g.get_last_lr()[0], **{k: round(v, 6) for k, v in logs.items()}}
+                        if self.problems:
+                            record["skipped"] = list(self.problems)
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        if writer is not None:
+                            for k, v in logs.items():
+                                writer.add_scalar(k, v, self.step)
+                        bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
+                                        acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
+                    if main and self.sample_fn is not None and (self.step % tc.sample_every == 0
+                                                                or self.step == tc.steps):
+                        with self.ema.applied():
+                            self.sample_fn(self.student, os.path.join(self.run_dir, "samples",
+                                                                      f"step_{self.step:06d}.png"))
+                    due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop.requested
+                    if main and due:
+                        self.save_checkpoint()
+                    if stop.requested:
+                        raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
+                                        f"saved in {self.last_checkpoint}; rerun the same command with --resume "
+                                        "latest to continue exactly")
+        finally:
+            if writer is not None:
+                writer.close()
 
 
-def setup_run(cfg: RunConfig, run_dir: str, resume: str | None) -> str | None:
-    """Create the run folder, save the resolved config; return the checkpoint to resume from (or None)."""
+# --------------------------------------------------------------------------- run folders and resume
+
+# Config keys that define what a checkpoint's tensors are (or the teacher and data they were fitted to): a resume
+# that changes one is refused. A trailing "." covers a whole section.
+IDENTITY_KEYS = ("student.sigmas", "student.params", "student.form", "student.lora_rank", "student.lora_targets",
+                 "discriminator.blocks", "discriminator.hidden", "teacher.", "teacher_data.", "model.path")
+# Keys that do not change what a run computes: a resume may change them freely.
+OPERATIONAL_KEYS = ("train.threads", "train.log_every", "train.checkpoint_every", "train.keep_last",
+                    "train.keep_every", "train.max_bad_steps")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _matches(key: str, patterns) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def check_config_change(saved: dict, new: dict, where: str, allow_change: bool, identity_keys=IDENTITY_KEYS,
+                        operational_keys=OPERATIONAL_KEYS) -> list[str]:
+    """Compare a checkpoint's config with the one a resume would use. Identity keys that differ are refused;
+    other differences are refused unless ``allow_change`` (``--allow-config-change``). Returns the changes
+    accepted, as ``"key: old -> new"``."""
+    old, cur = _flatten(saved), _flatten(new)
+    changed = [k for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)]
+    fixed = [f"'{k}' ({old.get(k)!r} in {where}, {cur.get(k)!r} now)" for k in changed if _matches(k, identity_keys)]
+    if fixed:
+        raise TwostepError(f"--resume: config key {', '.join(fixed)} differs; "
+                           + ("it defines" if len(fixed) == 1 else "they define") + " the checkpoint's tensors (or the "
+                           "teacher and data they fit), so the run cannot continue; start a new run in another --out")
+    notable = [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in changed if not _matches(k, operational_keys)]
+    if notable and not allow_change:
+        raise TwostepError(f"--resume: the config differs from {where} in " + ", ".join(notable)
+                           + "; add --allow-config-change to continue with the new values")
+    return notable
+
+
+def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
+                   identity_keys=IDENTITY_KEYS) -> str | None:
+    """Checks only, writes nothing: the verified checkpoint to resume from (None for a fresh run), after
+    comparing its config with ``cfg`` (:func:`check_config_change`). ``--resume latest`` falls back past an
+    incomplete or corrupt newest checkpoint and says so."""
+    if not resume:
+        return None
+    root = os.path.join(run_dir, "checkpoints")
+    if resume == "latest":
+        checkpoint = find_resumable(root, report=lambda message: print(f"twostep: {message}"))
+        if checkpoint is None:
+            raise TwostepError(f"--resume latest: no checkpoint in {root}; start without --resume")
+    else:
+        checkpoint = resume
+        verify_state(checkpoint)
+    saved = read_state_json(checkpoint).get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {checkpoint} records no config")
+    changes = check_config_change(saved, to_dict(cfg), os.path.basename(checkpoint), allow_config_change,
+                                  identity_keys=identity_keys)
+    for change in changes:
+        print(f"twostep: resuming with a changed config: {change}")
+    return checkpoint
+
+
+def start_run(cfg: RunConfig, run_dir: str) -> None:
+    """After every check passed: create the run folder, save the resolved config, remove what killed writes left."""
     ensure_writable_dir(run_dir, what="training run folder")
-    checkpoint = None
-    if resume:
-        checkpoint = latest_checkpoint(run_dir) if resume == "latest" else resume
-        if checkpoint is None or not os.path.isfile(checkpoint):
-            raise TwostepError(f"--resume {resume}: no checkpoint found in {run_dir}/checkpoints; start without "
-                               "--resume")
     if is_main_process():
+        for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+            for path in remove_stale_temporaries(folder):
+                print(f"twostep: removed {path}, left by an interrupted write")
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
+
+
+def setup_run(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False) -> str | None:
+    """:func:`prepare_resume` then :func:`start_run` (for callers with nothing else to check in between)."""
+    checkpoint = prepare_resume(cfg, run_dir, resume, allow_config_change)
+    check_can_write_dir(run_dir, what="training run folder")
+    start_run(cfg, run_dir)
     return checkpoint
 
 
 def resume_trainer(trainer: Trainer, checkpoint: str | None) -> None:
     if checkpoint:
-        trainer.load_state_dict(load_training_state(checkpoint))
+        trainer.load_state_dict(load_state(checkpoint, verify=False))
+        trainer.last_checkpoint = checkpoint
         if is_main_process():
             print(f"resumed from {checkpoint} at step {trainer.step}")
+
+
+def save_student_weights(trainer: Trainer, path: str) -> dict[str, Tensor]:
+    """The EMA weights of the trainable parameters to ``path`` (fp32, refused when non-finite); returns them."""
+    with trainer.ema.applied():
+        state = {k: v.float().cpu() for k, v in trainable_state(trainer.student).items()}
+    if is_main_process():
+        save_tensors(state, path, what="student weights")
+    return state
 
 
 def write_meta(run_dir: str, meta: dict) -> None:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ...backbones.zimage import ZImageBackbone
 from ...config import load_config, require
@@ -21,9 +21,10 @@ from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
 from ...engine.teacher_data import TeacherData
-from ...engine.train import DistillTrainConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
+from ...engine.train import DistillTrainConfig, Trainer, prepare_resume, resume_trainer, save_student_weights, \
+    start_run, write_meta
 from ...errors import TwostepError
-from ...utils import atomic_path, is_main_process
+from ...utils import check_can_write_dir
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
 from .text_cache import PromptEmbeds
@@ -112,14 +113,18 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
     return student, disc
 
 
-def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None) -> dict:
-    """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta."""
+def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None,
+                         allow_config_change: bool = False) -> dict:
+    """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
+    checks (resume, teacher, cache, output folder) run before the model loads and before anything is written."""
+    checkpoint = prepare_resume(cfg, out_dir, resume, allow_config_change)
+    check_can_write_dir(out_dir, what="training run folder")
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, shift=cfg.teacher_data.shift)
-    expected = expected_provenance(cfg.teacher_data, teacher)  # cheap checks first
+    expected = expected_provenance(cfg.teacher_data, teacher)
     data = TeacherData(cfg.data_dir, expected=expected)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
-    checkpoint = setup_run(cfg, out_dir, resume)
     device = pick_device(cfg.model.device)
+    start_run(cfg, out_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
@@ -127,11 +132,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
                       sample_fn=preview_writer(teacher.folder, embeds, teacher.latent_shape, device), device=device)
     resume_trainer(trainer, checkpoint)
     trainer.fit()
-    with trainer.ema.applied():
-        state = {k: v.float().cpu() for k, v in trainable_state(student).items()}
-    if is_main_process():
-        with atomic_path(os.path.join(out_dir, STUDENT_WEIGHTS)) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
     meta = {"kind": "zimage-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
             "teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
             "teacher_data": os.path.abspath(cfg.data_dir), "device": str(device),
