@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .engine.student import StudentConfig
 from .errors import TwostepError
+from .engine.checkpoint import assert_finite
 from .utils import atomic_dir, write_text
 
 Tensor = torch.Tensor
@@ -106,6 +107,7 @@ def _save_loras(folder: str, files: list[dict], info: dict, name: str) -> list[s
     paths = []
     for step, tensors in enumerate(files, 1):
         path = os.path.join(folder, name.format(step=step))
+        assert_finite(tensors, path)  # the storage dtype can overflow (float16 above 65504)
         save_file(tensors, path, metadata=_file_meta({**info, "step": step}))
         paths.append(path)
     return paths
@@ -162,6 +164,7 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> lis
     if fmt not in FORMATS:
         raise TwostepError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     cfg, meta, state = load_real_run(run_dir)
+    assert_finite(state, f"an export of {run_dir}")  # a NaN student is never shipped
     if cfg.student.renoise != "euler" and fmt != "merged":
         raise TwostepError(f"{run_dir} was trained with student.renoise={cfg.student.renoise}, but diffusers and "
                            "ComfyUI samplers move between steps by the deterministic Euler step; export --format merged "
@@ -241,6 +244,7 @@ def _export_merged(state: dict[str, Tensor], cfg, folder: str, out: str,
             transformer.load_state_dict({k: v.to(dtype) for k, v in own.items()})
             rounding.append(0.0)
         path = os.path.join(out, f"transformer_step{step + 1}")
+        assert_finite(dict(transformer.named_parameters()), path)
         transformer.save_pretrained(path)
         paths.append(path)
         del transformer
