@@ -72,7 +72,7 @@ class SamplingConfig:
     shift: float = 3.0
 
     def validate(self) -> None:
-        require(self.steps >= 1, "steps", "must be at least 1")
+        require(1 <= self.steps <= 1000, "steps", "must be in [1, 1000]")
         require(self.shift > 0, "shift", "must be positive")
 
 
@@ -86,9 +86,14 @@ class EvalConfig:
     throughput_repeats: int = 5
 
     def validate(self) -> None:
+        from .config import require_seed
+
         require(self.num_samples >= 20, "num_samples", "must be at least 20 (two per prompt)")
-        require(self.batch_size >= 1 and self.throughput_batch >= 1, "batch_size", "must be at least 1")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.throughput_batch >= 1, "throughput_batch", "must be at least 1")
         require(self.throughput_repeats >= 1, "throughput_repeats", "must be at least 1")
+        require_seed(self.seed, "seed")
+        require_seed(self.evaluator_seed, "evaluator_seed")
 
 
 @dataclass
