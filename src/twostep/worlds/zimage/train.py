@@ -8,7 +8,6 @@ Every check (config, pipeline folder, cache provenance) runs before the transfor
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -20,10 +19,10 @@ from ...config import load_config, require
 from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
-from ...engine.teacher_data import TeacherData
+from ...engine.teacher_data import DTYPES, TeacherData
 from ...engine.train import DistillTrainConfig, Trainer, resume_trainer, setup_run, trainable_state, write_meta
 from ...errors import TwostepError
-from ...utils import atomic_path, is_main_process
+from ...utils import atomic_path, check_device_name, is_main_process, read_json_file
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
 from .text_cache import PromptEmbeds
@@ -38,7 +37,10 @@ class ZImageModelConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        torch_dtype(self.dtype)
+        require(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
+        require(check_device_name(self.device), "device",
+                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        require(bool(self.path.strip()), "path", "must name a Z-Image pipeline folder or hub id")
 
 
 def _real_train_defaults() -> DistillTrainConfig:
@@ -115,11 +117,11 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
 def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta."""
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, shift=cfg.teacher_data.shift)
+    device = pick_device(cfg.model.device)
     expected = expected_provenance(cfg.teacher_data, teacher)  # cheap checks first
     data = TeacherData(cfg.data_dir, expected=expected)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
     checkpoint = setup_run(cfg, out_dir, resume)
-    device = pick_device(cfg.model.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
@@ -147,5 +149,10 @@ def load_real_run(run_dir: str) -> tuple[ZImageDistillConfig, dict, dict[str, to
         raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train` "
                            "with a Z-Image config first")
     cfg = load_config(ZImageDistillConfig, os.path.join(run_dir, "config.yaml"))
-    meta = json.load(open(os.path.join(run_dir, "meta.json"), encoding="utf-8"))
+    meta_path = os.path.join(run_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise TwostepError(f"{run_dir} has no meta.json: the run did not finish; rerun `twostep train`")
+    meta = read_json_file(meta_path, what="run record", hint="rerun `twostep train`")
+    if not isinstance(meta, dict):
+        raise TwostepError(f"{meta_path}: run record must be a JSON object; rerun `twostep train`")
     return cfg, meta, load_file(weights)
