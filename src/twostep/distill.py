@@ -6,7 +6,6 @@ supplies the teacher run, the cached prompt table, the real images for ``real_so
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from .evaluate import build_evaluator, eval_set, measure_throughput
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
 from .teacher import Teacher, TeacherConfig, load_teacher
-from .utils import atomic_path, file_sha256, is_main_process
+from .utils import atomic_path, file_sha256, is_main_process, read_json_object
 from .worlds import Evaluator
 from .worlds.digits.evaluator import frechet_distance
 
@@ -158,7 +157,12 @@ def load_student(run_dir: str, teacher_run: str | None = None) -> tuple[Student,
         raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train`")
     cfg = load_config(DistillConfig, os.path.join(run_dir, "config.yaml"))
     if teacher_run is None:
-        teacher_run = json.load(open(os.path.join(run_dir, "meta.json")))["teacher_run"]
+        meta_path = os.path.join(run_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise TwostepError(f"{run_dir} has no meta.json (the run did not finish); rerun `twostep train`")
+        teacher_run = read_json_object(meta_path, what="run record").get("teacher_run")
+        if not isinstance(teacher_run, str):
+            raise TwostepError(f"{meta_path}: run record lacks 'teacher_run'; give the teacher run explicitly")
     student, _, _ = build_student(teacher_run, cfg)
     state = load_file(weights)
     own = dict(student.named_parameters())
