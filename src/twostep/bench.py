@@ -24,7 +24,7 @@ from .evaluate import build_evaluator, eval_set
 from .reports import save_figure, update_section
 from .shipped import matching_shipped_teacher
 from .teacher import load_teacher, platform_summary, train_teacher
-from .utils import ensure_writable_dir, progress, write_text
+from .utils import ensure_writable_dir, progress, read_json_object, read_jsonl_file, write_text
 
 # The recipe as the paper states it, set explicitly so the ablations mean the same thing whatever the defaults
 # in configs/ become (they are chosen by this bench: the "defaults" arm). Includes the discriminator fixes of the
@@ -76,9 +76,12 @@ class BenchConfig:
     curve_samples: int = 500
 
     def validate(self) -> None:
-        require(self.seeds >= 1 and self.steps >= 1, "seeds", "and steps must be >= 1")
-        require(self.eval_samples >= 20 and self.curve_samples >= 20, "eval_samples", "must be >= 20")
-        require(self.curve_every >= 0, "curve_every", "must be >= 0")
+        require(self.seeds >= 1, "seeds", "must be at least 1")
+        require(self.steps >= 1, "steps", "must be at least 1")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.eval_samples >= 20, "eval_samples", "must be at least 20 (two per prompt)")
+        require(self.curve_samples >= 20, "curve_samples", "must be at least 20 (two per prompt)")
+        require(self.curve_every >= 0, "curve_every", "must be >= 0 (0 = endpoint only)")
 
 
 @dataclass
@@ -125,8 +128,7 @@ def _curves(log_path: str, refs: dict[str, dict[str, float]] | None) -> dict[str
     (recomputed from their raw FD and high-band power against ``refs``, the clean teacher's 8-step and naive
     rows on the same noise, so every arm is measured against one reference) and the discriminator's health."""
     curves: dict[str, list[tuple[int, float]]] = {m: [] for m in CURVE_METRICS}
-    for line in open(log_path, encoding="utf-8"):
-        record = json.loads(line)
+    for record in read_jsonl_file(log_path, what="training log"):
         if refs and "eval/fd_real" in record:
             curves["gap_closure"].append((record["step"], gap_closure(record["eval/fd_real"], refs)))
             if "eval/high_band" in record:
@@ -250,7 +252,7 @@ def _run_job(job: tuple, context: dict) -> dict:
     arm_cfg = load_config(DistillConfig, context["config_path"], arm_overrides_)
     record_path = os.path.join(run_dir, "bench_record.json")
     if os.path.isfile(record_path):
-        saved = json.load(open(record_path, encoding="utf-8"))
+        saved = read_json_object(record_path, what="bench record", hint=f"delete {run_dir} to retrain this arm")
         images_path = os.path.join(run_dir, "bench_samples.safetensors")
         if saved.get("config") == to_dict(arm_cfg) and os.path.isfile(images_path):
             from safetensors.torch import load_file

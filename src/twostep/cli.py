@@ -87,14 +87,15 @@ def cmd_ship_teacher(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .reports import image_grid, save_image
+    from .reports import image_format, image_grid, save_image
     from .sampling import generate, make_noise
     from .teacher import load_teacher
-    from .utils import ensure_parent_writable
+    from .utils import check_output_file
 
     import torch
 
-    ensure_parent_writable(args.out, what="grid image")
+    check_output_file(args.out, what="grid image")
+    image_format(args.out)
     teacher = load_teacher(args.model)
     labels = torch.arange(teacher.num_classes).repeat_interleave(args.per_prompt)
     noise = make_noise(len(labels), teacher.image_shape, args.seed)
@@ -106,13 +107,14 @@ def cmd_sample(args) -> None:
 
 def cmd_eval(args) -> None:
     from .evaluate import evaluate_teacher_steps, format_table
+    from .reports import check_markdown_target
     from .teacher import load_teacher
-    from .utils import ensure_parent_writable, write_text
+    from .utils import check_output_file, write_text
 
     out = args.out or os.path.join(args.model, "eval.json")
-    ensure_parent_writable(out, what="metrics file")
+    check_output_file(out, what="metrics file")
     if args.results:
-        ensure_parent_writable(args.results, what="results document")
+        check_markdown_target(args.results)
     teacher = load_teacher(args.model)
     result = evaluate_teacher_steps(teacher, args.steps, num_samples=args.num_samples)
     result["command"] = _command_line(args)
@@ -221,26 +223,40 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .pipeline import generate_images, load_two_step_pipeline, read_export_info
-    from .prompts import read_prompts
-    from .utils import ensure_parent_writable, ensure_writable_dir, write_text
+    from .pipeline import check_generate_prompts, generate_images, load_two_step_pipeline, read_export_info
+    from .prompts import check_prompt_sizes, read_prompts
+    from .reports import image_format
+    from .utils import check_output_dir, check_output_file, resolve_device, write_text
+    from .worlds.zimage.pipeline_io import check_resolution
 
-    if bool(args.prompt) == bool(args.prompts):
+    single = args.prompt is not None
+    if single == bool(args.prompts):
         raise TwostepError("give either one prompt (positional) or --prompts FILE")
-    prompts = [args.prompt] if args.prompt else read_prompts(args.prompts)
-    args.out = args.out or ("image.png" if args.prompt else "images")
+    if single and not args.prompt.strip():
+        raise TwostepError("the prompt is empty; give the text to draw, e.g. twostep generate "
+                           "\"a red cat on a sofa\" --model ...")
+    if single:
+        check_prompt_sizes([args.prompt.strip()])
+    prompts = [args.prompt.strip()] if single else read_prompts(args.prompts)
+    args.out = args.out or ("image.png" if single else "images")
     info = read_export_info(args.model)
     resolution = args.resolution or info.get("resolution") or 1024
-    if args.prompt:
-        ensure_parent_writable(args.out, what="image")
+    check_resolution(args.model, resolution, key="--resolution" if args.resolution else "the export's resolution")
+    if single:
+        check_output_file(args.out, what="image")
+        image_format(args.out)
     else:
-        ensure_writable_dir(args.out, what="image folder")
-    pipe, switch = load_two_step_pipeline(args.model, device=None if args.device == "auto" else args.device)
+        check_output_dir(args.out, what="image folder")
+    device = resolve_device(args.device)
+    check_generate_prompts(args.model, prompts, None if single else args.prompts)
+    pipe, switch = load_two_step_pipeline(args.model, device=device)
     images = generate_images(pipe, switch, prompts, seed=args.seed, resolution=resolution)
-    if args.prompt:
-        images[0].save(args.out)
+    if single:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        images[0].save(args.out, format=image_format(args.out))
         print(f"wrote {args.out} ({info['num_steps']} steps, seed {args.seed})")
         return
+    os.makedirs(args.out, exist_ok=True)
     index = {}
     for i, image in enumerate(images):
         name = f"{i:05d}.png"
@@ -262,6 +278,10 @@ def cmd_bench(args) -> None:
     if args.world not in WORLD_BENCHES:
         raise TwostepError(f"--world {args.world}: known worlds are {', '.join(WORLD_BENCHES)}")
     config = _config_path(args.config, WORLD_BENCHES[args.world].config)
+    if args.results:
+        from .reports import check_markdown_target
+
+        check_markdown_target(args.results)
     report = run_bench(args.out, config, args.overrides, quick=args.quick, seeds=args.seeds, arms=args.arm,
                        teacher_dir=args.teacher, steps=args.steps, batch_size=args.batch_size, world=args.world,
                        workers=args.workers)
@@ -281,6 +301,10 @@ def cmd_demo(args) -> None:
     if args.results and args.world != "digits":
         raise TwostepError("--results writes the digits world's sections; the detail world's results come from "
                            "`twostep bench --world detail --results docs/results.md`")
+    if args.results:
+        from .reports import check_markdown_target
+
+        check_markdown_target(args.results)
     out = args.out or ("runs/demo" if args.world == "digits" else f"runs/demo_{args.world}")
     report = run_demo(out, config_path=_config_path(args.config, WORLD_BENCHES[args.world].config),
                       overrides=args.overrides, results_path=args.results,

@@ -7,6 +7,7 @@ Every error names the dotted key that is wrong. The resolved config is saved wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -15,7 +16,9 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from .errors import TwostepError
-from .utils import write_text
+from .utils import read_text_file, write_text
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a megabyte is the wrong file
 
 T = TypeVar("T")
 
@@ -73,7 +76,13 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
@@ -89,7 +98,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known in this section: "
                           f"{', '.join(sorted(names))})")
@@ -112,6 +121,14 @@ def require(condition: bool, key: str, message: str) -> None:
     """For ``validate()`` methods: ``require(self.steps > 0, "steps", "must be positive")``."""
     if not condition:
         raise ValueError(key, message)
+
+
+SEED_MAX = 2 ** 32 - 1  # numpy / scikit-learn seeds (the digit split) must fit 32 bits
+
+
+def require_seed(value: int, key: str) -> None:
+    """Seeds: integers in ``[0, 2**32 - 1]``."""
+    require(0 <= value <= SEED_MAX, key, f"must be in [0, {SEED_MAX}] (a seed)")
 
 
 def to_dict(obj: Any) -> Any:
@@ -146,12 +163,18 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 def read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if os.path.isdir(path) else ""))
+    text = read_text_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: config file is not valid YAML ({problem}); fix it or use another "
+                          "--config") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: config file is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -18,9 +18,8 @@ import os
 import shutil
 
 import torch
-import yaml
 
-from .config import load_config, to_dict
+from .config import load_config, read_yaml, to_dict
 from .distill import (STUDENT_WEIGHTS, DistillConfig, evaluate_student, load_student, make_teacher_data,
                       train_student)
 from .errors import TwostepError
@@ -29,7 +28,7 @@ from .reports import image_grid, save_figure, save_image
 from .results import distill_bars, metrics_table, write_distill_section, write_teacher_section
 from .shipped import matching_shipped_teacher, read_provenance
 from .teacher import load_teacher, platform_summary, train_teacher
-from .utils import ensure_writable_dir, write_text
+from .utils import ensure_writable_dir, read_json_object, read_jsonl_file, write_text
 
 EVAL_STEPS = [1, 2, 4, 8, 16]
 
@@ -39,8 +38,7 @@ def same_config(run_dir: str, cfg_dict: dict, required_file: str) -> bool:
     path = os.path.join(run_dir, "config.yaml")
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, required_file))):
         return False
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) == cfg_dict
+    return read_yaml(path) == cfg_dict
 
 
 def comparison_grid(images: dict[str, torch.Tensor], labels: torch.Tensor, per_prompt: int,
@@ -68,7 +66,7 @@ def loss_curves(log_path: str, out_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in open(log_path, encoding="utf-8")]
+    records = read_jsonl_file(log_path, what="training log")
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for key in ["g_adv", "g_step1", "d_loss"]:
@@ -159,7 +157,8 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
     teacher_dir, data_dir, student_dir = (os.path.join(out, n) for n in ("teacher", "teacher_data", "student"))
 
     walls_path = os.path.join(out, "stage_walls.json")
-    walls = json.load(open(walls_path, encoding="utf-8")) if os.path.isfile(walls_path) else {}
+    walls = (read_json_object(walls_path, what="stage record", hint="delete it (the demo then redoes every stage)")
+             if os.path.isfile(walls_path) else {})
 
     started = time.perf_counter()
     shipped, why = (None, "--train-teacher") if retrain_teacher else matching_shipped_teacher(to_dict(cfg.teacher))

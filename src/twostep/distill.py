@@ -6,7 +6,6 @@ supplies the teacher run, the cached prompt table, the real images for ``real_so
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from .evaluate import build_evaluator, eval_set, measure_throughput
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
 from .teacher import Teacher, TeacherConfig, load_teacher
-from .utils import check_can_write_dir, file_sha256
+from .utils import check_output_dir, file_sha256, read_json_object
 from .worlds import Evaluator
 from .worlds.digits.evaluator import frechet_distance
 
@@ -133,7 +132,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     """Distil the toy teacher into ``cfg.student`` in ``out_dir``; returns the run's meta. Every check (resume,
     teacher, data, output folder) runs before anything is written."""
     checkpoint = prepare_resume(cfg, out_dir, resume, allow_config_change)
-    check_can_write_dir(out_dir, what="training run folder")
+    check_output_dir(out_dir, what="training run folder")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc, base = build_student(teacher_run, cfg)
@@ -159,7 +158,12 @@ def load_student(run_dir: str, teacher_run: str | None = None) -> tuple[Student,
         raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train`")
     cfg = load_config(DistillConfig, os.path.join(run_dir, "config.yaml"))
     if teacher_run is None:
-        teacher_run = json.load(open(os.path.join(run_dir, "meta.json")))["teacher_run"]
+        meta_path = os.path.join(run_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise TwostepError(f"{run_dir} has no meta.json (the run did not finish); rerun `twostep train`")
+        teacher_run = read_json_object(meta_path, what="run record").get("teacher_run")
+        if not isinstance(teacher_run, str):
+            raise TwostepError(f"{meta_path}: run record lacks 'teacher_run'; give the teacher run explicitly")
     student, _, _ = build_student(teacher_run, cfg)
     state = load_file(weights)
     own = dict(student.named_parameters())

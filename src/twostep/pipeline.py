@@ -7,7 +7,6 @@ called again. Nothing here forks diffusers code.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -52,11 +51,40 @@ def unshifted_sigmas(sigmas: list[float], shift: float) -> list[float]:
 
 
 def read_export_info(folder: str) -> dict:
+    """The export's ``twostep.json``, checked for what :func:`load_two_step_pipeline` and ``generate`` use."""
+    from .utils import read_json_file
+
     path = os.path.join(folder, INFO)
+    redo = "run `twostep export RUN --format diffusers --out FOLDER` again"
     if not os.path.isfile(path):
         raise TwostepError(f"{folder} is not a twostep diffusers export ({INFO} missing); run "
                            "`twostep export RUN --format diffusers --out FOLDER` first")
-    return json.load(open(path, encoding="utf-8"))
+    info = read_json_file(path, what="export record", hint=redo)
+    if not isinstance(info, dict):
+        raise TwostepError(f"{path}: export record must be a JSON object; {redo}")
+    adapters, files = info.get("adapters"), info.get("lora_files")
+    if not (isinstance(adapters, list) and adapters and all(isinstance(a, str) for a in adapters)
+            and isinstance(files, list) and len(files) == len(adapters) and all(isinstance(f, str) for f in files)):
+        raise TwostepError(f"{path}: export record needs matching lists 'adapters' and 'lora_files'; {redo}")
+    if not (isinstance(info.get("num_steps"), int) and info["num_steps"] >= 1):
+        raise TwostepError(f"{path}: export record needs a positive integer 'num_steps'; {redo}")
+    resolution = info.get("resolution")
+    if resolution is not None and not (isinstance(resolution, int) and not isinstance(resolution, bool)):
+        raise TwostepError(f"{path}: export record's 'resolution' must be an integer; {redo}")
+    if not info.get("default_schedule", True):
+        sigmas, shift = info.get("student_sigmas"), info.get("shift")
+        if not (isinstance(sigmas, list) and all(isinstance(s, (int, float)) for s in sigmas)
+                and isinstance(shift, (int, float))):
+            raise TwostepError(f"{path}: export record needs 'student_sigmas' and 'shift' numbers; {redo}")
+    return info
+
+
+def check_generate_prompts(folder: str, prompts: list[str], path: str | None = None) -> None:
+    """Prompts the export's tokenizer would cut off (over ZImagePipeline's 512 tokens) are refused, by line."""
+    from .worlds.zimage.pipeline_io import MAX_SEQUENCE_LENGTH
+    from .worlds.zimage.text_cache import check_prompt_lengths
+
+    check_prompt_lengths(folder, prompts, MAX_SEQUENCE_LENGTH, path)
 
 
 def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None = None):
@@ -64,9 +92,9 @@ def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None =
     from diffusers import ZImagePipeline
 
     info = read_export_info(folder)
-    from .worlds.zimage.pipeline_io import pick_device
+    from .utils import resolve_device
 
-    device = pick_device(device)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype).to(device)
     for adapter, path in zip(info["adapters"], info["lora_files"]):

@@ -53,13 +53,14 @@ class PlanRequest:
     def validate(self) -> None:
         if self.mode not in ("lora", "full"):
             raise TwostepError(f"mode must be 'lora' or 'full', got {self.mode!r}")
-        if self.resolution <= 0 or self.resolution % (2 * VAE_DOWN):
-            raise TwostepError(f"resolution must be a positive multiple of 16 (8x VAE, patch 2), got {self.resolution}")
+        if self.resolution % (2 * VAE_DOWN) or not 4 * 2 * VAE_DOWN <= self.resolution <= 8192:
+            raise TwostepError(f"resolution must be a multiple of 16 (8x VAE, patch 2) from 64 to 8192 (Z-Image's "
+                               f"rotary positions), got {self.resolution}")
         for name in ("batch", "gpus", "lora_rank", "num_steps", "caption_tokens"):
             if getattr(self, name) < 1:
                 raise TwostepError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.card_gib is not None and self.card_gib <= 0:
-            raise TwostepError(f"card size must be positive GiB, got {self.card_gib}")
+        if self.card_gib is not None and not (0 < self.card_gib < 1e6):  # also refuses nan and inf
+            raise TwostepError(f"--card-gib must be a positive number of GiB, got {self.card_gib}")
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -227,6 +228,10 @@ def add_plan_arguments(parser) -> None:
 def cmd_plan(args) -> None:
     req = PlanRequest(model=args.model, mode=args.mode, resolution=args.resolution, batch=args.batch, gpus=args.gpus,
                       lora_rank=args.lora_rank, card_gib=args.card_gib)
+    if getattr(args, "results", None):
+        from .reports import check_markdown_target
+
+        check_markdown_target(args.results)
     text = format_plan(plan_memory(req))
     print(text)
     if getattr(args, "results", None):

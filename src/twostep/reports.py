@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .utils import atomic_path, write_text
+from .errors import TwostepError
+from .utils import atomic_path, check_output_file, read_text_file, write_text
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -43,10 +44,24 @@ def image_grid(images: torch.Tensor, ncols: int, scale: int = 4, pad: int = 2,
     return canvas
 
 
+def image_format(path: str) -> str:
+    """The PIL format for ``path``'s extension (PNG without one); an extension PIL cannot write is an error."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        return "PNG"
+    Image.init()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise TwostepError(f"cannot write an image named {path!r}: unknown image extension {ext!r}; use .png, .jpg "
+                           "or .webp")
+    return fmt
+
+
 def save_image(image, path: str) -> None:
     """Save a PIL image atomically (format from the extension)."""
-    fmt = os.path.splitext(path)[1].lstrip(".").upper() or "PNG"
-    fmt = "JPEG" if fmt == "JPG" else fmt
+    fmt = image_format(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt)
 
@@ -60,6 +75,14 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
     plt.close(fig)
 
 
+def check_markdown_target(path: str) -> str:
+    """Before any work: ``path`` can be written, and if it exists it is readable UTF-8 text (sections go into it)."""
+    check_output_file(path, what="markdown file")
+    if os.path.isfile(path):
+        read_text_file(path, what="markdown file")
+    return path
+
+
 def update_section(path: str, name: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- twostep:NAME:begin -->`` and ``...:end -->`` in ``path``.
 
@@ -67,7 +90,7 @@ def update_section(path: str, name: str, body: str) -> None:
     """
     begin, end = f"<!-- twostep:{name}:begin -->", f"<!-- twostep:{name}:end -->"
     block = f"{begin}\n{body.strip()}\n{end}"
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else "# Results\n"
+    text = read_text_file(path, what="markdown file") if os.path.isfile(path) else "# Results\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)

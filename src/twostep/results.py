@@ -6,12 +6,12 @@ Nothing here holds an expected number: each verdict compares a measured value wi
 from __future__ import annotations
 
 import datetime
-import json
 import os
 
 from .evaluate import format_table
 from .reports import update_section
 from .teacher import Teacher, platform_summary
+from .utils import read_json_object
 
 TEACHER_FD_BAR = 2.0
 NAIVE_GAP_BAR = 3.0
@@ -47,7 +47,7 @@ def teacher_bars(result: dict, meta: dict | None) -> list[str]:
 
 def read_meta(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, "meta.json")
-    return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else None
+    return read_json_object(path, what="run record") if os.path.isfile(path) else None
 
 
 def teacher_section(result: dict, teacher: Teacher) -> str:

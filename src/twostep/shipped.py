@@ -19,7 +19,7 @@ import os
 import shutil
 
 from .errors import TwostepError
-from .utils import atomic_dir, file_sha256, write_text
+from .utils import atomic_dir, file_sha256, read_json_object, read_jsonl_file, write_text
 
 SHIPPED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 WORLDS = ("digits", "detail")
@@ -163,7 +163,7 @@ def ship_teacher(run_dir: str, world: str, out: str | None = None, command: str 
     load_teacher(run_dir)  # a complete, loadable run (verified when it has a provenance.json)
     run_prov = read_provenance(run_dir) if os.path.isfile(os.path.join(run_dir, PROVENANCE)) else {}
     meta_path = os.path.join(run_dir, "meta.json")
-    meta = json.load(open(meta_path, encoding="utf-8")) if os.path.isfile(meta_path) else {}
+    meta = read_json_object(meta_path, what="run record") if os.path.isfile(meta_path) else {}
     command = command or run_prov.get("command")
     if not command:
         raise TwostepError(f"{run_dir} has no {PROVENANCE}; give the command that trained it with --command")
@@ -205,8 +205,8 @@ def last_logged_loss(run_dir: str) -> float | None:
     path = os.path.join(run_dir, "train_log.jsonl")
     if not os.path.isfile(path):
         return None
-    lines = [line for line in open(path, encoding="utf-8") if line.strip()]
-    return json.loads(lines[-1]).get("loss") if lines else None
+    records = read_jsonl_file(path, what="training log")
+    return records[-1].get("loss") if records else None
 
 
 def _shown(path: str) -> str:

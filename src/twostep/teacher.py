@@ -38,7 +38,7 @@ from .engine.checkpoint import CheckpointError, checkpoint_dir, find_resumable, 
 from .engine.preemption import Preempted, StopOnSignal
 from .engine.train import check_config_change, first_nonfinite_grad
 from .errors import TwostepError
-from .utils import check_can_write_dir, ensure_writable_dir, file_sha256, is_main_process, progress, trim_jsonl, \
+from .utils import check_output_dir, ensure_writable_dir, file_sha256, is_main_process, progress, trim_jsonl, \
     write_text
 from .worlds import get_world
 from .worlds.digits.world import PROMPT_CACHE, ToyDataConfig, ToyTextConfig, build_prompt_cache, load_prompt_table
@@ -92,7 +92,7 @@ class SamplingConfig:
     shift: float = 3.0
 
     def validate(self) -> None:
-        require(self.steps >= 1, "steps", "must be at least 1")
+        require(1 <= self.steps <= 1000, "steps", "must be in [1, 1000]")
         require(self.shift > 0, "shift", "must be positive")
 
 
@@ -106,9 +106,14 @@ class EvalConfig:
     throughput_repeats: int = 5
 
     def validate(self) -> None:
+        from .config import require_seed
+
         require(self.num_samples >= 20, "num_samples", "must be at least 20 (two per prompt)")
-        require(self.batch_size >= 1 and self.throughput_batch >= 1, "batch_size", "must be at least 1")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require(self.throughput_batch >= 1, "throughput_batch", "must be at least 1")
         require(self.throughput_repeats >= 1, "throughput_repeats", "must be at least 1")
+        require_seed(self.seed, "seed")
+        require_seed(self.evaluator_seed, "evaluator_seed")
 
 
 @dataclass
@@ -220,7 +225,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, comman
     recorded in ``provenance.json`` (default: one that retrains from the run's own config.yaml). A refused
     ``--resume`` writes nothing."""
     checkpoint = _resume_checkpoint(cfg, out_dir, allow_config_change) if resume else None
-    check_can_write_dir(out_dir, what="teacher run folder")
+    check_output_dir(out_dir, what="teacher run folder")
     ensure_writable_dir(out_dir, what="teacher run folder")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

@@ -65,13 +65,24 @@ def build_tiny_qwen3(vocab_size: int, hidden_size: int = 32, num_layers: int = 2
     return Qwen3Model(config).eval()
 
 
+def _templated(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """Each prompt as ``ZImagePipeline._encode_prompt`` hands it to the tokenizer (one user turn, chat template)."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True, enable_thinking=True) for p in prompts]
+
+
+def prompt_token_counts(tokenizer, prompts: Sequence[str]) -> list[int]:
+    """Tokens of each prompt as the encoder would see it (chat template included), without truncation: the
+    pipeline cuts anything beyond its ``max_length`` off silently."""
+    return [len(ids) for ids in tokenizer(_templated(tokenizer, prompts), truncation=False, verbose=False).input_ids]
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], max_length: int = 512,
                    device=None) -> list[Tensor]:
     """Prompt features exactly as ``ZImagePipeline._encode_prompt``: a list of ``(L_i, D)`` tensors."""
     device = device or next(text_encoder.parameters()).device
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=True) for p in prompts]
+    texts = _templated(tokenizer, prompts)
     inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids = inputs.input_ids.to(device)
     mask = inputs.attention_mask.to(device).bool()

@@ -182,6 +182,151 @@ def ensure_parent_writable(path: str, what: str = "output file") -> str:
     return path
 
 
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check_output_file(path: str, what: str = "output file") -> str:
+    """Refuse, before any work and creating nothing, an output file path that names a folder or lies where no
+    file can be made (under a file, or in a folder this user cannot write). Its folder is made when it is written."""
+    if os.path.isdir(path):
+        raise TwostepError(f"{what} {path!r} is an existing folder; give a file name (e.g. "
+                           f"{os.path.join(path, 'out')!r})")
+    return _check_creatable(os.path.dirname(os.path.abspath(path)), what=f"folder of the {what}")
+
+
+def check_output_dir(path: str, what: str = "output folder") -> str:
+    """Refuse, creating nothing, an output folder path that is an existing file or cannot be created/written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TwostepError(f"{what} {path!r} is an existing file, not a folder; choose another path")
+    _check_creatable(path, what=what)
+    return path
+
+
+def _check_creatable(folder: str, what: str) -> str:
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        raise TwostepError(f"cannot write to {what} {folder!r}: {existing!r} is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TwostepError(f"cannot write to {what} {folder!r} (permission denied on {existing!r}); choose another "
+                           "path")
+    return folder
+
+
+def resolve_device(name: str | None = "auto"):
+    """The ``torch.device`` for a device string a user gave (``auto``/None, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+
+    Every command that takes a device goes through here, so a bogus or absent device is one error naming what this
+    machine has, before any model loads."""
+    import torch
+
+    if name is None or str(name).strip() in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(name).strip()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    have = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(gpus)] + (["mps"] if mps else []))
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps") or text != text.lower():
+        raise TwostepError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N (this machine has: {have})")
+    if device.type == "cuda" and gpus == 0:
+        raise TwostepError(f"device {text!r}: no CUDA GPU is visible here (this machine has: {have}); use "
+                           "--device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise TwostepError(f"device {text!r}: there is no GPU {device.index} (this machine has: {have})")
+    if device.type == "mps" and not mps:
+        raise TwostepError(f"device {text!r}: MPS is not available here (this machine has: {have})")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise TwostepError(f"device {text!r}: use plain cpu (this machine has: {have})")
+    return device
+
+
+def check_device_name(name: str) -> bool:
+    """Whether ``name`` is a device string :func:`resolve_device` could accept on some machine (no hardware check)."""
+    import re
+
+    return bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(name).strip()))
+
+
+def _utf8_error(path: str, data: bytes, err: UnicodeDecodeError, what: str) -> TwostepError:
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return TwostepError(f"{path}:{line}: {what} is not valid UTF-8 (byte 0x{data[err.start]:02x} at column "
+                        f"{column}); save it as UTF-8")
+
+
+def read_text_file(path: str, what: str = "file", max_bytes: int | None = None) -> str:
+    """The text of a user-given file; unreadable, oversized or non-UTF-8 files are one :class:`TwostepError` naming
+    the file (and the line of the first bad byte)."""
+    try:
+        if max_bytes is not None and os.path.getsize(path) > max_bytes:
+            raise TwostepError(f"{what} {path} is {os.path.getsize(path):,} bytes, more than the {max_bytes:,} "
+                               "this command reads; split it or check that it is the right file")
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise TwostepError(f"{what} {path} is a folder, not a file") from None
+    except OSError as err:
+        raise TwostepError(f"cannot read {what} {path} ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _utf8_error(path, data, err, what) from None
+    return text[1:] if text.startswith("\ufeff") else text  # a BOM is not part of the content
+
+
+def read_json_file(path: str, what: str = "file", hint: str = ""):
+    """A user-given (or tool-written, maybe damaged) JSON file, or one :class:`TwostepError` naming it."""
+    import json
+
+    text = read_text_file(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TwostepError(f"{path}:{err.lineno}: {what} is not valid JSON ({err.msg} at column {err.colno})"
+                           + (f"; {hint}" if hint else "")) from None
+    except RecursionError:
+        raise TwostepError(f"{path}: {what} is nested too deeply to be read" + (f"; {hint}" if hint else "")) from None
+
+
+def read_json_object(path: str, what: str = "file", hint: str = "") -> dict:
+    """:func:`read_json_file` that must hold a JSON object."""
+    data = read_json_file(path, what, hint)
+    if not isinstance(data, dict):
+        raise TwostepError(f"{path}: {what} must hold a JSON object, not {type(data).__name__}"
+                           + (f"; {hint}" if hint else ""))
+    return data
+
+
+def read_jsonl_file(path: str, what: str = "log", hint: str = "") -> list[dict]:
+    """The JSON objects of a JSON-lines file (blank lines skipped); a bad line is one error naming ``path:LINE``."""
+    import json
+
+    records = []
+    for number, line in enumerate(read_text_file(path, what).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+            raise TwostepError(f"{path}:{number}: {what} line is not valid JSON ({reason})"
+                               + (f"; {hint}" if hint else "")) from None
+        if not isinstance(record, dict):
+            raise TwostepError(f"{path}:{number}: {what} line must be a JSON object" + (f"; {hint}" if hint else ""))
+        records.append(record)
+    return records
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -237,19 +382,6 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def check_can_write_dir(path: str, what: str = "output folder") -> str:
-    """Like :func:`ensure_writable_dir` but creates nothing: for checks made before a command may write."""
-    target = os.path.abspath(path)
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise TwostepError(f"{what} {path!r} is a file; choose a folder")
-    probe = target
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise TwostepError(f"cannot write to {what} {path!r} ({probe} is not writable); choose another path")
-    return path
 
 
 def trim_jsonl(path: str, keep, report=print) -> None:

@@ -180,12 +180,22 @@ class TinyZImageConfig:
     axes_lens: list[int] = field(default_factory=lambda: [64, 16, 16])
 
     def validate(self) -> None:
-        require(self.dim > 0 and self.dim % self.n_heads == 0, "dim", "must be a positive multiple of n_heads")
-        require(sum(self.axes_dims) == self.dim // self.n_heads, "axes_dims",
-                f"must sum to dim / n_heads = {self.dim // max(self.n_heads, 1)}")
-        require(len(self.axes_dims) == 3 and len(self.axes_lens) == 3, "axes_dims", "and axes_lens need 3 entries")
-        require(self.patch_size in (1, 2, 4), "patch_size", "must be 1, 2 or 4")
+        require(self.n_heads >= 1, "n_heads", "must be at least 1")
+        require(self.dim >= 1 and self.dim % self.n_heads == 0, "dim",
+                f"must be a positive multiple of n_heads ({self.n_heads})")
         require(self.n_layers >= 1, "n_layers", "must be at least 1")
+        require(self.n_refiner_layers >= 0, "n_refiner_layers", "must be >= 0")
+        require(self.patch_size in (1, 2, 4), "patch_size", "must be 1, 2 or 4")
+        require(len(self.axes_dims) == 3 and len(self.axes_lens) == 3, "axes_dims", "and axes_lens need 3 entries")
+        require(all(d >= 0 and d % 2 == 0 for d in self.axes_dims), "axes_dims",
+                "must be even numbers >= 0 (rotary embedding pairs)")
+        require(sum(self.axes_dims) == self.dim // self.n_heads, "axes_dims",
+                f"must sum to dim / n_heads = {self.dim // self.n_heads}")
+        # rotary positions: caption tokens (padded to 32) then the image frame; image rows and columns in patches
+        require(self.axes_lens[0] >= 34, "axes_lens",
+                "[0] must be at least 34 (caption positions, padded to 32, plus the image)")
+        require(min(self.axes_lens[1:]) >= 16, "axes_lens",
+                "[1] and [2] must be at least 16 (image rows/columns: the toy worlds are up to 16 pixels a side)")
 
     def to_diffusers(self, in_channels: int, cap_feat_dim: int) -> dict[str, Any]:
         return dict(all_patch_size=[self.patch_size], all_f_patch_size=[1], in_channels=in_channels, dim=self.dim,

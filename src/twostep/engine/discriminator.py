@@ -66,8 +66,11 @@ class DiscriminatorConfig:
         require(len(self.blocks) >= 1 and min(self.blocks) >= 0, "blocks", "must list block indices >= 0")
         require(self.hidden >= 8 and self.hidden % 8 == 0, "hidden", "must be a multiple of 8")
         require(self.r1_weight >= 0, "r1_weight", "must be >= 0")
-        require(self.r1_sigma > 0, "r1_sigma", "must be > 0 (the relative size of the approximate R1's perturbation)")
+        require(0 < self.r1_sigma <= 1, "r1_sigma",
+                "must be in (0, 1] (the relative size of the approximate R1's perturbation)")
         require(self.wrong_prompt_weight >= 0, "wrong_prompt_weight", "must be >= 0 (0 turns wrong-prompt fakes off)")
+        require(-10 <= self.sigma_mean <= 10, "sigma_mean", "must be in [-10, 10] (logit-normal mean of sigma_d)")
+        require(0 < self.sigma_std <= 10, "sigma_std", "must be in (0, 10] (logit-normal std of sigma_d)")
 
 
 def sigma_embedding(sigma: Tensor, dim: int) -> Tensor:

@@ -72,8 +72,8 @@ class RecipeConfig:
     student_inputs: Literal["own", "teacher_renoised"] = "own"
 
     def validate(self) -> None:
-        require(self.adv_weight >= 0 and self.step1_weight >= 0 and self.final_reg_weight >= 0, "adv_weight",
-                "and the other loss weights must be >= 0")
+        for key in ("adv_weight", "step1_weight", "final_reg_weight"):
+            require(getattr(self, key) >= 0, key, "must be >= 0 (a loss weight)")
         require(self.adv_weight > 0 or self.final_reg_weight > 0, "adv_weight",
                 "and final_reg_weight are both 0: the final output would get no loss")
         require(self.adv_ramp_steps >= 0, "adv_ramp_steps", "must be >= 0 (0 = no ramp)")

@@ -49,7 +49,9 @@ class StudentConfig:
         require(all(0 < b < a for a, b in zip(self.sigmas, self.sigmas[1:])), "sigmas",
                 "must be strictly decreasing and above 0")
         require(self.lora_rank >= 1, "lora_rank", "must be at least 1")
-        require(len(self.lora_targets) >= 1, "lora_targets", "must name at least one module")
+        require(self.lora_alpha > 0, "lora_alpha", "must be positive (the LoRA scale is lora_alpha / lora_rank)")
+        require(len(self.lora_targets) >= 1 and all(t.strip() for t in self.lora_targets), "lora_targets",
+                "must name at least one module (no empty names)")
 
     @property
     def num_steps(self) -> int:

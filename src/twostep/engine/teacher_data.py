@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,9 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import require
+from ..config import require, require_seed
 from ..errors import TwostepError
-from ..utils import atomic_path, ensure_writable_dir, file_sha256, progress, write_text
+from ..utils import atomic_path, ensure_writable_dir, file_sha256, progress, read_json_file, write_text
 from . import flow
 from .checkpoint import remove_stale_temporaries
 from .preemption import Preempted, StopOnSignal
@@ -50,12 +51,18 @@ class TeacherDataConfig:
     batch_size: int = 500
 
     def validate(self) -> None:
-        require(self.num_samples >= 1 and self.shard_size >= 1, "num_samples", "and shard_size must be >= 1")
+        require(self.num_samples >= 1, "num_samples", "must be at least 1")
+        require(self.shard_size >= 1, "shard_size", "must be at least 1")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        require_seed(self.seed, "seed")
+        require(1 <= self.teacher_steps <= 1000, "teacher_steps", "must be in [1, 1000]")
+        require(self.shift > 0, "shift", "must be positive")
         require(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
         require(len(self.student_sigmas) >= 1 and self.student_sigmas[0] == 1.0, "student_sigmas",
                 "must start at 1.0 (the student starts from pure noise)")
         require(all(a > b for a, b in zip(self.student_sigmas, self.student_sigmas[1:])), "student_sigmas",
                 "must be strictly decreasing")
+        require(all(0 < s <= 1 for s in self.student_sigmas), "student_sigmas", "must lie in (0, 1]")
 
 
 def state_indices(teacher_sigmas: Tensor, student_sigmas: list[float]) -> list[int]:
@@ -126,14 +133,79 @@ def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count
             "states": torch.cat(states).float(), "final": torch.cat(finals).to(dtype)}
 
 
+SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+SHARD_KEYS = ("noise_seed", "prompt_index", "noise", "states", "final")
+
+
+def _fix_hint(out_dir: str) -> str:
+    return f"delete {out_dir} and rerun `twostep teacher-data`"
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _read_manifest(out_dir: str) -> dict | None:
+    """The cache's manifest (None if there is none), checked for the shape :func:`generate_teacher_data` writes;
+    anything else is one error naming the file and how to rebuild the cache."""
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(path):
         return None
-    try:
-        return json.load(open(path, encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TwostepError(f"{path} is not valid JSON ({err}); delete the cache folder and rerun") from err
+    manifest = read_json_file(path, what="teacher-data manifest", hint=_fix_hint(out_dir))
+
+    def bad(what: str) -> TwostepError:
+        return TwostepError(f"{path}: teacher-data manifest {what}; {_fix_hint(out_dir)}")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"must be a JSON object, not {type(manifest).__name__}")
+    for key, kind in (("provenance", dict), ("shards", dict), ("complete", bool)):
+        if key not in manifest:
+            raise bad(f"lacks '{key}'")
+        if not isinstance(manifest[key], kind):
+            wanted = "a mapping" if kind is dict else "true or false"
+            raise bad(f"'{key}' must be {wanted}, not {type(manifest[key]).__name__}")
+    prov = manifest["provenance"]
+    for key in ("num_samples", "shard_size"):
+        if not _is_int(prov.get(key), 1):
+            raise bad(f"provenance lacks a positive integer '{key}'")
+    sigmas = prov.get("student_sigmas")
+    if not (isinstance(sigmas, list) and sigmas and all(isinstance(s, (int, float)) for s in sigmas)):
+        raise bad("provenance lacks the list 'student_sigmas'")
+    for name, entry in manifest["shards"].items():
+        if not SHARD_NAME.fullmatch(name):
+            raise bad(f"lists {name!r}, not a shard name (shard-NNNNN.safetensors)")
+        if not isinstance(entry, dict):
+            raise bad(f"entry of {name} must be a mapping")
+        for key, minimum in (("first_index", 0), ("count", 1)):
+            if not _is_int(entry.get(key), minimum):
+                raise bad(f"entry of {name} lacks an integer '{key}' >= {minimum}")
+        if not isinstance(entry.get("sha256"), str):
+            raise bad(f"entry of {name} lacks its 'sha256'")
+        if "bytes" in entry and not _is_int(entry["bytes"]):
+            raise bad(f"entry of {name}: 'bytes' must be an integer >= 0")
+    return manifest
+
+
+def _check_complete_shards(manifest: dict, out_dir: str) -> None:
+    """A finished cache lists exactly the shards :func:`generate_teacher_data` writes: ``shard-k`` holds samples
+    ``k * shard_size`` onwards, all of them contiguous from 0, ``num_samples`` in all."""
+    path = os.path.join(out_dir, MANIFEST)
+    prov, shards = manifest["provenance"], manifest["shards"]
+    total, size = prov["num_samples"], prov["shard_size"]
+    expected = {_shard_name(k): (k * size, min(size, total - k * size)) for k in range((total + size - 1) // size)}
+    missing = sorted(set(expected) - set(shards))
+    extra = sorted(set(shards) - set(expected))
+    if missing or extra:
+        what = (f"does not list {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing
+                else f"lists {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} beyond the {total} samples")
+        raise TwostepError(f"{path}: teacher-data manifest {what} ({len(shards)} shards listed, {len(expected)} "
+                           f"expected for num_samples={total}, shard_size={size}); {_fix_hint(out_dir)}")
+    for name, (first, count) in expected.items():
+        entry = shards[name]
+        if (entry["first_index"], entry["count"]) != (first, count):
+            raise TwostepError(f"{path}: teacher-data manifest entry of {name} says first_index="
+                               f"{entry['first_index']}, count={entry['count']}; samples {first}..{first + count - 1} "
+                               f"(count {count}) belong there; {_fix_hint(out_dir)}")
 
 
 def _check_same_provenance(manifest: dict, provenance: dict, where: str) -> None:
@@ -220,6 +292,7 @@ class TeacherData:
             raise TwostepError(f"the teacher data in {out_dir} is unfinished; rerun `twostep teacher-data` to finish it")
         if expected is not None:
             _check_same_provenance(manifest, expected, out_dir)
+        _check_complete_shards(manifest, out_dir)
         self.provenance = manifest["provenance"]
         self._shards: list[tuple[str, int, int]] = []  # (path, first_index, count)
         if verify == "auto":
@@ -236,11 +309,25 @@ class TeacherData:
             if corrupt:
                 raise TwostepError(f"teacher-data shard {name} in {out_dir} is corrupt (checksum mismatch); delete "
                                    "it and rerun `twostep teacher-data`")
-            with safe_open(path, framework="pt") as f:
-                shard_prov = json.loads((f.metadata() or {}).get("provenance", "{}"))
+            try:
+                with safe_open(path, framework="pt") as f:
+                    shard_prov = json.loads((f.metadata() or {}).get("provenance", "{}"))
+                    rows = {key: f.get_slice(key).get_shape()[0] if key in f.keys() else None for key in SHARD_KEYS}
+            except Exception as err:  # noqa: BLE001 - any reader failure means the shard is damaged
+                raise TwostepError(f"teacher-data shard {name} in {out_dir} is not readable ({type(err).__name__}); "
+                                   "delete it and rerun `twostep teacher-data`") from None
             if shard_prov != self.provenance:
                 raise TwostepError(f"teacher-data shard {name} in {out_dir} was made by another teacher or schedule; "
                                    "delete it and rerun `twostep teacher-data`")
+            absent = [key for key, n in rows.items() if n is None]
+            if absent:
+                raise TwostepError(f"teacher-data shard {name} in {out_dir} lacks the tensor '{absent[0]}'; "
+                                   f"{_fix_hint(out_dir)}")
+            wrong = {n for n in rows.values() if n != entry["count"]}
+            if wrong:
+                raise TwostepError(f"teacher-data shard {name} in {out_dir} holds {max(wrong)} samples, but "
+                                   f"{os.path.join(out_dir, MANIFEST)} says count={entry['count']}; "
+                                   f"{_fix_hint(out_dir)}")
             self._shards.append((path, entry["first_index"], entry["count"]))
         self._length = sum(count for _, _, count in self._shards)
         self.student_sigmas = list(self.provenance["student_sigmas"])

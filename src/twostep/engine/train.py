@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import require, save_config, to_dict
 from ..errors import TwostepError
-from ..utils import check_can_write_dir, ensure_writable_dir, is_main_process, progress, trim_jsonl, write_text
+from ..utils import check_output_dir, ensure_writable_dir, is_main_process, progress, trim_jsonl, write_text
 from .checkpoint import CheckpointError, checkpoint_dir, find_resumable, load_state, prune_checkpoints, \
     read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, set_rng_state, verify_state
 from .preemption import Preempted, StopOnSignal
@@ -501,7 +501,7 @@ def start_run(cfg: RunConfig, run_dir: str) -> None:
 def setup_run(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False) -> str | None:
     """:func:`prepare_resume` then :func:`start_run` (for callers with nothing else to check in between)."""
     checkpoint = prepare_resume(cfg, run_dir, resume, allow_config_change)
-    check_can_write_dir(run_dir, what="training run folder")
+    check_output_dir(run_dir, what="training run folder")
     start_run(cfg, run_dir)
     return checkpoint
 

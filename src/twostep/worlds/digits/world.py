@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ...backbones.base import Conditioning
-from ...config import require
+from ...config import require, require_seed
 from ...text import build_local_tokenizer, build_tiny_qwen3, encode_prompts, load_prompt_embeds, save_prompt_embeds, \
     words_of
 from .data import class_prompts
@@ -27,6 +27,7 @@ class ToyDataConfig:
 
     def validate(self) -> None:
         require(0.05 <= self.heldout_fraction <= 0.5, "heldout_fraction", "must be in [0.05, 0.5]")
+        require_seed(self.split_seed, "split_seed")
 
 
 @dataclass
@@ -38,7 +39,10 @@ class ToyTextConfig:
 
     def validate(self) -> None:
         require(self.hidden_size % 2 == 0 and self.hidden_size >= 4, "hidden_size", "must be an even number >= 4")
-        require(self.max_length >= 16, "max_length", "must be at least 16 (the chat template takes 9 tokens)")
+        require(self.num_layers >= 1, "num_layers", "must be at least 1")
+        require(16 <= self.max_length <= 512, "max_length",
+                "must be in [16, 512] (the chat template takes 9 tokens; the tiny encoder has 512 positions)")
+        require_seed(self.seed, "seed")
 
 
 @contextmanager

@@ -22,9 +22,10 @@ from ...engine.teacher_data import (TeacherData, TeacherDataConfig, TeacherSourc
 from ...errors import TwostepError
 from ...prompts import prompts_sha256, read_prompts
 from ...utils import ensure_writable_dir, progress, write_text
-from .pipeline_io import (check_scheduler, check_zimage_pipeline, component_fingerprint, decode_latents,
-                          latent_shape, load_vae, pick_device, resolve_pipeline_dir, torch_dtype)
-from .text_cache import PromptEmbeds, encode_prompt_cache, text_provenance
+from .pipeline_io import (MAX_RESOLUTION, MAX_SEQUENCE_LENGTH, MIN_RESOLUTION, check_scheduler, check_zimage_pipeline,
+                          component_fingerprint, decode_latents, latent_shape, load_vae, pick_device,
+                          resolve_pipeline_dir, torch_dtype)
+from .text_cache import PromptEmbeds, check_prompt_lengths, encode_prompt_cache, text_provenance
 
 TEXT_DIR = "text"
 
@@ -45,9 +46,15 @@ class ZImageDataConfig(TeacherDataConfig):
     previews: int = 4
 
     def validate(self) -> None:
-        require(self.num_samples >= 0 and self.samples_per_prompt >= 1, "num_samples",
-                "must be >= 0 (0 = samples_per_prompt per prompt)")
-        require(self.resolution > 0, "resolution", "must be positive")
+        require(self.num_samples >= 0, "num_samples", "must be >= 0 (0 = samples_per_prompt per prompt)")
+        require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be at least 1")
+        # the exact rule (a multiple of the VAE grid x patch size) is checked against the pipeline folder
+        require(MIN_RESOLUTION <= self.resolution <= MAX_RESOLUTION, "resolution",
+                f"must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] pixels (a multiple of 16 for Z-Image)")
+        require(self.text_batch_size >= 1, "text_batch_size", "must be at least 1")
+        require(16 <= self.max_length <= MAX_SEQUENCE_LENGTH, "max_length",
+                f"must be in [16, {MAX_SEQUENCE_LENGTH}] tokens (ZImagePipeline's max_sequence_length is "
+                f"{MAX_SEQUENCE_LENGTH})")
         require(self.previews >= 0, "previews", "must be >= 0")
         probe = dataclasses.replace(self, num_samples=max(1, self.num_samples))
         TeacherDataConfig.validate(probe)
@@ -111,13 +118,14 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     prompts = read_prompts(cfg.prompts)
     teacher = resolve_teacher(model, cfg.resolution, need=("transformer", "text_encoder", "tokenizer", "vae"),
                               shift=cfg.shift)
+    dev = pick_device(device)
+    check_prompt_lengths(teacher.folder, prompts, cfg.max_length, cfg.prompts)
     ensure_writable_dir(out_dir, what="teacher-data folder")
     cfg = resolved_data_config(cfg, prompts)
     # a folder made from another teacher, prompt set or schedule is refused before its text cache is touched
     manifest = existing_cache(out_dir, cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)))
     if manifest is not None and manifest.get("complete"):
         return manifest
-    dev = pick_device(device)
     compute = torch_dtype(dtype) if dev.type == "cuda" else torch.float32
 
     text_dir = encode_prompt_cache(teacher.folder, prompts, os.path.join(out_dir, TEXT_DIR), dtype=cfg.dtype,

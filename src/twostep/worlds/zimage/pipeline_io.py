@@ -7,15 +7,26 @@ least a ``ZImageTransformer2DModel`` (``transformer/config.json``), and resoluti
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import torch
 
 from ...engine.teacher_data import DTYPES
 from ...errors import TwostepError
+from ...utils import read_json_file, resolve_device
 
 Tensor = torch.Tensor
+MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's max_sequence_length: prompt tokens (chat template included) it encodes
+MIN_RESOLUTION, MAX_RESOLUTION = 16, 8192  # config range; the exact rule per pipeline is check_resolution()
+MIN_GRID_CELLS = 4  # a side of fewer latent patches than this is not an image
+
+
+def _read_json(path: str, what: str) -> dict:
+    data = read_json_file(path, what=what, hint="the pipeline folder is damaged: download it again")
+    if not isinstance(data, dict):
+        raise TwostepError(f"{path}: {what} must hold a JSON object; the pipeline folder is damaged: download it "
+                           "again")
+    return data
 
 
 def resolve_pipeline_dir(path_or_id: str, need: tuple[str, ...] = ("transformer",)) -> str:
@@ -41,14 +52,14 @@ def check_zimage_pipeline(folder: str, need: tuple[str, ...] = ("transformer",))
     index_path = os.path.join(folder, "model_index.json")
     index: dict = {}
     if os.path.isfile(index_path):
-        index = json.load(open(index_path, encoding="utf-8"))
+        index = _read_json(index_path, "pipeline index")
         if index.get("_class_name") not in ("ZImagePipeline", "TwoStepZImagePipeline"):
             raise TwostepError(f"{folder} holds a {index.get('_class_name')!r}, not a ZImagePipeline; pass a Z-Image "
                                "pipeline folder (e.g. a download of Tongyi-MAI/Z-Image-Turbo)")
     config_path = os.path.join(folder, "transformer", "config.json")
     if not os.path.isfile(config_path):
         raise TwostepError(f"{folder} is not a Z-Image pipeline folder (no transformer/config.json)")
-    cls = json.load(open(config_path, encoding="utf-8")).get("_class_name")
+    cls = _read_json(config_path, "transformer config").get("_class_name")
     if cls != "ZImageTransformer2DModel":
         raise TwostepError(f"{folder}/transformer is a {cls!r}, not a ZImageTransformer2DModel")
     missing = [part for part in need if not os.path.isdir(os.path.join(folder, part))]
@@ -63,9 +74,11 @@ def check_scheduler(folder: str, shift: float) -> None:
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
         return
-    config = json.load(open(path, encoding="utf-8"))
+    config = _read_json(path, "scheduler config")
     if config.get("use_dynamic_shifting"):
         raise TwostepError(f"{folder}: the scheduler uses dynamic shifting; twostep assumes a static shift (Z-Image-Turbo)")
+    if not isinstance(config.get("shift", shift), (int, float)):
+        raise TwostepError(f"{path}: 'shift' must be a number; the pipeline folder is damaged: download it again")
     if abs(float(config.get("shift", shift)) - shift) > 1e-6:
         raise TwostepError(f"{folder}: the scheduler's shift is {config.get('shift')}, the config says {shift}; set "
                            f"teacher_data.shift={config.get('shift')}")
@@ -92,19 +105,50 @@ def vae_grid(folder: str) -> int:
     vae_config = os.path.join(folder, "vae", "config.json")
     if not os.path.isfile(vae_config):
         return 16
-    blocks = json.load(open(vae_config, encoding="utf-8")).get("block_out_channels", [0, 0, 0, 0])
+    blocks = _read_json(vae_config, "VAE config").get("block_out_channels", [0, 0, 0, 0])
+    if not isinstance(blocks, list) or not blocks:
+        raise TwostepError(f"{vae_config}: 'block_out_channels' must be a non-empty list; the pipeline folder is "
+                           "damaged: download it again")
     return 2 ** (len(blocks) - 1) * 2
+
+
+def max_grid_cells(folder: str) -> int | None:
+    """Latent patches a side the transformer's rotary positions cover (``axes_lens[1:]``), None if unknown."""
+    path = os.path.join(folder, "transformer", "config.json")
+    if not os.path.isfile(path):
+        return None
+    lens = _read_json(path, "transformer config").get("axes_lens")
+    if not (isinstance(lens, list) and len(lens) == 3 and all(isinstance(v, int) for v in lens)):
+        return None
+    return min(lens[1:])
+
+
+def check_resolution(folder: str, resolution: int, key: str = "resolution") -> int:
+    """The resolution rule of the pipeline in ``folder``: a multiple of its grid (VAE downsampling x patch size,
+    16 for Z-Image), at least 4 grid cells (64 px for Z-Image) and at most what its rotary positions cover
+    (8192 px for Z-Image). Returns the grid."""
+    grid = vae_grid(folder)
+    cells = max_grid_cells(folder)
+    low, high = MIN_GRID_CELLS * grid, (cells * grid if cells else None)
+    rule = (f"a multiple of {grid} (VAE downsampling x patch size) from {low}"
+            + (f" to {high}" if high else " up") + " pixels")
+    if resolution % grid or resolution < low or (high and resolution > high):
+        nearest = max(low, round(resolution / grid) * grid)
+        nearest = min(nearest, high) if high else nearest
+        raise TwostepError(f"{key} {resolution} does not fit this model: it must be {rule}; e.g. {nearest}")
+    return grid
 
 
 def latent_shape(folder: str, resolution: int) -> tuple[int, int, int]:
     """``(C, H, W)`` of the latents ``ZImagePipeline`` uses for a square ``resolution`` (checked)."""
-    grid = vae_grid(folder)
-    if resolution <= 0 or resolution % grid:
-        raise TwostepError(f"resolution {resolution} is not a positive multiple of {grid} (VAE downsampling x "
-                           "patch size); pick e.g. 512 or 1024")
-    config = json.load(open(os.path.join(folder, "transformer", "config.json"), encoding="utf-8"))
+    grid = check_resolution(folder, resolution)
+    config = _read_json(os.path.join(folder, "transformer", "config.json"), "transformer config")
+    channels = config.get("in_channels", 16)
+    if not isinstance(channels, int) or channels < 1:
+        raise TwostepError(f"{folder}/transformer/config.json: 'in_channels' must be a positive integer; the "
+                           "pipeline folder is damaged: download it again")
     side = resolution // (grid // 2)
-    return int(config.get("in_channels", 16)), side, side
+    return channels, side, side
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -114,17 +158,31 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def pick_device(name: str | None = "auto") -> torch.device:
-    """``auto`` (or None): the GPU when there is one."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto`` (or None): the GPU when there is one; any other name is checked by
+    :func:`twostep.utils.resolve_device` (the one device check of every command)."""
+    return resolve_device(name)
+
+
+def load_tokenizer(folder: str):
+    """The pipeline's tokenizer alone (cheap: prompt lengths are checked with it before any model loads)."""
+    from transformers import AutoTokenizer
+
+    path = os.path.join(folder, "tokenizer")
+    if not os.path.isdir(path):
+        raise TwostepError(f"{folder} has no tokenizer/ folder; pass a full Z-Image pipeline folder")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TwostepError(f"{path}: the tokenizer cannot be loaded ({reason}); the pipeline folder is damaged: "
+                           "download it again") from None
 
 
 def load_text_encoder(folder: str, device, dtype: torch.dtype):
     """Tokenizer and Qwen3 text encoder of the pipeline."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    tokenizer = load_tokenizer(folder)
     encoder = AutoModel.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype).to(device).eval()
     return tokenizer, encoder
 

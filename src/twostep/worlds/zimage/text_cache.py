@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import torch
@@ -20,13 +21,54 @@ from safetensors.torch import save_file
 
 from ...backbones.base import Conditioning
 from ...errors import TwostepError
-from ...prompts import prompts_sha256
-from ...text import encode_prompts
-from ...utils import atomic_path, ensure_writable_dir, progress, write_text
-from .pipeline_io import component_fingerprint, load_text_encoder, pick_device, torch_dtype
+from ...prompts import check_prompt_tokens, prompts_sha256
+from ...text import encode_prompts, prompt_token_counts
+from ...utils import atomic_path, ensure_writable_dir, progress, read_json_file, write_text
+from .pipeline_io import component_fingerprint, load_text_encoder, load_tokenizer, pick_device, torch_dtype
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
+_SHARD_NAME = re.compile(r"embeds-\d{5}\.safetensors")
+
+
+def check_prompt_lengths(folder: str, prompts: Sequence[str], max_length: int, path: str | None = None,
+                         tokenizer=None) -> None:
+    """Refuse prompts longer than ``max_length`` tokens (the pipeline would cut them off silently), naming their
+    lines in ``path`` (``None``: a prompt given on the command line). Loads only the tokenizer."""
+    tokenizer = tokenizer or load_tokenizer(folder)
+    check_prompt_tokens(prompt_token_counts(tokenizer, list(prompts)), max_length, path)
+
+
+def read_text_manifest(out_dir: str) -> dict:
+    """The prompt cache's manifest, checked for the shape this module writes; anything else is one error naming
+    the file and telling how to rebuild it."""
+    path = os.path.join(out_dir, MANIFEST)
+    fix = f"delete {out_dir} and rerun `twostep teacher-data --prompts ...`"
+    manifest = read_json_file(path, what="prompt-cache manifest", hint=fix)
+
+    def bad(what: str) -> TwostepError:
+        return TwostepError(f"{path}: prompt-cache manifest {what}; {fix}")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"must be a JSON object, not {type(manifest).__name__}")
+    for key, kind in (("provenance", dict), ("prompts", list), ("shard_size", int), ("shards", list),
+                      ("complete", bool)):
+        if key not in manifest:
+            raise bad(f"lacks '{key}'")
+        if not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
+            wanted = {dict: "a mapping", list: "a list", int: "an integer", bool: "true or false"}[kind]
+            raise bad(f"'{key}' must be {wanted}, not {type(manifest[key]).__name__}")
+    if not all(isinstance(p, str) for p in manifest["prompts"]):
+        raise bad("'prompts' must be a list of strings")
+    if manifest["shard_size"] < 1:
+        raise bad("'shard_size' must be at least 1")
+    for i, shard in enumerate(manifest["shards"]):
+        if not (isinstance(shard, dict) and isinstance(shard.get("name"), str) and _SHARD_NAME.fullmatch(shard["name"])
+                and all(isinstance(shard.get(k), int) and not isinstance(shard.get(k), bool) and shard[k] >= 0
+                        for k in ("first_index", "count"))):
+            raise bad(f"shard entry {i} must be {{'name': 'embeds-NNNNN.safetensors', 'first_index': int, "
+                      "'count': int}")
+    return manifest
 
 
 def text_provenance(folder: str, prompts: Sequence[str], dtype: str, max_length: int) -> dict:
@@ -50,7 +92,7 @@ def encode_prompt_cache(folder: str, prompts: Sequence[str], out_dir: str, dtype
     manifest = {"provenance": provenance, "prompts": list(prompts), "shard_size": shard_size, "shards": [],
                 "complete": False}
     if os.path.isfile(manifest_path):
-        previous = json.load(open(manifest_path, encoding="utf-8"))
+        previous = read_text_manifest(out_dir)
         if previous.get("provenance") == provenance and previous.get("shard_size") == shard_size:
             if previous.get("complete"):
                 return out_dir
@@ -59,6 +101,7 @@ def encode_prompt_cache(folder: str, prompts: Sequence[str], out_dir: str, dtype
     device = pick_device(device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer, encoder = load_text_encoder(folder, device, compute)
+    check_prompt_lengths(folder, prompts, max_length, tokenizer=tokenizer)  # callers check first, with line numbers
     store = torch_dtype(dtype)
     for start in progress(range(0, len(prompts), shard_size), desc="text shards"):
         name = f"embeds-{start // shard_size:05d}.safetensors"
@@ -88,7 +131,7 @@ class PromptEmbeds:
         path = os.path.join(out_dir, MANIFEST)
         if not os.path.isfile(path):
             raise TwostepError(f"no prompt-embedding cache in {out_dir}; run `twostep teacher-data --prompts ...` first")
-        manifest = json.load(open(path, encoding="utf-8"))
+        manifest = read_text_manifest(out_dir)
         if expected is not None:
             for key, value in expected.items():
                 if manifest["provenance"].get(key) != value:
@@ -99,10 +142,34 @@ class PromptEmbeds:
         self._shard_size = manifest["shard_size"]
         if not manifest.get("complete"):
             raise TwostepError(f"the prompt cache in {out_dir} is unfinished; rerun `twostep teacher-data` to finish it")
-        self._files = [os.path.join(out_dir, s["name"]) for s in sorted(manifest["shards"],
-                                                                          key=lambda s: s["first_index"])]
+        shards = sorted(manifest["shards"], key=lambda s: s["first_index"])
+        self._files = [os.path.join(out_dir, s["name"]) for s in shards]
+        self._check_shards(out_dir, shards)
         self._handles: dict[int, object] = {}
         self.width = int(self.get(0).shape[-1])
+
+    def _check_shards(self, out_dir: str, shards: list[dict]) -> None:
+        """Every prompt in exactly one listed shard file (contiguous, ``shard_size`` each), holding its tensor."""
+        fix = f"delete {out_dir} and rerun `twostep teacher-data --prompts ...`"
+        where = os.path.join(out_dir, MANIFEST)
+        n, size = len(self.prompts), self._shard_size
+        if not n:
+            raise TwostepError(f"{where}: the prompt cache holds no prompts; {fix}")
+        expected = [(start, min(size, n - start)) for start in range(0, n, size)]
+        if [(s["first_index"], s["count"]) for s in shards] != expected:
+            raise TwostepError(f"{where}: the shards do not cover prompts 0..{n - 1} in blocks of {size} (listed: "
+                               f"{[(s['first_index'], s['count']) for s in shards][:6]}); {fix}")
+        for shard, path in zip(shards, self._files):
+            if not os.path.isfile(path):
+                raise TwostepError(f"prompt-cache shard {path} is missing; {fix}")
+            try:
+                with safe_open(path, framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as err:  # noqa: BLE001 - any reader failure means the shard is damaged
+                raise TwostepError(f"prompt-cache shard {path} is not readable ({type(err).__name__}); {fix}") from None
+            first, count = shard["first_index"], shard["count"]
+            if not {f"prompt_{i:07d}" for i in range(first, first + count)} <= keys:
+                raise TwostepError(f"prompt-cache shard {path} lacks prompts {first}..{first + count - 1}; {fix}")
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -8,7 +8,6 @@ Every check (config, pipeline folder, cache provenance) runs before the transfor
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -20,11 +19,11 @@ from ...config import load_config, require
 from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
-from ...engine.teacher_data import TeacherData
+from ...engine.teacher_data import DTYPES, TeacherData
 from ...engine.train import DistillTrainConfig, Trainer, prepare_resume, resume_trainer, save_student_weights, \
     start_run, write_meta
 from ...errors import TwostepError
-from ...utils import check_can_write_dir
+from ...utils import check_output_dir, check_device_name, read_json_file
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
 from .text_cache import PromptEmbeds
@@ -39,7 +38,10 @@ class ZImageModelConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        torch_dtype(self.dtype)
+        require(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
+        require(check_device_name(self.device), "device",
+                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        require(bool(self.path.strip()), "path", "must name a Z-Image pipeline folder or hub id")
 
 
 def _real_train_defaults() -> DistillTrainConfig:
@@ -69,12 +71,17 @@ class ZImageDistillConfig:
 
 
 def is_real_config(path: str | None) -> bool:
-    """A YAML with a top-level ``model:`` section configures the real path (the toy's has ``teacher:``)."""
+    """A YAML with a top-level ``model:`` section (a pipeline ``path``/``dtype``/``device``) or a ``data_dir``
+    configures the real path. The toy's has ``teacher:``; a toy *teacher* config's ``model:`` holds network sizes
+    and is not a distillation config at all (loading it as one names the bad key)."""
     if not path or not os.path.isfile(path):
         return False
     from ...config import read_yaml
 
-    return "model" in (read_yaml(path) or {})
+    data = read_yaml(path) or {}
+    model = data.get("model")
+    toy_model = isinstance(model, dict) and bool(set(model) & {"dim", "n_layers", "n_heads", "patch_size"})
+    return "teacher" not in data and (("model" in data and not toy_model) or "data_dir" in data)
 
 
 def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, count: int = 4, seed: int = 0):
@@ -118,12 +125,12 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
     checks (resume, teacher, cache, output folder) run before the model loads and before anything is written."""
     checkpoint = prepare_resume(cfg, out_dir, resume, allow_config_change)
-    check_can_write_dir(out_dir, what="training run folder")
+    check_output_dir(out_dir, what="training run folder")
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, shift=cfg.teacher_data.shift)
+    device = pick_device(cfg.model.device)
     expected = expected_provenance(cfg.teacher_data, teacher)
     data = TeacherData(cfg.data_dir, expected=expected)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
-    device = pick_device(cfg.model.device)
     start_run(cfg, out_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -148,5 +155,10 @@ def load_real_run(run_dir: str) -> tuple[ZImageDistillConfig, dict, dict[str, to
         raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train` "
                            "with a Z-Image config first")
     cfg = load_config(ZImageDistillConfig, os.path.join(run_dir, "config.yaml"))
-    meta = json.load(open(os.path.join(run_dir, "meta.json"), encoding="utf-8"))
+    meta_path = os.path.join(run_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise TwostepError(f"{run_dir} has no meta.json: the run did not finish; rerun `twostep train`")
+    meta = read_json_file(meta_path, what="run record", hint="rerun `twostep train`")
+    if not isinstance(meta, dict):
+        raise TwostepError(f"{meta_path}: run record must be a JSON object; rerun `twostep train`")
     return cfg, meta, load_file(weights)
