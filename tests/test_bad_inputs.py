@@ -30,12 +30,13 @@ import pytest
 import yaml
 
 from twostep.cli import DEFAULT_ZIMAGE_CONFIG, main
+from twostep.packaged_configs import packaged_config
 from twostep.config import ConfigError, from_dict, load_config
 from twostep.errors import TwostepError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_DIGITS = REPO / "src" / "twostep" / "shipped" / "digits"
-ZCFG = str(REPO / DEFAULT_ZIMAGE_CONFIG)
+ZCFG = packaged_config(DEFAULT_ZIMAGE_CONFIG)
 RES = 32  # the tiny pipeline: VAE 2x, patch 2 -> a grid of 4 px; rotary positions cover 32 x 4 = 128 px
 PROMPTS = ["a red cat on a sofa", "the city at night"]
 TOY_DATA_ARGS = ["teacher_data.num_samples=8", "teacher_data.shard_size=4", "teacher_data.batch_size=4"]

@@ -1,6 +1,9 @@
+import os
+
 import pytest
 
 from twostep.config import ConfigError, load_config, save_config, to_dict
+from twostep.errors import TwostepError
 from twostep.teacher import TeacherConfig
 
 
@@ -70,3 +73,24 @@ def test_zimage_yaml_equals_the_real_paths_defaults():
     shipped = load_config(ZImageDistillConfig, "configs/zimage_turbo_2step_lora.yaml")
     assert to_dict(shipped) == to_dict(ZImageDistillConfig())
     assert is_real_config("configs/zimage_turbo_2step_lora.yaml") and not is_real_config("configs/toy_demo.yaml")
+
+
+def test_packaged_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from twostep.cli import main
+    from twostep.packaged_configs import packaged_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)  # outside the checkout
+    names = packaged_configs()
+    assert {"toy_teacher", "toy_demo", "detail_teacher", "detail_demo", "zimage_turbo_2step_lora"} <= set(names)
+    assert resolve_config("zimage_turbo_2step_lora") == resolve_config("zimage_turbo_2step_lora.yaml")
+    (tmp_path / "mine.yaml").write_text("seed: 3\n")
+    assert resolve_config("mine.yaml") == "mine.yaml"  # a path still wins
+    with pytest.raises(TwostepError, match="twostep configs"):
+        resolve_config("zimage_turbo")
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    for name in names:  # one line each, with what it is for
+        line = next(line for line in listing if line.startswith(name + " "))
+        assert len(line.split(None, 1)) == 2, line
+    readme = open(os.path.join(os.path.dirname(names["toy_demo"]), "README.md"), encoding="utf-8").read()
+    assert all(f"`{name}.yaml`" in readme for name in names), "configs/README.md lists every config"

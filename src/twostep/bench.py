@@ -103,11 +103,11 @@ QUICK_TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.mod
                  "train.d_warmup_steps=1", "recipe.adv_ramp_steps=2"]
 WORLD_BENCHES = {
     # digits: the original ablation table (endpoints; 100 steps x 3 seeds)
-    "digits": WorldBench("configs/toy_demo.yaml", list(ARMS), BenchConfig(), QUICK_TEACHER),
+    "digits": WorldBench("toy_demo", list(ARMS), BenchConfig(), QUICK_TEACHER),
     # detail: learning curves on the world where blur is measurable, 2 seeds. A detail step costs ~6x a digits step
     # on 2 CPU cores (64 image tokens, RGB), so 500 steps at batch 16 is what fits the 90-minute bar: 5x the digits
     # budget in generator steps, 2.5x in samples
-    "detail": WorldBench("configs/detail_demo.yaml",
+    "detail": WorldBench("detail_demo",
                          [FULL, REGRESSION, "params=shared", "end_to_end=false", "real_source=data", LADD],
                          BenchConfig(seeds=2, steps=500, batch_size=16, eval_samples=1000, curve_every=50,
                                      curve_samples=500),

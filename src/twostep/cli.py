@@ -16,9 +16,10 @@ import warnings
 from .engine.preemption import Preempted
 from .errors import TwostepError
 
-DEFAULT_TEACHER_CONFIG = "configs/toy_teacher.yaml"
-DEFAULT_DEMO_CONFIG = "configs/toy_demo.yaml"
-DEFAULT_ZIMAGE_CONFIG = "configs/zimage_turbo_2step_lora.yaml"
+# packaged configs (src/twostep/configs, `twostep configs`): found by name from any folder
+DEFAULT_TEACHER_CONFIG = "toy_teacher"
+DEFAULT_DEMO_CONFIG = "toy_demo"
+DEFAULT_ZIMAGE_CONFIG = "zimage_turbo_2step_lora"
 DATA_RECORD = "teacher_data.yaml"  # how a real teacher-data folder was made; `train --data` reuses it
 
 
@@ -47,11 +48,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _config_path(path: str | None, default: str = DEFAULT_TEACHER_CONFIG) -> str | None:
-    """The given config, else the repo's default when run from a checkout, else built-in defaults."""
-    if path:
-        return path
-    return default if os.path.isfile(default) else None
+def _config_path(path: str | None, default: str = DEFAULT_TEACHER_CONFIG) -> str:
+    """The given config (a YAML path, or a packaged config's name), else the packaged default."""
+    from .packaged_configs import resolve_config
+
+    return resolve_config(path or default)
 
 
 def _local_path(path: str) -> str:
@@ -180,6 +181,8 @@ def cmd_train(args) -> None:
     if args.allow_config_change and not args.resume:
         raise TwostepError("--allow-config-change only applies with --resume")
     config = _resume_config(args.config, args.out or "runs/student") if args.resume else None
+    if config is None and not args.config and args.data and os.path.isfile(os.path.join(args.data, DATA_RECORD)):
+        config = _config_path(DEFAULT_ZIMAGE_CONFIG)  # a Z-Image teacher-data folder: the real path's recipe
     config = config or _config_path(args.config, DEFAULT_DEMO_CONFIG)
     from .worlds.zimage.train import is_real_config
 
@@ -266,6 +269,16 @@ def cmd_generate(args) -> None:
     print(f"wrote {len(images)} images to {args.out} ({info['num_steps']} steps, seeds {args.seed}..)")
 
 
+def cmd_configs(args) -> None:
+    from .packaged_configs import describe, packaged_configs
+
+    configs = packaged_configs()
+    width = max(len(name) for name in configs)
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {describe(path)}")
+    print(f"(in {os.path.dirname(next(iter(configs.values())))}; use `--config NAME`, or copy one and pass its path)")
+
+
 def cmd_plan(args) -> None:
     from .plan import cmd_plan as run_plan
 
@@ -321,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train-teacher", help="train the offline world's 8-step teacher")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_TEACHER_CONFIG} if present)")
+    p.add_argument("--config", help=f"YAML file or packaged config name (default: {DEFAULT_TEACHER_CONFIG}; "
+                                    "`twostep configs` lists them)")
     p.add_argument("--out", default="runs/teacher", help="run folder (default: runs/teacher)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest good checkpoint in RUN/checkpoints (RUN/config.yaml is the default "
@@ -356,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("teacher-data", help="cache teacher trajectories (toy run, or a Z-Image pipeline with --prompts)")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG}; with --prompts "
-                                    f"{DEFAULT_ZIMAGE_CONFIG})")
+    p.add_argument("--config", help=f"YAML file or packaged config name (default: {DEFAULT_DEMO_CONFIG}; with "
+                                    f"--prompts {DEFAULT_ZIMAGE_CONFIG})")
     p.add_argument("--teacher", help="toy teacher run folder (default runs/teacher), or with --prompts a Z-Image "
                                      "pipeline folder / hub id")
     p.add_argument("--prompts", help="real path: prompt file (.txt one per line, .jsonl {'prompt'}, .parquet 'prompt')")
@@ -368,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_teacher_data)
 
     p = sub.add_parser("train", help="distil the teacher into a 2-step student (Turbo++ recipe)")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG}); a config with a `model:` "
-                                    f"section (e.g. {DEFAULT_ZIMAGE_CONFIG}) trains on a Z-Image pipeline")
+    p.add_argument("--config", help=f"YAML file or packaged config name (default: {DEFAULT_DEMO_CONFIG}; "
+                                    f"{DEFAULT_ZIMAGE_CONFIG} when --data is a Z-Image teacher-data folder; on "
+                                    "--resume the run's config.yaml). A config with a pipeline `model:` section "
+                                    "trains on Z-Image")
     p.add_argument("--teacher", help="toy teacher run (default runs/teacher); real: overrides model.path")
     p.add_argument("--data", help="teacher-data folder (default runs/teacher_data; real: the config's data_dir)")
     p.add_argument("--out", help="run folder (default runs/student; real: runs/zimage/student)")
@@ -399,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | cuda:N")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("configs", help="list the packaged configs (`--config NAME` finds them from any folder)")
+    p.set_defaults(func=cmd_configs)
+
     p = sub.add_parser("plan", help="estimated GPU memory of a training configuration")
     from .plan import add_plan_arguments
 
@@ -406,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="ablations of the recipe at equal budget, several seeds (make bench)")
-    p.add_argument("--config", help=f"YAML config (default: {DEFAULT_DEMO_CONFIG} if present)")
+    p.add_argument("--config", help=f"YAML file or packaged config name (default: the world's, {DEFAULT_DEMO_CONFIG} "
+                                    "for digits)")
     p.add_argument("--world", default="digits", help="digits (default) | detail: the world to bench on")
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="runs trained in parallel, one CPU thread each (default 1); finished runs are reused")
@@ -423,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the offline world (make demo)")
     p.add_argument("--world", default="digits", help="digits (default) | detail")
-    p.add_argument("--config", help=f"YAML config (default: the world's, {DEFAULT_DEMO_CONFIG} for digits)")
+    p.add_argument("--config", help=f"YAML file or packaged config name (default: the world's, {DEFAULT_DEMO_CONFIG} "
+                                    "for digits)")
     p.add_argument("--out", help="demo folder (default: runs/demo, runs/demo_detail for the detail world)")
     p.add_argument("--results", help="also rewrite the sections of this markdown file (docs/results.md)")
     p.add_argument("--train-teacher", action="store_true",

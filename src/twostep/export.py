@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .engine.student import StudentConfig
 from .errors import TwostepError
 from .engine.checkpoint import assert_finite
-from .utils import atomic_dir, write_text
+from .utils import atomic_dir, check_replaceable_dir, write_text
 
 Tensor = torch.Tensor
 FORMATS = ("diffusers", "lora", "comfyui", "merged")
@@ -155,14 +155,26 @@ Or, with twostep installed: `pipe, switch = twostep.pipeline.load_two_step_pipel
 """
 
 
-def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> list[str]:
-    """Write ``fmt`` for a finished real run into ``out`` (atomically); returns the files that matter."""
+def is_export(folder: str) -> bool:
+    """Whether ``folder`` was written by ``twostep export`` (its ``twostep.json`` says so)."""
+    try:
+        with open(os.path.join(folder, INFO), encoding="utf-8") as f:
+            return json.load(f).get("written_by") == "twostep export"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwrite: bool = False) -> list[str]:
+    """Write ``fmt`` for a finished real run into ``out``; returns the files that matter. The new folder is built
+    beside ``out`` and swapped in, so a failed export leaves ``out`` as it was. A non-empty ``out`` that an earlier
+    export did not write is refused unless ``overwrite``."""
     from .worlds.zimage.data import resolve_teacher
     from .worlds.zimage.pipeline_io import torch_dtype
     from .worlds.zimage.train import load_real_run
 
     if fmt not in FORMATS:
         raise TwostepError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    check_replaceable_dir(out, overwrite, "export folder", owned=is_export(out), protected=(run_dir,))
     cfg, meta, state = load_real_run(run_dir)
     assert_finite(state, f"an export of {run_dir}")  # a NaN student is never shipped
     if cfg.student.renoise != "euler" and fmt != "merged":
@@ -178,6 +190,9 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16") -> lis
     if teacher.fingerprint != meta.get("teacher_fingerprint"):
         raise TwostepError(f"the teacher at {cfg.model.path} is not the one {run_dir} was trained on (fingerprint "
                            "differs); point model.path at the original weights")
+    check_replaceable_dir(out, overwrite, "export folder", owned=is_export(out), protected=(run_dir, teacher.folder))
+    info["written_by"] = "twostep export"
+    info["format"] = fmt
     with atomic_dir(out) as tmp:
         if fmt == "lora":
             paths = _save_loras(tmp, lora_files(state, cfg.student, store), info, "step{step}_lora.safetensors")

@@ -409,3 +409,22 @@ def trim_jsonl(path: str, keep, report=print) -> None:
         if keep(record):
             kept.append(raw.decode("utf-8") + "\n")
     write_text(path, "".join(kept))
+
+
+def check_replaceable_dir(path: str, overwrite: bool, what: str, owned: bool = False,
+                          protected: tuple[str, ...] = ()) -> str:
+    """Checks only, for a folder a command will replace as a whole. Refused: a file in its place; the working
+    folder, a ``protected`` folder (the run being exported, the teacher) or any folder holding one; and a non-empty
+    folder the command did not write itself (``owned``) unless ``overwrite``."""
+    target = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TwostepError(f"{what} {path!r} is an existing file; choose a folder")
+    for keep in (os.getcwd(), *protected):
+        real = os.path.realpath(keep)
+        if real == target or real.startswith(target + os.sep):
+            raise TwostepError(f"{what} {path!r} would replace {keep!r} (or a folder holding it); choose a new folder")
+    if os.path.isdir(path) and os.listdir(path) and not (owned or overwrite):
+        raise TwostepError(f"{what} {path!r} is not empty and was not written by this command; choose a new "
+                           "folder, or pass --overwrite to replace its contents")
+    check_output_dir(path, what=what)
+    return path
