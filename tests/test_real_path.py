@@ -9,6 +9,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -347,3 +348,88 @@ def test_text_cache_resumes_by_shard_and_reads_across_shards(tmp_path):
         torch.testing.assert_close(again.get(i), whole.get(i))
     cond = again[torch.tensor([2, 0])]
     assert cond.embeds.shape[0] == 2 and cond.mask.sum(1).tolist() == [whole.get(2).shape[0], whole.get(0).shape[0]]
+
+
+# --------------------------------------------------------------------------- cards, usage code, refusals
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def _run_snippet(code: str, chain, tmp_path, monkeypatch, folder: str) -> dict:
+    """Execute usage code as a user would, with only the device, dtype, base model and folder swapped in."""
+    code = (code.replace('"path/to/this/export"', repr(folder)).replace('.to("cuda")', "")
+            .replace("torch.bfloat16", "torch.float32").replace('"path/to/pipe"', repr(chain["pipe"])))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "snippet", "exec"), namespace)  # noqa: S102 - our own generated code
+    assert (tmp_path / "image.png").is_file()
+    return namespace
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "lora", "merged"])
+def test_every_exports_card_carries_usage_code_that_runs_both_steps(chain, tmp_path, monkeypatch, fmt):
+    from twostep.pipeline import generate_images, load_two_step_pipeline
+
+    card = open(os.path.join(chain[fmt], "README.md"), encoding="utf-8").read()
+    assert card.startswith("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n") and "\n---\n" in card
+    for name in ("README.md", "twostep.json"):  # no absolute local path anywhere
+        text = open(os.path.join(chain[fmt], name), encoding="utf-8").read()
+        assert str(chain["root"]) not in text and "/tmp" not in text, name
+    (code,) = _python_blocks(card)
+    assert "sigmas=[1.0, 0.5]" in code and f"height={RES}, width={RES}" in code
+    ns = _run_snippet(code, chain, tmp_path, monkeypatch, chain[fmt])
+    pipe = ns["pipe"]
+    assert [round(float(s), 6) for s in pipe.scheduler.sigmas] == [1.0, 0.75, 0.0]  # two real steps
+    image = torch.from_numpy(np.asarray(ns["image"])).float()
+    # the second step's parameters matter: without the switch (step 1's for both steps) the image differs
+    call = dict(sigmas=[1.0, 0.5], guidance_scale=0.0, height=RES, width=RES)
+    if fmt == "merged":
+        pipe.transformer = ns["steps"][0]
+    else:
+        pipe.set_adapters("step1")
+    plain = pipe(ns["prompt"], **call).images[0]
+    assert (torch.from_numpy(np.asarray(plain)).float() - image).abs().max() > 0
+    if fmt == "diffusers":  # the same image as `twostep generate`'s pipeline (same default noise: seedless CPU RNG)
+        twostep_pipe, switch = load_two_step_pipeline(chain[fmt], device="cpu")
+        torch.manual_seed(0)
+        ours = twostep_pipe(ns["prompt"], height=RES, width=RES, generator=torch.Generator().manual_seed(0),
+                            **switch.call_kwargs()).images[0]
+        switch.reset(pipe)
+        theirs = pipe(ns["prompt"], height=RES, width=RES, generator=torch.Generator().manual_seed(0),
+                      callback_on_step_end=ns["next_step"], sigmas=[1.0, 0.5], guidance_scale=0.0).images[0]
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+        assert generate_images  # the CLI's path is covered by test_generate_is_reproducible_per_seed
+
+
+def test_the_docs_show_the_code_the_cards_carry():
+    from twostep.model_card import usage_snippet
+
+    info = {"num_steps": 2, "student_sigmas": [1.0, 0.75], "shift": 3.0, "resolution": 1024,
+            "base_model": "Tongyi-MAI/Z-Image-Turbo"}
+    expected = usage_snippet("diffusers", info, folder="exports/zimage-2step")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for doc in ("README.md", "docs/zimage.md"):
+        blocks = [b for b in _python_blocks(open(os.path.join(root, doc), encoding="utf-8").read())
+                  if "ZImagePipeline" in b]
+        assert blocks and all(b == expected for b in blocks), doc
+
+
+def test_export_never_replaces_what_it_did_not_write(chain, tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    argv = ["export", chain["run"], "--format", "lora", "--out", str(mine)]
+    assert "not empty and was not written by this command" in _error(capsys, argv)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    monkeypatch.chdir(mine)
+    assert "would replace" in _error(capsys, ["export", chain["run"], "--format", "lora", "--out", ".", "--overwrite"])
+    assert "would replace" in _error(capsys, ["export", chain["run"], "--format", "lora", "--out", chain["run"],
+                                              "--overwrite"])
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (mine / "notes.txt").exists() and (mine / "step1_lora.safetensors").exists()
+    assert main(argv) == 0  # an earlier export's folder is replaced without asking
+    assert "a 'merged' export" in _error(capsys, ["generate", "--model", chain["merged"], "a cat", "--out",
+                                                 str(tmp_path / "x.png")])

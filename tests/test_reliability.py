@@ -456,3 +456,30 @@ def test_a_partial_last_log_line_is_dropped_with_a_warning(world, tmp_path, caps
     assert train(world, run, "--resume", "latest", "train.steps=3", "--allow-config-change") == 0
     assert "dropped a partial last record" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(run / "train_log.jsonl")] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- no command destroys what it did not write
+
+
+def test_train_never_replaces_a_run_or_files_it_did_not_write(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(world, run, "train.steps=2") == 0
+    capsys.readouterr()
+    before = tree(run)
+    assert train(world, run, "train.steps=2") == 2  # a second fresh run into a finished one
+    assert "already holds a training run; continue it with --resume latest" in one_line(capsys)
+    assert tree(run) == before
+    assert train(world, run, "--resume", "latest", "--overwrite") == 2
+    assert "cannot be combined" in one_line(capsys)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert train(world, mine, "train.steps=2") == 2
+    assert "not empty and is not a run" in one_line(capsys)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # --overwrite: the old contents go aside while the new run trains, and are deleted once it has finished
+    assert train(world, run, "train.steps=2", "--overwrite") == 0
+    assert "were moved to" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["mine", "run"]
+    assert (run / "student.safetensors").exists()

@@ -261,7 +261,7 @@ def _run_job(job: tuple, context: dict) -> dict:
     evaluator, reference_images = _WORKER["evaluator"], _WORKER["references"]
     started = time.perf_counter()
     train_student(context["teacher_dir"], context["data_dir"], arm_cfg, run_dir, evaluator=evaluator,
-                  eval_samples=bc.curve_samples)
+                  eval_samples=bc.curve_samples, overwrite=True)  # the bench owns its run folders
     wall = time.perf_counter() - started
     student, teacher, _ = load_student(run_dir, teacher_run=context["teacher_dir"])
     result, images = evaluate_student(student, teacher, bc.eval_samples, evaluator=evaluator, measure_speed=False,

@@ -178,8 +178,6 @@ def _resume_config(config: str | None, run_dir: str | None) -> str | None:
 def cmd_train(args) -> None:
     from .config import load_config
 
-    if args.allow_config_change and not args.resume:
-        raise TwostepError("--allow-config-change only applies with --resume")
     config = _resume_config(args.config, args.out or "runs/student") if args.resume else None
     if config is None and not args.config and args.data and os.path.isfile(os.path.join(args.data, DATA_RECORD)):
         config = _config_path(DEFAULT_ZIMAGE_CONFIG)  # a Z-Image teacher-data folder: the real path's recipe
@@ -194,7 +192,7 @@ def cmd_train(args) -> None:
     cfg = load_config(DistillConfig, config, args.overrides)
     out = args.out or "runs/student"
     meta = train_student(args.teacher or "runs/teacher", args.data or "runs/teacher_data", cfg, out,
-                         resume=args.resume, allow_config_change=args.allow_config_change)
+                         resume=args.resume, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
     print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")
 
 
@@ -213,7 +211,8 @@ def _real_train(args, config: str) -> None:
         update.setdefault("model", {})["path"] = _local_path(args.teacher)
     cfg = load_config(ZImageDistillConfig, config, args.overrides, update)
     out = args.out or "runs/zimage/student"
-    meta = train_zimage_student(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
+    meta = train_zimage_student(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change,
+                                overwrite=args.overwrite)
     print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s on {meta['device']}) -> {out}")
 
 
@@ -221,7 +220,7 @@ def cmd_export(args) -> None:
     from .export import export_run
 
     out = args.out or os.path.join(args.run, f"export_{args.format}")
-    paths = export_run(args.run, out, args.format, dtype=args.dtype)
+    paths = export_run(args.run, out, args.format, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported {args.format}: " + ", ".join(os.path.relpath(p) for p in paths))
 
 
@@ -394,13 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.yaml is the default config")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept config values that differ from the checkpoint's (listed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (a finished run, or other files): moved aside when the new run "
+                        "starts, deleted when it finishes")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. recipe.end_to_end=false train.steps=200")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a trained Z-Image student as diffusers / lora / comfyui / merged")
     p.add_argument("run", help="training run folder (twostep train with a Z-Image config)")
     p.add_argument("--format", required=True, choices=["diffusers", "lora", "comfyui", "merged"])
-    p.add_argument("--out", help="output folder (default RUN/export_FORMAT); replaced atomically")
+    p.add_argument("--out", help="output folder (default RUN/export_FORMAT); built beside it and swapped in. A "
+                                 "non-empty folder that an earlier export did not write is refused")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an export")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of exported weights (default bfloat16)")
     p.set_defaults(func=cmd_export)

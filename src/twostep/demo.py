@@ -195,7 +195,7 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
         print(f"reusing the student in {student_dir} (same config)")
     else:
         print(f"distilling the student into {student_dir}")
-        train_student(teacher_dir, data_dir, cfg, student_dir)
+        train_student(teacher_dir, data_dir, cfg, student_dir, overwrite=True)  # the demo owns its folders
         walls["student"] = time.perf_counter() - started
     write_text(walls_path, json.dumps(walls, indent=2) + "\n")
 

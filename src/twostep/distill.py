@@ -17,14 +17,14 @@ from .engine.discriminator import Discriminator, DiscriminatorConfig
 from .engine.recipe import RecipeConfig
 from .engine.student import Student, StudentConfig, merge_student
 from .engine.teacher_data import TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, generate_teacher_data
-from .engine.train import DistillTrainConfig, Trainer, prepare_resume, resume_trainer, save_student_weights, start_run, \
-    write_meta
+from .engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_replaced, resume_trainer, \
+    save_student_weights, start_run, write_meta
 from .errors import TwostepError
 from .evaluate import build_evaluator, eval_set, measure_throughput
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
 from .teacher import Teacher, TeacherConfig, load_teacher
-from .utils import check_output_dir, file_sha256, read_json_object
+from .utils import file_sha256, read_json_object
 from .worlds import Evaluator
 from .worlds.digits.evaluator import frechet_distance
 
@@ -128,22 +128,22 @@ def real_image_sampler(teacher: Teacher):
 
 def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: str,
                   resume: str | None = None, evaluator: Evaluator | None = None, eval_samples: int = 500,
-                  allow_config_change: bool = False) -> dict:
+                  allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the toy teacher into ``cfg.student`` in ``out_dir``; returns the run's meta. Every check (resume,
     teacher, data, output folder) runs before anything is written."""
-    checkpoint = prepare_resume(cfg, out_dir, resume, allow_config_change)
-    check_output_dir(out_dir, what="training run folder")
+    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc, base = build_student(teacher_run, cfg)
     data = load_teacher_data(base, cfg, data_dir)
-    start_run(cfg, out_dir)
+    replaced = start_run(cfg, out_dir, overwrite)
     trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
                       sample_fn=grid_writer(base),
                       eval_fn=quick_eval(base, eval_samples, evaluator) if cfg.train.eval_every else None)
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
+    discard_replaced(replaced)
     meta = {"kind": "toy-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
             "teacher_run": os.path.abspath(teacher_run), "teacher_data": os.path.abspath(data_dir),
             "trainable_parameters": sum(v.numel() for v in state.values()), "torch_threads": torch.get_num_threads()}

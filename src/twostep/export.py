@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .engine.student import StudentConfig
 from .errors import TwostepError
 from .engine.checkpoint import assert_finite
+from .model_card import model_card, teacher_name
 from .utils import atomic_dir, check_replaceable_dir, write_text
 
 Tensor = torch.Tensor
@@ -87,8 +88,26 @@ def _run_info(cfg, meta: dict) -> dict:
             "renoise": cfg.student.renoise,
             "default_schedule": all(abs(a - b) < 1e-6 for a, b in zip(sigmas, default)),
             "params": cfg.student.params, "form": cfg.student.form, "rank": cfg.student.lora_rank,
-            "teacher": meta.get("teacher"), "teacher_fingerprint": meta.get("teacher_fingerprint"),
+            "base_model": teacher_name(cfg.model.path, meta.get("teacher_fingerprint")),
+            "teacher_fingerprint": meta.get("teacher_fingerprint"),
             "resolution": cfg.teacher_data.resolution, "train_steps": meta.get("steps")}
+
+
+def _config_summary(cfg, meta: dict) -> dict[str, str]:
+    """The run's recipe in a few rows for the model card."""
+    import diffusers
+
+    s, r, t = cfg.student, cfg.recipe, cfg.train
+    return {
+        "student": f"{s.form}, {s.params} parameters per step" + (f", LoRA rank {s.lora_rank}" if s.form == "lora"
+                                                                     else ""),
+        "recipe": f"adversarial weight {r.adv_weight}, step-1 loss {r.step1_loss} (weight {r.step1_weight}), "
+                  f"end to end {r.end_to_end}, reals from the {r.real_source}",
+        "discriminator": f"heads on blocks {list(cfg.discriminator.blocks)}, {cfg.discriminator.loss} loss",
+        "training": f"{meta.get('steps')} steps, batch {t.batch_size}, lr {t.g_lr} / {t.d_lr}, EMA {t.ema_decay}",
+        "teacher data": f"{cfg.teacher_data.resolution}px, {cfg.teacher_data.teacher_steps} teacher steps",
+        "exported with": f"twostep, diffusers {diffusers.__version__}",
+    }
 
 
 def _link_tree(src: str, dst: str) -> None:
@@ -113,7 +132,7 @@ def _save_loras(folder: str, files: list[dict], info: dict, name: str) -> list[s
     return paths
 
 
-COMFY_README = """# 2-step Z-Image LoRAs for ComfyUI
+COMFY_README = """## ComfyUI
 
 `step1_lora_comfyui.safetensors` is the student's first step (sigma {s1} -> {s2}), `step2_lora_comfyui.safetensors`
 its second ({s2} -> 0). Keys: `diffusion_model.<diffusers module>.lora_A/lora_B.weight` + `.alpha` (= rank; the
@@ -134,26 +153,6 @@ Two-sampler workflow (one model, two LoRA branches; CFG 1.0 = no guidance, as Z-
 Equivalent with `KSamplerAdvanced`: first sampler steps 0-1 of 2 ("return_with_leftover_noise" enabled), second
 steps 1-2 of 2 ("add_noise" disabled), both `euler`/`simple`, cfg 1.0.
 """
-
-DIFFUSERS_README = """# 2-step Z-Image (twostep export)
-
-A stock `ZImagePipeline` folder plus one LoRA per student step in `twostep_lora/`. Step 1 runs with
-`step1`, step 2 with `step2`; the switch is a `callback_on_step_end`:
-
-```python
-pipe = ZImagePipeline.from_pretrained("{folder}", dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{folder}/twostep_lora", weight_name="step1_lora.safetensors", adapter_name="step1")
-pipe.load_lora_weights("{folder}/twostep_lora", weight_name="step2_lora.safetensors", adapter_name="step2")
-def next_step(pipe, i, t, kw):  # after step i: the adapter of step i+1 (back to step1 after the last)
-    pipe.set_adapters("step2" if i == 0 else "step1"); return kw
-pipe.set_adapters("step1")  # before every call: an interrupted call can leave step2 active
-image = pipe(prompt, num_inference_steps=2, guidance_scale=0.0, callback_on_step_end=next_step).images[0]
-```
-
-Or, with twostep installed: `pipe, switch = twostep.pipeline.load_two_step_pipeline("{folder}")` and
-`pipe(prompt, **switch.call_kwargs())`. Schedule: sigmas {sigmas} then 0 (shift {shift}).
-"""
-
 
 def is_export(folder: str) -> bool:
     """Whether ``folder`` was written by ``twostep export`` (its ``twostep.json`` says so)."""
@@ -193,6 +192,7 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
     check_replaceable_dir(out, overwrite, "export folder", owned=is_export(out), protected=(run_dir, teacher.folder))
     info["written_by"] = "twostep export"
     info["format"] = fmt
+    comfy_text = ""
     with atomic_dir(out) as tmp:
         if fmt == "lora":
             paths = _save_loras(tmp, lora_files(state, cfg.student, store), info, "step{step}_lora.safetensors")
@@ -200,29 +200,30 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
             paths = _save_loras(tmp, lora_files(state, cfg.student, store, style="comfyui"), info,
                                 "step{step}_lora_comfyui.safetensors")
             s = cfg.student.sigmas
-            readme = COMFY_README.format(s1=s[0], s2=s[1] if len(s) > 1 else 0, shift=cfg.teacher_data.shift)
+            comfy_text = COMFY_README.format(s1=s[0], s2=s[1] if len(s) > 1 else 0, shift=cfg.teacher_data.shift)
             if not info["default_schedule"] or len(s) != 2:
-                readme += (f"\n**This run's schedule is not the default 2-step one** (sigmas {s} then 0): give the "
-                           "samplers these sigmas directly (a manual-sigmas node) instead of `BasicScheduler`.\n")
-            write_text(os.path.join(tmp, "README.md"), readme)
+                comfy_text += (f"\n**This run's schedule is not the default 2-step one** (sigmas {s} then 0): give "
+                               "the samplers these sigmas directly (a manual-sigmas node) instead of `BasicScheduler`.\n")
         elif fmt == "diffusers":
             files = lora_files(state, cfg.student, store)  # fail on a full-form run before linking 30 GB
             _link_tree(teacher.folder, tmp)
             os.makedirs(os.path.join(tmp, LORA_DIR), exist_ok=True)
             paths = _save_loras(os.path.join(tmp, LORA_DIR), files, info, "step{step}_lora.safetensors")
-            write_text(os.path.join(tmp, INFO), json.dumps(
-                {**info, "adapters": [f"step{k}" for k in range(1, len(files) + 1)],
-                 "lora_files": [os.path.join(LORA_DIR, os.path.basename(p)) for p in paths]}, indent=2) + "\n")
-            write_text(os.path.join(tmp, "TWOSTEP_README.md"), DIFFUSERS_README.format(
-                folder=os.path.abspath(out), sigmas=info["student_sigmas"], shift=info["shift"]))
         else:
             paths, rounding = _export_merged(state, cfg, teacher.folder, tmp, store)
             info["merge_rounding"] = rounding
-            write_text(os.path.join(tmp, INFO), json.dumps(info, indent=2) + "\n")
             worst = max(rounding)
             if worst > 0.05:
                 print(f"warning: storing W + BA in {dtype} loses {worst:.0%} of the LoRA update (relative norm) in the "
                       "worst layer; export with --dtype float32 to keep it")
+        if fmt != "merged":
+            info["adapters"] = [f"step{k}" for k in range(1, len(paths) + 1)]
+        info["files"] = [os.path.relpath(p, tmp) for p in paths]
+        if fmt == "diffusers":
+            info["lora_files"] = info["files"]
+        write_text(os.path.join(tmp, INFO), json.dumps(info, indent=2) + "\n")
+        # replaces the base model's card (a hard link): written to a new file, the base model's copy is untouched
+        write_text(os.path.join(tmp, "README.md"), model_card(fmt, info, _config_summary(cfg, meta), comfy_text))
     return [os.path.join(out, os.path.relpath(p, tmp)) for p in paths]
 
 

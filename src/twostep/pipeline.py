@@ -23,7 +23,9 @@ class StepAdapterSwitch:
 
     adapters: list[str]
     num_inference_steps: int
-    sigmas: list[float] | None = None  # pipeline sigmas (before the scheduler's shift) when not the default
+    # pipeline sigmas (before the scheduler's shift), passed explicitly on every call: diffusers releases before
+    # PR #13730 turn num_inference_steps=2 into [1, 0, 0], one real step
+    sigmas: list[float]
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         following = step + 1
@@ -35,19 +37,16 @@ class StepAdapterSwitch:
         pipe.set_adapters(self.adapters[0])
 
     def call_kwargs(self) -> dict:
-        """What every 2-step call needs: step count (or sigmas), no guidance, the switch."""
-        kwargs = {"guidance_scale": 0.0, "callback_on_step_end": self}
-        if self.sigmas is None:
-            kwargs["num_inference_steps"] = self.num_inference_steps
-        else:
-            kwargs["sigmas"] = self.sigmas
-        return kwargs
+        """What every 2-step call needs: the sigmas (always explicit), no guidance, the switch."""
+        return {"sigmas": list(self.sigmas), "guidance_scale": 0.0, "callback_on_step_end": self}
 
 
 def unshifted_sigmas(sigmas: list[float], shift: float) -> list[float]:
     """The sigmas to hand ``ZImagePipeline(sigmas=...)`` so that after its scheduler's shift they equal ``sigmas``
-    (inverse of ``shift*s / (1 + (shift-1)*s)``)."""
-    return [s / (shift - (shift - 1) * s) for s in sigmas]
+    (inverse of ``shift*s / (1 + (shift-1)*s)``); see :func:`twostep.model_card.pipeline_sigmas`."""
+    from .model_card import pipeline_sigmas
+
+    return pipeline_sigmas(sigmas, shift)
 
 
 def read_export_info(folder: str) -> dict:
@@ -62,6 +61,10 @@ def read_export_info(folder: str) -> dict:
     info = read_json_file(path, what="export record", hint=redo)
     if not isinstance(info, dict):
         raise TwostepError(f"{path}: export record must be a JSON object; {redo}")
+    if info.get("format", "diffusers") != "diffusers":
+        raise TwostepError(f"{folder} is a '{info['format']}' export; `generate` and load_two_step_pipeline run a "
+                           "'diffusers' export (`twostep export RUN --format diffusers`); the usage code for this "
+                           f"one is in {os.path.join(folder, 'README.md')}")
     adapters, files = info.get("adapters"), info.get("lora_files")
     if not (isinstance(adapters, list) and adapters and all(isinstance(a, str) for a in adapters)
             and isinstance(files, list) and len(files) == len(adapters) and all(isinstance(f, str) for f in files)):
@@ -71,11 +74,10 @@ def read_export_info(folder: str) -> dict:
     resolution = info.get("resolution")
     if resolution is not None and not (isinstance(resolution, int) and not isinstance(resolution, bool)):
         raise TwostepError(f"{path}: export record's 'resolution' must be an integer; {redo}")
-    if not info.get("default_schedule", True):
-        sigmas, shift = info.get("student_sigmas"), info.get("shift")
-        if not (isinstance(sigmas, list) and all(isinstance(s, (int, float)) for s in sigmas)
-                and isinstance(shift, (int, float))):
-            raise TwostepError(f"{path}: export record needs 'student_sigmas' and 'shift' numbers; {redo}")
+    sigmas, shift = info.get("student_sigmas"), info.get("shift")
+    if not (isinstance(sigmas, list) and len(sigmas) == info["num_steps"]
+            and all(isinstance(s, (int, float)) for s in sigmas) and isinstance(shift, (int, float))):
+        raise TwostepError(f"{path}: export record needs 'student_sigmas' (one per step) and 'shift'; {redo}")
     return info
 
 
@@ -101,7 +103,7 @@ def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None =
         pipe.load_lora_weights(os.path.join(folder, os.path.dirname(path)), weight_name=os.path.basename(path),
                                adapter_name=adapter)
     pipe.set_adapters(info["adapters"][0])
-    sigmas = None if info.get("default_schedule", True) else unshifted_sigmas(info["student_sigmas"], info["shift"])
+    sigmas = unshifted_sigmas(info["student_sigmas"], info["shift"])
     return pipe, StepAdapterSwitch(info["adapters"], info["num_steps"], sigmas)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -470,6 +471,8 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
     incomplete or corrupt newest checkpoint and says so."""
     if not resume:
         return None
+    if os.path.isfile(run_dir):
+        raise TwostepError(f"--resume: {run_dir} is a file, not a run folder")
     root = os.path.join(run_dir, "checkpoints")
     if resume == "latest":
         checkpoint = find_resumable(root, report=lambda message: print(f"twostep: {message}"))
@@ -488,22 +491,59 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
     return checkpoint
 
 
-def start_run(cfg: RunConfig, run_dir: str) -> None:
-    """After every check passed: create the run folder, save the resolved config, remove what killed writes left."""
+RUN_FILES = ("config.yaml", "train_log.jsonl", "checkpoints", "student.safetensors", "meta.json")
+
+
+def check_fresh_run_dir(run_dir: str, overwrite: bool) -> None:
+    """Checks only, for a run started without ``--resume``: its folder must be new or empty, unless ``overwrite``."""
+    check_output_dir(run_dir, what="training run folder")
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir) or overwrite:
+        return
+    if any(os.path.exists(os.path.join(run_dir, name)) for name in RUN_FILES):
+        raise TwostepError(f"{run_dir} already holds a training run; continue it with --resume latest (add "
+                           "train.steps=N --allow-config-change to extend it), choose another --out, or pass "
+                           "--overwrite to replace it")
+    raise TwostepError(f"training run folder {run_dir} is not empty and is not a run; choose another --out, or pass "
+                       "--overwrite to replace its contents")
+
+
+def start_run(cfg: RunConfig, run_dir: str, overwrite: bool = False) -> str | None:
+    """After every check passed: create the run folder, save the resolved config, remove what killed writes left.
+
+    With ``overwrite``, a non-empty folder is first moved aside to ``RUN.replaced-TIME`` (returned): the caller
+    deletes it with :func:`discard_replaced` once the new run has finished, so a failed new run loses nothing."""
+    backup = None
+    if overwrite and os.path.isdir(run_dir) and os.listdir(run_dir) and is_main_process():
+        backup = f"{os.path.normpath(run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(run_dir, backup)
+        print(f"twostep: the previous contents of {run_dir} were moved to {backup}; they are deleted when this run "
+              "finishes")
     ensure_writable_dir(run_dir, what="training run folder")
     if is_main_process():
         for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
             for path in remove_stale_temporaries(folder):
                 print(f"twostep: removed {path}, left by an interrupted write")
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    return backup
 
 
-def setup_run(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False) -> str | None:
-    """:func:`prepare_resume` then :func:`start_run` (for callers with nothing else to check in between)."""
-    checkpoint = prepare_resume(cfg, run_dir, resume, allow_config_change)
-    check_output_dir(run_dir, what="training run folder")
-    start_run(cfg, run_dir)
-    return checkpoint
+def discard_replaced(backup: str | None) -> None:
+    if backup and is_main_process():
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def check_run_dir(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
+                  overwrite: bool = False) -> str | None:
+    """Every check on the run folder before a run writes anything: :func:`prepare_resume` with ``--resume``,
+    else :func:`check_fresh_run_dir`. Returns the checkpoint to resume from (or None)."""
+    if overwrite and resume:
+        raise TwostepError("--overwrite replaces a run; it cannot be combined with --resume")
+    if allow_config_change and not resume:
+        raise TwostepError("--allow-config-change only applies with --resume")
+    if resume:
+        return prepare_resume(cfg, run_dir, resume, allow_config_change)
+    check_fresh_run_dir(run_dir, overwrite)
+    return None
 
 
 def resume_trainer(trainer: Trainer, checkpoint: str | None) -> None:

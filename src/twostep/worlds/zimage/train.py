@@ -20,10 +20,10 @@ from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
 from ...engine.teacher_data import DTYPES, TeacherData
-from ...engine.train import DistillTrainConfig, Trainer, prepare_resume, resume_trainer, save_student_weights, \
-    start_run, write_meta
+from ...engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_replaced, resume_trainer, \
+    save_student_weights, start_run, write_meta
 from ...errors import TwostepError
-from ...utils import check_output_dir, check_device_name, read_json_file
+from ...utils import check_device_name, read_json_file
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
 from .text_cache import PromptEmbeds
@@ -121,17 +121,16 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
 
 
 def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None,
-                         allow_config_change: bool = False) -> dict:
+                         allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
     checks (resume, teacher, cache, output folder) run before the model loads and before anything is written."""
-    checkpoint = prepare_resume(cfg, out_dir, resume, allow_config_change)
-    check_output_dir(out_dir, what="training run folder")
+    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite)
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, shift=cfg.teacher_data.shift)
     device = pick_device(cfg.model.device)
     expected = expected_provenance(cfg.teacher_data, teacher)
     data = TeacherData(cfg.data_dir, expected=expected)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
-    start_run(cfg, out_dir)
+    replaced = start_run(cfg, out_dir, overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
@@ -140,6 +139,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
+    discard_replaced(replaced)
     meta = {"kind": "zimage-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
             "teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
             "teacher_data": os.path.abspath(cfg.data_dir), "device": str(device),
