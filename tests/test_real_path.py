@@ -276,13 +276,13 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, cap
     assert "made with teacher_steps=8, not 4" in _error(capsys, train + ["teacher_data.teacher_steps=4"])
     other_pipe = str(tmp_path / "other_pipe")
     tiny_zimage_pipeline(seed=1).save_pretrained(other_pipe)
-    assert "teacher_weights_sha256" in _error(capsys, train + ["--teacher", other_pipe])
+    assert "was made by another teacher" in _error(capsys, train + ["--teacher", other_pipe])
     # a rerun into a finished folder with other prompts is refused before its text cache is touched
     text_manifest = os.path.join(chain["data"], "text", "manifest.json")
     before = open(text_manifest).read()
     fewer = tmp_path / "fewer.txt"
     fewer.write_text(PROMPTS[0] + "\n")
-    assert "was made with" in _error(capsys, ["teacher-data", "--teacher", chain["pipe"], "--prompts", str(fewer),
+    assert "from another prompt set (3 prompts there, 1 in the prompt file now)" in _error(capsys, ["teacher-data", "--teacher", chain["pipe"], "--prompts", str(fewer),
                                                "--resolution", str(RES), "--out", chain["data"],
                                                "teacher_data.samples_per_prompt=2", "teacher_data.shard_size=4"])
     assert open(text_manifest).read() == before

@@ -22,7 +22,7 @@ import torch
 from .config import load_config, read_yaml, to_dict
 from .distill import (STUDENT_WEIGHTS, DistillConfig, evaluate_student, load_student, make_teacher_data,
                       train_student)
-from .errors import TwostepError
+from .engine.teacher_data import CacheMismatch
 from .evaluate import build_evaluator, evaluate_teacher_steps
 from .reports import image_grid, save_figure, save_image
 from .results import distill_bars, metrics_table, write_distill_section, write_teacher_section
@@ -181,9 +181,7 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
     started = time.perf_counter()
     try:
         make_teacher_data(teacher_dir, cfg, data_dir)
-    except TwostepError as err:
-        if "was made with" not in str(err):
-            raise
+    except CacheMismatch:
         print(f"teacher data in {data_dir} belongs to another teacher or schedule; regenerating it")
         shutil.rmtree(data_dir)
         make_teacher_data(teacher_dir, cfg, data_dir)

@@ -14,6 +14,8 @@ import os
 from .engine.flow import turbo_sigmas
 
 TESTED_DIFFUSERS = "0.42.1"  # the release the exports are tested with (pinned in pyproject.toml)
+# PEFT warns "Already found a `peft_config` attribute in the model" when the second adapter loads: expected here
+PEFT_NOTE = "PEFT's 'Already found a peft_config' warning is expected"
 EXAMPLE_PROMPT = "a red fox standing in fresh snow at golden hour, detailed fur"
 
 
@@ -55,7 +57,7 @@ def usage_snippet(fmt: str, info: dict, folder: str = "path/to/this/export") -> 
                 'from diffusers import ZImagePipeline\n\n'
                 f'export = "{folder}"  # this folder, or its hub id once uploaded\n'
                 'pipe = ZImagePipeline.from_pretrained(export, dtype=torch.bfloat16).to("cuda")\n'
-                f'for step in {tuple(steps)}:  # one LoRA adapter per student step\n'
+                f'for step in {tuple(steps)}:  # one LoRA adapter per student step ({PEFT_NOTE})\n'
                 '    pipe.load_lora_weights(export, subfolder="twostep_lora", weight_name=f"step{step}_lora.safetensors",\n'
                 '                           adapter_name=f"step{step}")\n\n\n'
                 f'{switch}\n\n{call}')
@@ -65,7 +67,7 @@ def usage_snippet(fmt: str, info: dict, folder: str = "path/to/this/export") -> 
                 'from diffusers import ZImagePipeline\n\n'
                 f'loras = "{folder}"  # this folder, or its hub id once uploaded\n'
                 f'pipe = ZImagePipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")\n'
-                f'for step in {tuple(steps)}:  # one LoRA adapter per student step\n'
+                f'for step in {tuple(steps)}:  # one LoRA adapter per student step ({PEFT_NOTE})\n'
                 '    pipe.load_lora_weights(loras, weight_name=f"step{step}_lora.safetensors", adapter_name=f"step{step}")\n'
                 '\n\n'
                 f'{switch}\n\n{call}')

@@ -8,6 +8,7 @@ called again. Nothing here forks diffusers code.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,11 @@ def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None =
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype).to(device)
-    for adapter, path in zip(info["adapters"], info["lora_files"]):
-        pipe.load_lora_weights(os.path.join(folder, os.path.dirname(path)), weight_name=os.path.basename(path),
-                               adapter_name=adapter)
+    with warnings.catch_warnings():  # one adapter per step on one model is the design, not a mistake
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+        for adapter, path in zip(info["adapters"], info["lora_files"]):
+            pipe.load_lora_weights(os.path.join(folder, os.path.dirname(path)), weight_name=os.path.basename(path),
+                                   adapter_name=adapter)
     pipe.set_adapters(info["adapters"][0])
     sigmas = unshifted_sigmas(info["student_sigmas"], info["shift"])
     return pipe, StepAdapterSwitch(info["adapters"], info["num_steps"], sigmas)

@@ -208,12 +208,35 @@ def _check_complete_shards(manifest: dict, out_dir: str) -> None:
                                f"(count {count}) belong there; {_fix_hint(out_dir)}")
 
 
-def _check_same_provenance(manifest: dict, provenance: dict, where: str) -> None:
-    for key, value in provenance.items():
-        if manifest.get("provenance", {}).get(key) != value:
-            raise TwostepError(f"the teacher-data cache in {where} was made with {key}="
-                               f"{manifest.get('provenance', {}).get(key)!r}, not {value!r}; use another --out "
-                               "or delete that folder")
+REWRITE_HINT = "use another --out or delete that folder"
+TRAIN_HINT = ("train with the settings the cache was made with, or make a cache for these with `twostep teacher-data` "
+              "into another folder")
+# the differences a user recognises first, in their own terms; the rest are reported by key
+_FIRST = ("teacher_id", "teacher_weights_sha256", "prompts_sha256", "resolution")
+
+
+def _difference(key: str, made: dict, now: dict) -> str:
+    if key == "teacher_weights_sha256":
+        return f"by another teacher (weights {str(made.get(key))[:12]}, not {str(now.get(key))[:12]})"
+    if key == "prompts_sha256":
+        return (f"from another prompt set ({made.get('num_prompts')} prompts there, {now.get('num_prompts')} in the "
+                "prompt file now)")
+    if key == "resolution":
+        return f"at {made.get(key)}px, not {now.get(key)}px"
+    return f"with {key}={made.get(key)!r}, not {now.get(key)!r}"
+
+
+class CacheMismatch(TwostepError):
+    """A teacher-data cache made by another teacher, prompt set, schedule or resolution than the one asked for."""
+
+
+def _check_same_provenance(manifest: dict, provenance: dict, where: str, hint: str = REWRITE_HINT) -> None:
+    made = manifest.get("provenance", {})
+    keys = [k for k in _FIRST if k in provenance] + [k for k in provenance if k not in _FIRST]
+    for key in keys:
+        if made.get(key) != provenance[key]:
+            raise CacheMismatch(f"the teacher-data cache in {where} was made {_difference(key, made, provenance)}; "
+                               f"{hint}")
 
 
 def existing_cache(out_dir: str, provenance: dict) -> dict | None:
@@ -291,7 +314,7 @@ class TeacherData:
         if not manifest.get("complete"):
             raise TwostepError(f"the teacher data in {out_dir} is unfinished; rerun `twostep teacher-data` to finish it")
         if expected is not None:
-            _check_same_provenance(manifest, expected, out_dir)
+            _check_same_provenance(manifest, expected, out_dir, hint=TRAIN_HINT)
         _check_complete_shards(manifest, out_dir)
         self.provenance = manifest["provenance"]
         self._shards: list[tuple[str, int, int]] = []  # (path, first_index, count)
