@@ -175,6 +175,14 @@ def _resume_config(config: str | None, run_dir: str | None) -> str | None:
     return saved if os.path.isfile(saved) else None
 
 
+def _recorded_inputs(run_dir: str) -> dict:
+    """The teacher and data folders a toy run recorded in its ``meta.json`` (empty when there is none)."""
+    from .utils import read_json_object
+
+    path = os.path.join(run_dir, "meta.json")
+    return read_json_object(path, what="run record") if os.path.isfile(path) else {}
+
+
 def cmd_train(args) -> None:
     from .config import load_config
 
@@ -191,7 +199,10 @@ def cmd_train(args) -> None:
 
     cfg = load_config(DistillConfig, config, args.overrides)
     out = args.out or "runs/student"
-    meta = train_student(args.teacher or "runs/teacher", args.data or "runs/teacher_data", cfg, out,
+    recorded = _recorded_inputs(out) if args.resume else {}  # a resumed run keeps its teacher and data
+    teacher = args.teacher or recorded.get("teacher_run") or "runs/teacher"
+    data = args.data or recorded.get("teacher_data") or "runs/teacher_data"
+    meta = train_student(teacher, data, cfg, out,
                          resume=args.resume, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
     print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")
 

@@ -137,6 +137,8 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     student, disc, base = build_student(teacher_run, cfg)
     data = load_teacher_data(base, cfg, data_dir)
     replaced = start_run(cfg, out_dir, overwrite)
+    inputs = {"teacher_run": os.path.abspath(teacher_run), "teacher_data": os.path.abspath(data_dir)}
+    write_meta(out_dir, {"kind": "toy-student", "status": "training", **inputs})  # `--resume` reads them back
     trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
                       sample_fn=grid_writer(base),
                       eval_fn=quick_eval(base, eval_samples, evaluator) if cfg.train.eval_every else None)
@@ -144,8 +146,8 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
     discard_replaced(replaced)
-    meta = {"kind": "toy-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
-            "teacher_run": os.path.abspath(teacher_run), "teacher_data": os.path.abspath(data_dir),
+    meta = {"kind": "toy-student", "status": "finished", "steps": trainer.step,
+            "train_wall_s": round(trainer.elapsed, 1), **inputs,
             "trainable_parameters": sum(v.numel() for v in state.values()), "torch_threads": torch.get_num_threads()}
     write_meta(out_dir, meta)
     return meta
