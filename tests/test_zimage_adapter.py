@@ -1,5 +1,7 @@
 """The Z-Image adapter: list conversion, time direction, output sign, features, checkpointing."""
 
+import os
+
 import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
@@ -27,11 +29,19 @@ def test_full_config_on_meta_device_has_6_155b_parameters():
     assert round(count / 1e9, 3) == 6.155
 
 
-def test_turbo_config_equals_diffusers_defaults():
+def test_turbo_config_is_the_published_one():
+    """The package's config equals an independent copy of Z-Image-Turbo's transformer/config.json, and every key
+    is a real ZImageTransformer2DModel argument (the RoPE table covers 1536 caption positions, not the default 1024)."""
+    import json
+
+    published = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures",
+                                             "zimage_turbo_transformer_config.json")))
+    assert ZIMAGE_TURBO_CONFIG == {k: v for k, v in published.items() if not k.startswith("_")}
+    assert ZIMAGE_TURBO_CONFIG["axes_lens"] == [1536, 512, 512]
     with torch.device("meta"):
-        default = ZImageTransformer2DModel()
+        model = ZImageTransformer2DModel(**ZIMAGE_TURBO_CONFIG)
     for key, value in ZIMAGE_TURBO_CONFIG.items():
-        assert list(default.config[key]) == list(value) if isinstance(value, list) else default.config[key] == value
+        assert model.config[key] == value or list(model.config[key]) == value, key
 
 
 def test_velocity_is_minus_output_at_time_one_minus_sigma(backbone):

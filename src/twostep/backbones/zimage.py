@@ -12,6 +12,7 @@ The same class serves the tiny offline model and the 6.15B release (``from_pretr
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -26,12 +27,15 @@ from .base import Conditioning
 
 Tensor = torch.Tensor
 
-# Z-Image-Turbo's transformer config (diffusers defaults); 6.155B parameters.
-ZIMAGE_TURBO_CONFIG: dict[str, Any] = dict(
-    all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
-    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
-    t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512],
-)
+def _published_config() -> dict[str, Any]:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zimage_turbo_transformer.json")
+    with open(path, encoding="utf-8") as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+# Z-Image-Turbo's transformer config as published (transformer/config.json of Tongyi-MAI/Z-Image-Turbo; a test
+# compares it with an independent copy); 6.155B parameters. `plan` and `benchmarks/gpu_check.py` build from it.
+ZIMAGE_TURBO_CONFIG: dict[str, Any] = _published_config()
 
 
 class _StopForward(Exception):
