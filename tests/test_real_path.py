@@ -433,3 +433,15 @@ def test_export_never_replaces_what_it_did_not_write(chain, tmp_path, capsys, mo
     assert main(argv) == 0  # an earlier export's folder is replaced without asking
     assert "a 'merged' export" in _error(capsys, ["generate", "--model", chain["merged"], "a cat", "--out",
                                                  str(tmp_path / "x.png")])
+
+
+def test_train_checks_the_vae_its_previews_need_before_anything(chain, tmp_path, capsys):
+    import shutil
+
+    no_vae = tmp_path / "no_vae"
+    shutil.copytree(chain["pipe"], no_vae)
+    shutil.rmtree(no_vae / "vae")
+    run = tmp_path / "run"
+    assert "lacks vae/" in _error(capsys, ["train", "--data", chain["data"], "--teacher", str(no_vae), "--out",
+                                           str(run), *TRAIN])
+    assert not run.exists()

@@ -125,7 +125,10 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
     checks (resume, teacher, cache, output folder) run before the model loads and before anything is written."""
     checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite)
-    teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, shift=cfg.teacher_data.shift)
+    # every component the run will use, resolved (and on the hub: fetched) before the model loads: the transformer,
+    # and the VAE that decodes the preview grids (the last step always writes one)
+    teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, need=("transformer", "vae"),
+                              shift=cfg.teacher_data.shift)
     device = pick_device(cfg.model.device)
     expected = expected_provenance(cfg.teacher_data, teacher)
     data = TeacherData(cfg.data_dir, expected=expected)
