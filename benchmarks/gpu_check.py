@@ -10,8 +10,11 @@ Measures, on one CUDA device:
 ``--tiny`` runs the same code on a tiny config (CPU is fine: memory is reported as n/a there). Results go to
 ``OUT/gpu_check.json`` (rewritten after every measurement, so a killed run keeps what it measured).
 
-    python benchmarks/gpu_check.py --out runs/gpu_check          # CUDA, ~3-6 min on one H100
-    python benchmarks/gpu_check.py --tiny --out /tmp/gpu_check   # CPU smoke run, seconds
+  (c) with ``--end-to-end``: the whole ``pipe(prompt)`` (text encoder, 2 vs 8 transformer steps, VAE decode) at
+      1024^2 with full-size random weights, the latency a user sees, plus the text encoder and VAE decode alone.
+
+    python benchmarks/gpu_check.py --out runs/gpu_check [--end-to-end]  # CUDA, ~3-6 min on one H100 (+1-2 min)
+    python benchmarks/gpu_check.py --tiny --end-to-end --out /tmp/gpu_check   # CPU smoke run, seconds
 """
 
 from __future__ import annotations
@@ -227,6 +230,79 @@ def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutio
                   f"{entry['plan_gib_without_overhead']:.2f} GiB (+ overhead)", flush=True)
 
 
+# Z-Image-Turbo's other components as published (text_encoder/config.json: Qwen3-4B; vae/config.json: the 16-channel
+# AutoencoderKL); with the transformer, what a user's `pipe(prompt)` runs.
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
+ZIMAGE_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                  use_quant_conv=False, use_post_quant_conv=False, sample_size=1024)
+E2E_PROMPT = "a red fox standing in fresh snow at golden hour, detailed fur, soft light, shallow depth of field"
+
+
+def full_size_pipeline(run: Run, transformer_config: dict):
+    """A ``ZImagePipeline`` with random weights at full size (text encoder, transformer, VAE), built on the device
+    in the run's dtype. The tokenizer is a local word-level one (the real one is not downloadable here): the
+    text encoder still sees a prompt-length sequence, which is what its cost depends on."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from twostep.testing import TINY_WORDS
+    from twostep.text import build_local_tokenizer
+
+    words = TINY_WORDS + E2E_PROMPT.replace(",", " ").split()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(run.dtype)
+    try:
+        with torch.device(run.device):
+            torch.manual_seed(0)
+            text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B)).eval()
+            transformer = ZImageTransformer2DModel(**transformer_config).eval()
+            vae = AutoencoderKL(**ZIMAGE_VAE).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+                          vae=vae, text_encoder=text_encoder, tokenizer=build_local_tokenizer(words),
+                          transformer=transformer)
+
+
+def measure_end_to_end(run: Run, pipe, px: int, repeats: int) -> None:
+    """What a user waits for: ``pipe(prompt)`` with text encoding, 2 (student schedule, explicit sigmas) vs 8
+    (teacher) transformer steps and VAE decode to a PIL image, medians after warm-up; plus the shared parts
+    (text encoder, VAE decode) timed alone."""
+    from twostep.model_card import pipeline_sigmas
+
+    result = {"resolution": px, "repeats": repeats}
+    calls = {2: {"sigmas": pipeline_sigmas([1.0, 0.75], 3.0)}, 8: {"num_inference_steps": 8}}
+    with torch.no_grad():
+        for steps, kwargs in calls.items():
+            if run.over_budget(f"end_to_end_{steps}"):
+                break
+            call = lambda: pipe(E2E_PROMPT, height=px, width=px, guidance_scale=0.0,  # noqa: E731
+                                generator=torch.Generator().manual_seed(0), **kwargs)
+            call()
+            times = [timed(run, call) for _ in range(repeats)]
+            result[f"pipeline_{steps}"] = statistics.median(times)
+            print(f"end to end, {steps} steps at {px}²: median {result[f'pipeline_{steps}']:.3f}s", flush=True)
+        if not run.over_budget("end_to_end_parts"):
+            encode = lambda: pipe.encode_prompt(E2E_PROMPT, device=run.device,  # noqa: E731
+                                                do_classifier_free_guidance=False)
+            encode()
+            result["text_encoder"] = statistics.median([timed(run, encode) for _ in range(repeats)])
+            latent = torch.randn(1, 16, px // pipe.vae_scale_factor, px // pipe.vae_scale_factor,
+                                 generator=torch.Generator().manual_seed(0)).to(run.device, run.dtype)
+            decode = lambda: pipe.vae.decode(latent).sample  # noqa: E731
+            decode()
+            result["vae_decode"] = statistics.median([timed(run, decode) for _ in range(repeats)])
+    if "pipeline_2" in result and "pipeline_8" in result:
+        result["ratio"] = result["pipeline_8"] / result["pipeline_2"]
+        print(f"end to end, 8-step / 2-step: {result['ratio']:.2f}x", flush=True)
+    run.record["end_to_end"] = result
+    run.save()
+
+
 def measure_all(run: Run, args, config: dict, sample_px: int, train_px: list[int], blocks: list[int]) -> None:
     """Build the random-weight backbone, then (a) sampling latency and (b) training steps."""
     run.record["environment"] = environment(run, args.tiny)
@@ -244,6 +320,17 @@ def measure_all(run: Run, args, config: dict, sample_px: int, train_px: list[int
         measure_latency(run, backbone, sample_px // VAE_DOWN, args.repeats)
     measure_training(run, backbone, config, train_px, blocks)
     run.save()
+    if args.end_to_end and not run.over_budget("end_to_end"):
+        del backbone  # the pipeline brings its own transformer
+        if run.cuda:
+            torch.cuda.empty_cache()
+        if args.tiny:
+            from twostep.testing import tiny_zimage_pipeline
+
+            pipe, px = tiny_zimage_pipeline(seed=0).to(run.device), 64
+        else:
+            pipe, px = full_size_pipeline(run, config), 1024
+        measure_end_to_end(run, pipe, px, max(1, min(args.repeats, 5)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed sampling runs per step count (default 10)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
     parser.add_argument("--results", help="also write the numbers into a marked section of this markdown file")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time the whole pipeline (text encoder, 2 vs 8 steps, VAE decode) at 1024² with "
+                             "full-size random weights (--tiny: the tiny pipeline at 64²)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_check: the full-size check needs a CUDA GPU; use --tiny on CPU", file=sys.stderr)
@@ -298,6 +388,13 @@ def results_section(record: dict, command: str) -> str:
         lines.append(f"- One per-step-LoRA training step at {step['resolution']}² (batch 1, checkpointing): "
                      f"{step['step_s']:.2f} s, peak memory {peak} (plan without overhead: "
                      f"{step['plan_gib_without_overhead']:.2f} GiB).")
+    e2e = record.get("end_to_end", {})
+    if "ratio" in e2e:
+        parts = "".join(f", {name.replace('_', ' ')} {e2e[name] * 1e3:.1f} ms" for name in ("text_encoder", "vae_decode")
+                        if name in e2e)
+        lines.append(f"- End to end (`pipe(prompt)` at {e2e['resolution']}², text encoder + transformer steps + VAE "
+                     f"decode, medians of {e2e['repeats']}): 2 steps {e2e['pipeline_2']:.3f} s, 8 steps "
+                     f"{e2e['pipeline_8']:.3f} s: **{e2e['ratio']:.2f}×** faster as a user sees it{parts}.")
     if record.get("skipped"):
         lines.append(f"- Skipped (budget or memory): {', '.join(map(str, record['skipped']))}.")
     return "\n".join(lines)

@@ -17,7 +17,8 @@ def _load():
 def test_tiny_run_writes_all_measurements(tmp_path, capsys):
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n")
-    assert _load().main(["--tiny", "--repeats", "2", "--out", str(tmp_path), "--results", str(doc)]) == 0
+    assert _load().main(["--tiny", "--end-to-end", "--repeats", "2", "--out", str(tmp_path), "--results",
+                         str(doc)]) == 0
     section = doc.read_text()
     assert "<!-- twostep:gpu-check-tiny:begin -->" in section and "Written by `python benchmarks/gpu_check.py --tiny" in section
     assert "×** faster" in section and "training step at 128²" in section
@@ -34,6 +35,9 @@ def test_tiny_run_writes_all_measurements(tmp_path, capsys):
         assert entry["peak_bytes"] is None  # CPU: no allocator peak to report
         assert entry["plan_bytes_without_overhead"] > 0
         assert all(abs(entry[k]) < float("inf") for k in ("d_loss", "g_total"))
+    e2e = record["end_to_end"]
+    assert all(e2e[k] > 0 for k in ("pipeline_2", "pipeline_8", "text_encoder", "vae_decode"))
+    assert e2e["ratio"] == e2e["pipeline_8"] / e2e["pipeline_2"] and "as a user sees it" in section
     assert "8-step / 2-step latency" in capsys.readouterr().out
 
 
@@ -47,3 +51,17 @@ def test_budget_skips_and_full_size_needs_cuda(tmp_path):
 
     if not torch.cuda.is_available():
         assert gpu_check.main(["--out", str(tmp_path / "full")]) == 2
+
+
+def test_full_size_components_have_the_published_sizes():
+    """The end-to-end check builds Z-Image-Turbo's text encoder and VAE from their published configs (on meta
+    here): Qwen3-4B's 4.02B parameters and the 16-channel AutoencoderKL's 84M."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import Qwen3Config, Qwen3Model
+
+    module = _load()
+    with torch.device("meta"):
+        text = sum(p.numel() for p in Qwen3Model(Qwen3Config(**module.QWEN3_4B)).parameters())
+        vae = sum(p.numel() for p in AutoencoderKL(**module.ZIMAGE_VAE).parameters())
+    assert round(text / 1e9, 2) == 4.02 and round(vae / 1e6) == 84, (text, vae)
