@@ -403,6 +403,18 @@ def test_every_exports_card_carries_usage_code_that_runs_both_steps(chain, tmp_p
         assert generate_images  # the CLI's path is covered by test_generate_is_reproducible_per_seed
 
 
+def test_lora_files_say_which_step_and_schedule_they_are(chain):
+    from safetensors import safe_open
+
+    for fmt, name in (("lora", "step{k}_lora.safetensors"), ("comfyui", "step{k}_lora_comfyui.safetensors")):
+        for k in (1, 2):
+            with safe_open(os.path.join(chain[fmt], name.format(k=k)), framework="pt") as f:
+                meta = f.metadata()
+            assert meta["twostep.step"] == str(k) and meta["twostep.num_steps"] == "2"
+            assert json.loads(meta["twostep.sigmas"]) == [1.0, 0.75] and meta["twostep.shift"] == "3.0"
+            assert meta["twostep.base_model"].startswith("pipe (local folder, fingerprint ")
+
+
 def test_the_docs_show_the_code_the_cards_carry():
     from twostep.model_card import usage_snippet
 

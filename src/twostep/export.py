@@ -76,7 +76,11 @@ def lora_files(state: dict[str, Tensor], cfg: StudentConfig, dtype: torch.dtype 
 
 
 def _file_meta(info: dict) -> dict[str, str]:
-    return {"twostep": json.dumps(info, sort_keys=True), "format": "pt"}
+    """The safetensors header of a LoRA file: which step it is, the schedule and the base model, readable by any
+    tool that shows metadata, plus the whole export record under ``twostep``."""
+    return {"format": "pt", "twostep": json.dumps(info, sort_keys=True), "twostep.step": str(info["step"]),
+            "twostep.num_steps": str(info["num_steps"]), "twostep.sigmas": json.dumps(info["student_sigmas"]),
+            "twostep.shift": str(info["shift"]), "twostep.base_model": str(info.get("base_model") or "")}
 
 
 def _run_info(cfg, meta: dict) -> dict:
