@@ -140,8 +140,11 @@ def cmd_teacher_data(args) -> None:
     cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
     out = args.out or "runs/teacher_data"
     manifest = make_teacher_data(args.teacher or "runs/teacher", cfg, out)
-    print(f"teacher data: {manifest['provenance']['num_samples']} trajectories in {len(manifest['shards'])} shards "
-          f"-> {out}")
+    from .utils import is_main_process
+
+    if is_main_process():
+        print(f"teacher data: {manifest['provenance']['num_samples']} trajectories in {len(manifest['shards'])} "
+              f"shards -> {out}")
 
 
 def _real_teacher_data(args) -> None:
@@ -161,6 +164,10 @@ def _real_teacher_data(args) -> None:
     out = args.out or cfg.data_dir
     manifest = make_real_teacher_data(cfg.teacher_data, cfg.model.path, out, dtype=cfg.model.dtype,
                                       device=cfg.model.device)
+    from .utils import is_main_process
+
+    if not is_main_process():  # torchrun: rank 0 writes the record and reports
+        return
     record = {"model": {"path": cfg.model.path}, "teacher_data": to_dict(cfg.teacher_data)}
     write_text(os.path.join(out, DATA_RECORD), yaml.safe_dump(record, sort_keys=False))
     print(f"teacher data: {manifest['provenance']['num_samples']} latent trajectories at "

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import require, require_seed
 from ..errors import TwostepError
-from ..utils import atomic_path, ensure_writable_dir, file_sha256, progress, read_json_file, write_text
+from ..utils import atomic_path, ensure_writable_dir, file_sha256, is_main_process, progress, rank, read_json_file, \
+    write_text
 from . import flow
 from .checkpoint import remove_stale_temporaries
 from .preemption import Preempted, StopOnSignal
@@ -251,29 +252,72 @@ def existing_cache(out_dir: str, provenance: dict) -> dict | None:
 def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir: str) -> dict:
     """Write (or finish) the sharded cache in ``out_dir``; returns the manifest.
 
+    Under torchrun each process generates its own shards (shard i on rank i % world size) and records them in its
+    own ``manifest.rank-R.json``; after a barrier rank 0 merges every record into ``manifest.json``. Every sample has
+    its own seed, so the shards are byte-identical to a one-process run, and a rerun (with any number of processes)
+    generates only the shards no record lists.
+
     SIGTERM / SIGINT stop it at the next batch boundary: finished shards stay (the manifest lists them), the shard
     in progress is dropped, and :class:`~twostep.engine.preemption.Preempted` is raised; rerunning the same command
-    generates only the missing shards, byte-identical to an uninterrupted run (every sample has its own seed)."""
+    generates only the missing shards, byte-identical to an uninterrupted run."""
+    from .distributed import barrier, init_process_group, my_items, world_size
+
+    init_process_group()
     ensure_writable_dir(out_dir, what="teacher-data folder")
-    for path in remove_stale_temporaries(out_dir):
-        print(f"twostep: removed {path}, left by an interrupted write")
+    if is_main_process():
+        for path in remove_stale_temporaries(out_dir):
+            print(f"twostep: removed {path}, left by an interrupted write")
     provenance = cache_provenance(cfg, source)
     manifest = existing_cache(out_dir, provenance) or {"provenance": provenance, "shards": {}, "complete": False}
+    manifest["shards"].update(_rank_records(out_dir))  # shards finished by the processes of an interrupted run
     num_shards = (cfg.num_samples + cfg.shard_size - 1) // cfg.shard_size
+    record = MANIFEST if world_size() == 1 else f"manifest.rank-{rank()}.json"
     with StopOnSignal("teacher-data generation") as stop:
-        _write_shards(cfg, source, out_dir, manifest, provenance, num_shards, stop)
-    manifest["complete"] = True
-    write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-    return manifest
+        _write_shards(cfg, source, out_dir, manifest, provenance, my_items(num_shards), num_shards, record, stop)
+    barrier()
+    if is_main_process():
+        manifest["shards"].update(_rank_records(out_dir))
+        missing = [_shard_name(i) for i in range(num_shards) if _shard_name(i) not in manifest["shards"]]
+        if missing:
+            raise TwostepError(f"teacher data in {out_dir}: {len(missing)} shards ({missing[0]} ...) were not "
+                               "written; rerun the same command to finish them")
+        manifest["shards"] = dict(sorted(manifest["shards"].items()))
+        manifest["complete"] = True
+        write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+        for name in os.listdir(out_dir):
+            if RANK_RECORD.fullmatch(name):
+                os.remove(os.path.join(out_dir, name))
+    barrier()
+    return _read_manifest(out_dir) if not is_main_process() else manifest
 
 
-def _write_shards(cfg, source, out_dir, manifest, provenance, num_shards, stop: StopOnSignal) -> None:
-    bar = progress(range(num_shards), desc="teacher data")
-    for index in bar:
+RANK_RECORD = re.compile(r"manifest\.rank-\d+\.json")
+
+
+def _rank_records(out_dir: str) -> dict:
+    """The shard entries in the per-process records of a torchrun job (``manifest.rank-R.json``)."""
+    shards = {}
+    for name in sorted(os.listdir(out_dir)):
+        if RANK_RECORD.fullmatch(name):
+            record = read_json_file(os.path.join(out_dir, name), what="teacher-data record",
+                                    hint=f"delete it and rerun; {_fix_hint(out_dir)}")
+            if isinstance(record, dict) and isinstance(record.get("shards"), dict):
+                shards.update(record["shards"])
+    return shards
+
+
+def _write_shards(cfg, source, out_dir, manifest, provenance, indices: list[int], num_shards: int, record: str,
+                  stop: StopOnSignal) -> None:
+    """Generate the shards ``indices`` that no record lists as finished; each finished shard is recorded in
+    ``record`` (the manifest itself in a one-process run) before the next one starts."""
+    mine = {"shards": {}} if record != MANIFEST else manifest
+    bar = progress(indices, desc="teacher data")
+    for done, index in enumerate(bar):
         name = _shard_name(index)
         path = os.path.join(out_dir, name)
         entry = manifest["shards"].get(name)
         if entry and os.path.isfile(path) and file_sha256(path) == entry["sha256"]:
+            mine["shards"][name] = entry
             continue  # finished in an earlier run
         if entry or os.path.isfile(path):
             bar.write(f"teacher data: {name} is incomplete or does not match the manifest; regenerating it")
@@ -281,17 +325,17 @@ def _write_shards(cfg, source, out_dir, manifest, provenance, num_shards, stop: 
         count = min(cfg.shard_size, cfg.num_samples - start)
         tensors = _make_shard(cfg, source, start, count, stop)
         if tensors is None:
-            done = len(manifest["shards"])
-            raise Preempted(f"stopped by {stop.signal_name}: {done} of {num_shards} shards of {out_dir} are done "
-                            "(the one in progress was dropped); rerun the same command to finish the rest")
+            raise Preempted(f"stopped by {stop.signal_name}: {len(manifest['shards'])} of {num_shards} shards of "
+                            f"{out_dir} are done (the one in progress was dropped); rerun the same command to finish "
+                            "the rest")
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"provenance": json.dumps(provenance, sort_keys=True)})
-        manifest["shards"][name] = {"first_index": start, "count": count, "sha256": file_sha256(path),
-                                    "bytes": os.path.getsize(path)}
-        write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-        if stop.requested and index + 1 < num_shards:
-            raise Preempted(f"stopped by {stop.signal_name}: {index + 1} of {num_shards} shards of {out_dir} are "
-                            "done; rerun the same command to finish the rest")
+        manifest["shards"][name] = mine["shards"][name] = {
+            "first_index": start, "count": count, "sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+        write_text(os.path.join(out_dir, record), json.dumps(mine, indent=2) + "\n")
+        if stop.requested and done + 1 < len(indices):
+            raise Preempted(f"stopped by {stop.signal_name}: {len(manifest['shards'])} of {num_shards} shards of "
+                            f"{out_dir} are done; rerun the same command to finish the rest")
 
 
 class TeacherData:

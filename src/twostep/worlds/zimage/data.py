@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from ...config import require
+from ...engine.distributed import barrier, init_process_group, rank_device
 from ...engine.teacher_data import (TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, existing_cache,
                                     generate_teacher_data)
 from ...errors import TwostepError
 from ...prompts import prompts_sha256, read_prompts
-from ...utils import ensure_writable_dir, progress, write_text
+from ...utils import ensure_writable_dir, is_main_process, progress, write_text
 from .pipeline_io import (MAX_RESOLUTION, MAX_SEQUENCE_LENGTH, MIN_RESOLUTION, check_scheduler, check_zimage_pipeline,
                           component_fingerprint, decode_latents, latent_shape, load_vae, pick_device,
                           resolve_pipeline_dir, torch_dtype)
@@ -127,9 +128,14 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     if manifest is not None and manifest.get("complete"):
         return manifest
     compute = torch_dtype(dtype) if dev.type == "cuda" else torch.float32
-
-    text_dir = encode_prompt_cache(teacher.folder, prompts, os.path.join(out_dir, TEXT_DIR), dtype=cfg.dtype,
-                                   batch_size=cfg.text_batch_size, max_length=cfg.max_length, device=dev)
+    # under torchrun: one GPU per process; the (small) text cache is encoded once, by rank 0, before the shards
+    init_process_group()
+    dev = rank_device(dev)
+    text_dir = os.path.join(out_dir, TEXT_DIR)
+    if is_main_process():
+        encode_prompt_cache(teacher.folder, prompts, text_dir, dtype=cfg.dtype, batch_size=cfg.text_batch_size,
+                            max_length=cfg.max_length, device=dev)
+    barrier()
     embeds = PromptEmbeds(text_dir)
     backbone = ZImageBackbone.from_pretrained(teacher.folder, dtype=compute).to(dev).eval().requires_grad_(False)
     source = pipeline_source(cfg, teacher, prompts, backbone, embeds, dev)
@@ -137,7 +143,7 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     del source, backbone  # the closure holds the transformer: free it before the VAE loads
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    if cfg.previews:
+    if cfg.previews and is_main_process():
         write_previews(teacher.folder, out_dir, prompts, cfg.previews, dev)
     return manifest
 

@@ -1,0 +1,62 @@
+"""Scale-out on PyTorch distributed (issue 11): two gloo processes on CPU, started by torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from twostep.cli import main
+
+TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.model.axes_dims=[4,6,6]",
+           "teacher.model.n_layers=2", "teacher.text.hidden_size=8", "teacher.train.steps=2",
+           "teacher.train.batch_size=8", "teacher.train.warmup_steps=1"]
+DATA = ["teacher_data.num_samples=40", "teacher_data.shard_size=8", "teacher_data.batch_size=4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "twostep", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist") / "teacher")
+    assert main(["train-teacher", "--out", out, *[o[len("teacher."):] for o in TEACHER]]) == 0
+    return out
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def test_teacher_data_on_two_processes_covers_every_prompt_once_and_equals_one_process(teacher, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main(["teacher-data", "--teacher", teacher, "--out", one, *TEACHER, *DATA]) == 0
+    proc = torchrun(2, "teacher-data", "--teacher", teacher, "--out", two, *TEACHER, *DATA)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(two) == _files(one)  # every shard byte-identical, the same manifest, no per-rank records left
+    manifest = json.load(open(os.path.join(two, "manifest.json")))
+    firsts = sorted((e["first_index"], e["count"]) for e in manifest["shards"].values())
+    assert [f for f, _ in firsts] == list(range(0, 40, 8)) and sum(c for _, c in firsts) == 40
+
+    # a rank died after its first shard: a rerun (any process count) makes only what is missing
+    os.remove(os.path.join(two, "shard-00003.safetensors"))
+    manifest["complete"] = False
+    del manifest["shards"]["shard-00003.safetensors"]
+    open(os.path.join(two, "manifest.json"), "w").write(json.dumps(manifest))
+    before = {n: os.stat(os.path.join(two, n)).st_mtime_ns for n in os.listdir(two) if n.startswith("shard")}
+    proc = torchrun(2, "teacher-data", "--teacher", teacher, "--out", two, *TEACHER, *DATA)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(two) == _files(one)
+    assert all(os.stat(os.path.join(two, n)).st_mtime_ns == t for n, t in before.items()), "finished shards redone"
