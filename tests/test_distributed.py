@@ -60,3 +60,39 @@ def test_teacher_data_on_two_processes_covers_every_prompt_once_and_equals_one_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _files(two) == _files(one)
     assert all(os.stat(os.path.join(two, n)).st_mtime_ns == t for n, t in before.items()), "finished shards redone"
+
+
+# --------------------------------------------------------------------------- online teacher mode
+
+
+def test_online_batches_are_the_cached_trajectories(teacher, tmp_path):
+    """Sample i online = sample i of the cache (same seed, same prompt): the frozen base with adapters off."""
+    import torch
+
+    from twostep.config import load_config
+    from twostep.distill import DistillConfig, build_student, load_teacher_data, make_teacher_data, \
+        online_teacher_data
+
+    cfg = load_config(DistillConfig, None, TEACHER + DATA + ["student.lora_rank=4", "discriminator.blocks=[0,1]"])
+    make_teacher_data(teacher, cfg, str(tmp_path / "cache"))
+    student, _, base = build_student(teacher, cfg)
+    with torch.no_grad():  # adapters that are not zero: the online teacher must not see them
+        for params in student.parameter_groups().values():
+            for p in params:
+                p.add_(0.1)
+    cached = load_teacher_data(base, cfg, str(tmp_path / "cache"))
+    online = online_teacher_data(student, base, cfg)
+    index = torch.tensor([3, 17, 0, 39, 17])
+    a, b = cached.batch(index), online.batch(index)
+    assert len(online) == len(cached) and torch.equal(a["prompt_index"], b["prompt_index"])
+    for key in ("noise", "states", "final"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_training_in_online_mode_needs_no_cache(teacher, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--teacher", teacher, "--out", str(run), *TEACHER, *DATA, "teacher_data.mode=online",
+                 "student.lora_rank=4", "discriminator.blocks=[0,1]", "discriminator.hidden=16", "train.steps=2",
+                 "train.batch_size=4", "train.eval_every=0", "train.sample_every=10"]) == 0
+    assert (run / "student.safetensors").exists()
+    assert json.load(open(run / "meta.json"))["teacher_data"] == "online"

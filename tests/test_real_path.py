@@ -457,3 +457,38 @@ def test_train_checks_the_vae_its_previews_need_before_anything(chain, tmp_path,
     assert "lacks vae/" in _error(capsys, ["train", "--data", chain["data"], "--teacher", str(no_vae), "--out",
                                            str(run), *TRAIN])
     assert not run.exists()
+
+
+def test_online_mode_on_the_real_path(chain, tmp_path):
+    """teacher-data in online mode stores only the text cache; training computes trajectories equal to the
+    cache's (same seed and prompt) from the frozen base with its adapters off."""
+    from twostep.config import load_config
+    from twostep.engine.teacher_data import TeacherData
+    from twostep.worlds.zimage.text_cache import PromptEmbeds
+    from twostep.worlds.zimage.train import (ZImageDistillConfig, build_real_student, load_real_run,
+                                             online_teacher_data)
+    from twostep.worlds.zimage.data import resolve_teacher
+
+    data = tmp_path / "online"
+    assert main(["teacher-data", "--teacher", chain["pipe"], "--prompts", chain["prompts"], "--resolution",
+                 str(RES), "--out", str(data), "teacher_data.samples_per_prompt=2", "teacher_data.shard_size=4",
+                 "teacher_data.batch_size=2", "teacher_data.mode=online"]) == 0
+    assert not list(data.glob("shard-*")) and (data / "text").is_dir()
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *TRAIN]) == 0
+    cfg, meta, _ = load_real_run(str(run))
+    assert cfg.teacher_data.mode == "online"
+
+    cfg = load_config(ZImageDistillConfig, str(os.path.join(chain["run"], "config.yaml")))
+    teacher = resolve_teacher(cfg.model.path, RES)
+    embeds = PromptEmbeds(os.path.join(chain["data"], "text"))
+    student, _ = build_real_student(cfg, teacher.folder, embeds.width, torch.device("cpu"))
+    with torch.no_grad():
+        for params in student.parameter_groups().values():
+            for p in params:
+                p.add_(0.05)
+    online = online_teacher_data(student, cfg, teacher, embeds, torch.device("cpu"))
+    index = torch.tensor([5, 0, 2])
+    a, b = TeacherData(chain["data"]).batch(index), online.batch(index)
+    for key in ("noise", "states", "final"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-3)

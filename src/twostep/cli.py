@@ -170,6 +170,10 @@ def _real_teacher_data(args) -> None:
         return
     record = {"model": {"path": cfg.model.path}, "teacher_data": to_dict(cfg.teacher_data)}
     write_text(os.path.join(out, DATA_RECORD), yaml.safe_dump(record, sort_keys=False))
+    if manifest.get("mode") == "online":
+        print(f"teacher data (online mode): the text cache of {manifest['provenance']['num_prompts']} prompts -> "
+              f"{out}; training computes the trajectories")
+        return
     print(f"teacher data: {manifest['provenance']['num_samples']} latent trajectories at "
           f"{cfg.teacher_data.resolution}px in {len(manifest['shards'])} shards -> {out}")
 
@@ -208,7 +212,8 @@ def cmd_train(args) -> None:
     out = args.out or "runs/student"
     recorded = _recorded_inputs(out) if args.resume else {}  # a resumed run keeps its teacher and data
     teacher = args.teacher or recorded.get("teacher_run") or "runs/teacher"
-    data = args.data or recorded.get("teacher_data") or "runs/teacher_data"
+    data = args.data or (recorded.get("teacher_data") if recorded.get("teacher_data") != "online" else None) \
+        or "runs/teacher_data"
     meta = train_student(teacher, data, cfg, out,
                          resume=args.resume, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
     print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")

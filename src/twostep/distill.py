@@ -6,6 +6,7 @@ supplies the teacher run, the cached prompt table, the real images for ``real_so
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ from .config import load_config, require
 from .engine.discriminator import Discriminator, DiscriminatorConfig
 from .engine.recipe import RecipeConfig
 from .engine.student import Student, StudentConfig, merge_student
-from .engine.teacher_data import TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, generate_teacher_data
+from .engine.teacher_data import OnlineTeacherData, TeacherData, TeacherDataConfig, TeacherSource, cache_provenance, \
+    generate_teacher_data
 from .engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_replaced, resume_trainer, \
     save_student_weights, start_run, write_meta
 from .errors import TwostepError
@@ -65,6 +67,17 @@ def load_teacher_data(teacher: Teacher, cfg: DistillConfig, data_dir: str) -> Te
     """The cache, checked to come from this teacher and this schedule before anything is trained."""
     expected = cache_provenance(cfg.teacher_data, teacher_source(teacher))
     return TeacherData(data_dir, expected=expected)
+
+
+def online_teacher_data(student: Student, teacher: Teacher, cfg: DistillConfig) -> OnlineTeacherData:
+    """``teacher_data.mode: online``: trajectories from the student's frozen base with its adapters off (the
+    teacher's weights; no second copy in memory)."""
+    def velocity(x, sigma, prompt_index):
+        with student.teacher() as frozen:
+            return frozen.velocity(x, sigma, teacher.prompt_table[prompt_index])
+
+    source = dataclasses.replace(teacher_source(teacher), velocity=velocity)
+    return OnlineTeacherData(cfg.teacher_data, source)
 
 
 def build_student(teacher_run: str, cfg: DistillConfig) -> tuple[Student, Discriminator, Teacher]:
@@ -135,9 +148,11 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc, base = build_student(teacher_run, cfg)
-    data = load_teacher_data(base, cfg, data_dir)
+    online = cfg.teacher_data.mode == "online"
+    data = online_teacher_data(student, base, cfg) if online else load_teacher_data(base, cfg, data_dir)
     replaced = start_run(cfg, out_dir, overwrite)
-    inputs = {"teacher_run": os.path.abspath(teacher_run), "teacher_data": os.path.abspath(data_dir)}
+    inputs = {"teacher_run": os.path.abspath(teacher_run),
+              "teacher_data": "online" if online else os.path.abspath(data_dir)}
     write_meta(out_dir, {"kind": "toy-student", "status": "training", **inputs})  # `--resume` reads them back
     trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
                       sample_fn=grid_writer(base),

@@ -50,8 +50,12 @@ class TeacherDataConfig:
     student_sigmas: list[float] = field(default_factory=lambda: [1.0, 0.75])
     dtype: str = "float32"
     batch_size: int = 500
+    # cached: trajectories generated once into shards (`twostep teacher-data`); online: each training batch's
+    # trajectories are computed when it is drawn, from the frozen teacher (nothing stored; the same sample i)
+    mode: str = "cached"
 
     def validate(self) -> None:
+        require(self.mode in ("cached", "online"), "mode", "must be 'cached' or 'online'")
         require(self.num_samples >= 1, "num_samples", "must be at least 1")
         require(self.shard_size >= 1, "shard_size", "must be at least 1")
         require(self.batch_size >= 1, "batch_size", "must be at least 1")
@@ -108,20 +112,23 @@ def _shard_name(index: int) -> str:
 
 
 @torch.no_grad()
-def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count: int,
-                stop: StopOnSignal | None = None) -> dict[str, Tensor] | None:
-    """The shard's tensors; None when ``stop`` was signalled between two batches (the partial shard is dropped)."""
+def trajectories(cfg: TeacherDataConfig, source: TeacherSource, samples: Tensor,
+                 stop: StopOnSignal | None = None, desc: str = "", device=None) -> dict[str, Tensor] | None:
+    """The teacher's trajectories of the samples numbered ``samples`` ``(N,)`` int64: sample i starts from the noise
+    of seed ``cfg.seed + i`` with prompt ``i % num_prompts``. Returns the cache's tensors (module doc) in its
+    dtypes; None when ``stop`` was signalled between two batches."""
     sigmas = flow.turbo_sigmas(cfg.teacher_steps, cfg.shift)
     picks = state_indices(sigmas, cfg.student_sigmas)
-    seeds = torch.arange(start, start + count, dtype=torch.int64) + cfg.seed
+    samples = samples.to(torch.int64)
+    seeds = samples + cfg.seed
     dtype = DTYPES[cfg.dtype]
     # rounded to the stored dtype first, so the cached noise is exactly what the teacher started from
     noise = torch.stack([torch.randn(source.sample_shape, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds]).to(dtype).float()
-    prompt_index = torch.arange(start, start + count, dtype=torch.int64) % source.num_prompts
+                         for s in seeds]).to(dtype).float().to(device or "cpu")
+    prompt_index = samples % source.num_prompts
     finals, states = [], []
-    batches = range(0, count, cfg.batch_size)
-    for b in progress(batches, desc=f"samples {start}-{start + count - 1}", leave=False) if len(batches) > 1 else batches:
+    batches = range(0, len(samples), cfg.batch_size)
+    for b in progress(batches, desc=desc, leave=False) if len(batches) > 1 and desc else batches:
         if stop is not None and stop.requested:
             return None
         p = prompt_index[b:b + cfg.batch_size]
@@ -132,6 +139,37 @@ def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count
     # states stay fp32: the step-1 target (x_T@s2 - s2*eps)/(1-s2) multiplies their rounding error by 1/(1-s2)
     return {"noise_seed": seeds, "prompt_index": prompt_index, "noise": noise.to(dtype),
             "states": torch.cat(states).float(), "final": torch.cat(finals).to(dtype)}
+
+
+def _make_shard(cfg: TeacherDataConfig, source: TeacherSource, start: int, count: int,
+                stop: StopOnSignal | None = None) -> dict[str, Tensor] | None:
+    """The shard's tensors; None when ``stop`` was signalled between two batches (the partial shard is dropped)."""
+    return trajectories(cfg, source, torch.arange(start, start + count), stop,
+                        desc=f"samples {start}-{start + count - 1}")
+
+
+class OnlineTeacherData:
+    """``teacher_data.mode: online``: the :class:`TeacherData` interface, with each batch's trajectories computed
+    from the frozen teacher when it is drawn (under no_grad) instead of read from shards. Sample i is the cache's
+    sample i (same seed, same prompt), so a run sees the same data either way; nothing is stored, and the data
+    set is only the prompt list. Costs ``teacher_steps`` teacher forwards per sample drawn."""
+
+    in_memory = True
+
+    def __init__(self, cfg: TeacherDataConfig, source: TeacherSource, device=None):
+        self.cfg, self.source, self.device = cfg, source, device
+        self.provenance = cache_provenance(cfg, source)
+        self.student_sigmas = list(cfg.student_sigmas)
+        self.prompt_index = torch.arange(cfg.num_samples, dtype=torch.int64) % source.num_prompts
+        self.noise_seed = torch.arange(cfg.num_samples, dtype=torch.int64) + cfg.seed
+
+    def __len__(self) -> int:
+        return self.cfg.num_samples
+
+    def batch(self, index: Tensor) -> dict[str, Tensor]:
+        out = trajectories(self.cfg, self.source, index.cpu(), device=self.device)
+        return {"noise": out["noise"].float(), "states": out["states"], "final": out["final"].float(),
+                "prompt_index": out["prompt_index"]}
 
 
 SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")

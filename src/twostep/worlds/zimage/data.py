@@ -125,7 +125,7 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     cfg = resolved_data_config(cfg, prompts)
     # a folder made from another teacher, prompt set or schedule is refused before its text cache is touched
     manifest = existing_cache(out_dir, cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)))
-    if manifest is not None and manifest.get("complete"):
+    if manifest is not None and manifest.get("complete") and cfg.mode == "cached":
         return manifest
     compute = torch_dtype(dtype) if dev.type == "cuda" else torch.float32
     # under torchrun: one GPU per process; the (small) text cache is encoded once, by rank 0, before the shards
@@ -136,6 +136,9 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
         encode_prompt_cache(teacher.folder, prompts, text_dir, dtype=cfg.dtype, batch_size=cfg.text_batch_size,
                             max_length=cfg.max_length, device=dev)
     barrier()
+    if cfg.mode == "online":  # training computes the trajectories itself: only the text cache is stored
+        return {"provenance": cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)), "shards": {},
+                "complete": True, "mode": "online"}
     embeds = PromptEmbeds(text_dir)
     backbone = ZImageBackbone.from_pretrained(teacher.folder, dtype=compute).to(dev).eval().requires_grad_(False)
     source = pipeline_source(cfg, teacher, prompts, backbone, embeds, dev)

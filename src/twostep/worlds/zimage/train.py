@@ -8,6 +8,7 @@ Every check (config, pipeline folder, cache provenance) runs before the transfor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from ...config import load_config, require
 from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
-from ...engine.teacher_data import DTYPES, TeacherData
+from ...engine.teacher_data import DTYPES, OnlineTeacherData, TeacherData
 from ...engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_replaced, resume_trainer, \
     save_student_weights, start_run, write_meta
 from ...errors import TwostepError
@@ -120,6 +121,24 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
     return student, disc
 
 
+def online_teacher_data(student: Student, cfg: ZImageDistillConfig, teacher, embeds: PromptEmbeds,
+                        device) -> OnlineTeacherData:
+    """``teacher_data.mode: online``: each batch's trajectories from the student's frozen base with its adapters
+    off, on the training device; the data folder holds only the text cache."""
+    from ...prompts import read_prompts
+    from .data import pipeline_source, resolved_data_config
+
+    prompts = read_prompts(cfg.teacher_data.prompts)
+    data_cfg = resolved_data_config(cfg.teacher_data, prompts)
+
+    def velocity(x, sigma, prompt_index):
+        with student.teacher() as frozen:  # as `teacher-data` runs it: the base's dtype, no autocast
+            return frozen.velocity(x, sigma, embeds[prompt_index].to(device)).float()
+
+    source = dataclasses.replace(pipeline_source(data_cfg, teacher, prompts), velocity=velocity)
+    return OnlineTeacherData(data_cfg, source, device=device)
+
+
 def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None,
                          allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
@@ -131,12 +150,15 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
                               shift=cfg.teacher_data.shift)
     device = pick_device(cfg.model.device)
     expected = expected_provenance(cfg.teacher_data, teacher)
-    data = TeacherData(cfg.data_dir, expected=expected)
+    online = cfg.teacher_data.mode == "online"
+    data = None if online else TeacherData(cfg.data_dir, expected=expected)  # online: built on the student below
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
     replaced = start_run(cfg, out_dir, overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
+    if online:
+        data = online_teacher_data(student, cfg, teacher, embeds, device)
     trainer = Trainer(cfg, student, disc, data, embeds, None, out_dir,
                       sample_fn=preview_writer(teacher.folder, embeds, teacher.latent_shape, device), device=device)
     resume_trainer(trainer, checkpoint)
