@@ -96,3 +96,18 @@ def test_training_in_online_mode_needs_no_cache(teacher, tmp_path):
                  "train.batch_size=4", "train.eval_every=0", "train.sample_every=10"]) == 0
     assert (run / "student.safetensors").exists()
     assert json.load(open(run / "meta.json"))["teacher_data"] == "online"
+
+
+def test_online_cost_benchmark_runs_and_reports_a_ratio(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "online_cost.py"
+    spec = importlib.util.spec_from_file_location("online_cost", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n")
+    assert module.main(["--steps", "1", "--batch-size", "4", "--num-samples", "8", "--results", str(doc)]) == 0
+    text = doc.read_text()
+    assert "<!-- twostep:online-cost:begin -->" in text and "×** the cached cost" in text
