@@ -197,6 +197,24 @@ def test_comfyui_keys_match_the_loader_pattern_and_load_in_diffusers(chain):
     assert (outs[0] - base).abs().max() > 1e-3  # the LoRA was really applied
 
 
+def test_comfyui_export_ships_a_workflow_for_its_own_files_and_schedule(chain):
+    from test_comfy_workflow import check_student, check_workflow
+
+    folder = chain["comfyui"]
+    with open(os.path.join(folder, "twostep.json")) as f:
+        info = json.load(f)
+    with open(os.path.join(folder, info["workflow"])) as f:
+        graph = json.load(f)
+    written = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    assert written == info["files"] == ["step1_lora_comfyui.safetensors", "step2_lora_comfyui.safetensors"]
+    assert check_workflow(graph) == []
+    check_student(graph, info, info["files"])  # LoRA names, sigma split = twostep.json's sigmas, shift, RES
+    assert info["student_sigmas"] == [1.0, 0.75] and info["resolution"] == RES
+    card = open(os.path.join(folder, "README.md")).read()
+    assert "workflow_api.json" in card and "`models/loras/`" in card and "`models/vae/`" in card
+    assert all(f"`{n['class_type']}`" in card for n in graph.values())
+
+
 def test_merged_export_is_one_plain_transformer_per_step(chain):
     from twostep.backbones.zimage import ZImageBackbone
     from twostep.engine.student import MergedStudent

@@ -8,8 +8,9 @@ The LoRA scale ``alpha / rank`` is baked into ``lora_B``, so each file works at 
 - ``lora``: ``OUT/step{k}_lora.safetensors`` in diffusers/PEFT naming (``transformer.layers.0.attention.to_q.lora_A
   .weight``), loadable with ``ZImagePipeline.load_lora_weights``.
 - ``comfyui``: ``OUT/step{k}_lora_comfyui.safetensors`` with ``diffusion_model.`` keys and ``.alpha`` (the names
-  ComfyUI's Z-Image LoRA loader maps onto its fused qkv; diffusers reads them too) + ``OUT/README.md`` describing
-  the two-sampler workflow.
+  ComfyUI's Z-Image LoRA loader maps onto its fused qkv; diffusers reads them too) + ``OUT/workflow_api.json``, the
+  one-sampler-per-step ComfyUI workflow for these files (:mod:`twostep.comfy_workflow`), which ``OUT/README.md``
+  explains node by node.
 - ``diffusers``: a complete pipeline folder (the teacher's components, hard-linked when possible) plus
   ``twostep_lora/step{k}_lora.safetensors`` and ``twostep.json``; see :mod:`twostep.pipeline` for the switch.
 - ``merged``: ``OUT/transformer_step{k}/``: one full ``ZImageTransformer2DModel`` per step (``W + scale·B·A``).
@@ -24,6 +25,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from .comfy_workflow import WORKFLOW_FILE, card_text, workflow_for_export
 from .engine.student import StudentConfig
 from .errors import TwostepError
 from .engine.checkpoint import assert_finite
@@ -136,28 +138,6 @@ def _save_loras(folder: str, files: list[dict], info: dict, name: str) -> list[s
     return paths
 
 
-COMFY_README = """## ComfyUI
-
-`step1_lora_comfyui.safetensors` is the student's first step (sigma {s1} -> {s2}), `step2_lora_comfyui.safetensors`
-its second ({s2} -> 0). Keys: `diffusion_model.<diffusers module>.lora_A/lora_B.weight` + `.alpha` (= rank; the
-LoRA scale is already in `lora_B`), which ComfyUI's Z-Image (Lumina2) LoRA loader maps onto its fused qkv.
-Load them at strength 1.0.
-
-Two-sampler workflow (one model, two LoRA branches; CFG 1.0 = no guidance, as Z-Image-Turbo):
-
-1. `Load Diffusion Model` (Z-Image-Turbo) -> `ModelSamplingAuraFlow` (shift {shift}) -> two branches:
-   `LoraLoaderModelOnly` with step1_lora_comfyui (strength 1) and `LoraLoaderModelOnly` with step2_lora_comfyui.
-2. `BasicScheduler` (scheduler `simple`, steps 2, denoise 1.0) on the step-1 branch gives sigmas [{s1}, {s2}, 0];
-   `SplitSigmas` at step 1 -> high [{s1}, {s2}] and low [{s2}, 0].
-3. `SamplerCustomAdvanced` #1: model = step-1 branch, sampler `euler`, sigmas = high, noise = `RandomNoise`,
-   latent = `EmptySD3LatentImage` (1024x1024). `SamplerCustomAdvanced` #2: model = step-2 branch, sampler `euler`,
-   sigmas = low, noise = `DisableNoise`, latent = the first sampler's output.
-4. `VAEDecode` with the Z-Image VAE.
-
-Equivalent with `KSamplerAdvanced`: first sampler steps 0-1 of 2 ("return_with_leftover_noise" enabled), second
-steps 1-2 of 2 ("add_noise" disabled), both `euler`/`simple`, cfg 1.0.
-"""
-
 def is_export(folder: str) -> bool:
     """Whether ``folder`` was written by ``twostep export`` (its ``twostep.json`` says so)."""
     try:
@@ -203,11 +183,12 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
         elif fmt == "comfyui":
             paths = _save_loras(tmp, lora_files(state, cfg.student, store, style="comfyui"), info,
                                 "step{step}_lora_comfyui.safetensors")
-            s = cfg.student.sigmas
-            comfy_text = COMFY_README.format(s1=s[0], s2=s[1] if len(s) > 1 else 0, shift=cfg.teacher_data.shift)
-            if not info["default_schedule"] or len(s) != 2:
-                comfy_text += (f"\n**This run's schedule is not the default 2-step one** (sigmas {s} then 0): give "
-                               "the samplers these sigmas directly (a manual-sigmas node) instead of `BasicScheduler`.\n")
+            names = [os.path.basename(p) for p in paths]
+            graph = workflow_for_export(info, names)  # the schedule, shift and resolution of this run
+            workflow = os.path.join(tmp, WORKFLOW_FILE)
+            write_text(workflow, json.dumps(graph, indent=2) + "\n")
+            info["workflow"] = WORKFLOW_FILE
+            comfy_text = card_text(info, names, graph)
         elif fmt == "diffusers":
             files = lora_files(state, cfg.student, store)  # fail on a full-form run before linking 30 GB
             _link_tree(teacher.folder, tmp)
@@ -228,6 +209,8 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
         write_text(os.path.join(tmp, INFO), json.dumps(info, indent=2) + "\n")
         # replaces the base model's card (a hard link): written to a new file, the base model's copy is untouched
         write_text(os.path.join(tmp, "README.md"), model_card(fmt, info, _config_summary(cfg, meta), comfy_text))
+    if fmt == "comfyui":
+        paths = paths + [workflow]
     return [os.path.join(out, os.path.relpath(p, tmp)) for p in paths]
 
 
