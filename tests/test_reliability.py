@@ -479,6 +479,9 @@ def test_train_never_replaces_a_run_or_files_it_did_not_write(world, tmp_path, c
     assert "not empty and is not a run" in one_line(capsys)
     assert (mine / "notes.txt").read_text() == "keep me"
     # --overwrite: the old contents go aside while the new run trains, and are deleted once it has finished
+    # never the working folder, nor a folder holding the teacher or the data
+    assert train(world, os.path.dirname(world["data"]), "--overwrite") == 2
+    assert "would replace" in one_line(capsys)
     assert train(world, run, "train.steps=2", "--overwrite") == 0
     assert "were moved to" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["mine", "run"]

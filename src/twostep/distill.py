@@ -144,7 +144,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
                   allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the toy teacher into ``cfg.student`` in ``out_dir``; returns the run's meta. Every check (resume,
     teacher, data, output folder) runs before anything is written."""
-    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite)
+    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite, protected=(teacher_run, data_dir))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc, base = build_student(teacher_run, cfg)

@@ -39,7 +39,8 @@ from torch import nn
 
 from ..config import require, save_config, to_dict
 from ..errors import TwostepError
-from ..utils import check_output_dir, ensure_writable_dir, is_main_process, progress, trim_jsonl, write_text
+from ..utils import check_output_dir, check_replaceable_dir, ensure_writable_dir, is_main_process, progress, \
+    trim_jsonl, write_text
 from .checkpoint import CheckpointError, checkpoint_dir, find_resumable, load_state, prune_checkpoints, \
     read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, set_rng_state, verify_state
 from .preemption import Preempted, StopOnSignal
@@ -494,9 +495,12 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
 RUN_FILES = ("config.yaml", "train_log.jsonl", "checkpoints", "student.safetensors", "meta.json")
 
 
-def check_fresh_run_dir(run_dir: str, overwrite: bool) -> None:
-    """Checks only, for a run started without ``--resume``: its folder must be new or empty, unless ``overwrite``."""
+def check_fresh_run_dir(run_dir: str, overwrite: bool, protected: tuple[str, ...] = ()) -> None:
+    """Checks only, for a run started without ``--resume``: its folder must be new or empty, unless ``overwrite``
+    (which never replaces the working folder or a ``protected`` one, e.g. the teacher or the data, or a parent)."""
     check_output_dir(run_dir, what="training run folder")
+    if overwrite:
+        check_replaceable_dir(run_dir, True, "training run folder", protected=protected)
     if not os.path.isdir(run_dir) or not os.listdir(run_dir) or overwrite:
         return
     if any(os.path.exists(os.path.join(run_dir, name)) for name in RUN_FILES):
@@ -533,7 +537,7 @@ def discard_replaced(backup: str | None) -> None:
 
 
 def check_run_dir(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
-                  overwrite: bool = False) -> str | None:
+                  overwrite: bool = False, protected: tuple[str, ...] = ()) -> str | None:
     """Every check on the run folder before a run writes anything: :func:`prepare_resume` with ``--resume``,
     else :func:`check_fresh_run_dir`. Returns the checkpoint to resume from (or None)."""
     if overwrite and resume:
@@ -542,7 +546,7 @@ def check_run_dir(cfg: RunConfig, run_dir: str, resume: str | None, allow_config
         raise TwostepError("--allow-config-change only applies with --resume")
     if resume:
         return prepare_resume(cfg, run_dir, resume, allow_config_change)
-    check_fresh_run_dir(run_dir, overwrite)
+    check_fresh_run_dir(run_dir, overwrite, protected)
     return None
 
 

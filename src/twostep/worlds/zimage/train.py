@@ -143,7 +143,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
                          allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
     checks (resume, teacher, cache, output folder) run before the model loads and before anything is written."""
-    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite)
+    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite, protected=(cfg.data_dir, cfg.model.path))
     # every component the run will use, resolved (and on the hub: fetched) before the model loads: the transformer,
     # and the VAE that decodes the preview grids (the last step always writes one)
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, need=("transformer", "vae"),
