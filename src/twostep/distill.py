@@ -20,6 +20,7 @@ from .engine.teacher_data import TeacherData, TeacherDataConfig, TeacherSource, 
 from .engine.train import DistillTrainConfig, Trainer, prepare_resume, resume_trainer, save_student_weights, start_run, \
     write_meta
 from .errors import TwostepError
+from .plan import warn_small_cache
 from .evaluate import build_evaluator, eval_set, measure_throughput
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
@@ -137,6 +138,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
         torch.set_num_threads(cfg.train.threads)
     student, disc, base = build_student(teacher_run, cfg)
     data = load_teacher_data(base, cfg, data_dir)
+    warn_small_cache(len(data), cfg.train.batch_size)  # no minimum: the toy worlds' caches are small on purpose
     start_run(cfg, out_dir)
     trainer = Trainer(cfg, student, disc, data, base.prompt_table, real_image_sampler(base), out_dir,
                       sample_fn=grid_writer(base),

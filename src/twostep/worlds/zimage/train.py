@@ -22,6 +22,7 @@ from ...engine.student import Student, StudentConfig
 from ...engine.teacher_data import DTYPES, TeacherData
 from ...engine.train import DistillTrainConfig, Trainer, prepare_resume, resume_trainer, save_student_weights, \
     start_run, write_meta
+from ... import plan
 from ...errors import TwostepError
 from ...utils import check_output_dir, check_device_name, read_json_file
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
@@ -131,6 +132,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     expected = expected_provenance(cfg.teacher_data, teacher)
     data = TeacherData(cfg.data_dir, expected=expected)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
+    plan.warn_small_cache(len(data), cfg.train.batch_size, plan.MIN_REAL_SAMPLES)  # before the model loads
     start_run(cfg, out_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
