@@ -356,3 +356,19 @@ def test_periodic_eval_references_come_from_the_clean_teacher(world):
     labels, noise, cond = eval_set(clean, 20)
     expected = evaluator.score(generate(clean.backbone, noise, cond, 8, clean.config.sampling.shift), labels)
     assert run.references["teacher_8"]["fd_real"] == pytest.approx(expected["fd_real"], rel=1e-4)
+
+
+def test_train_warns_when_the_batch_exceeds_the_cache(world, tmp_path, capsys, monkeypatch):
+    """48 cached samples, batch 64: a warning line on stdout before the run starts (the toy has no minimum)."""
+    import twostep.distill as distill
+
+    def stop(*args, **kwargs):
+        raise TwostepError("stopped before the run starts")
+
+    monkeypatch.setattr(distill, "start_run", stop)
+    argv = ["train", "--teacher", world["teacher"], "--data", world["data"], *TEACHER, *DISTILL]
+    assert main([*argv[:5], "--out", str(tmp_path / "r"), *argv[5:], "train.batch_size=64"]) == 2
+    out = capsys.readouterr().out
+    assert "twostep: warning: train.batch_size 64 exceeds the 48 cached samples" in out
+    assert main([*argv[:5], "--out", str(tmp_path / "r2"), *argv[5:], "train.batch_size=48"]) == 2
+    assert "warning" not in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 
 import pytest
 
@@ -118,3 +119,117 @@ def test_plan_command_writes_its_section(tmp_path, capsys):
     assert "Written by `twostep plan --resolution 512 --batch 2" in text and "total per GPU" in text
     assert main(["plan", "--resolution", "1000"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- settings from a config (issue 15)
+
+
+def _plan(capsys, *argv) -> str:
+    from twostep.cli import main
+
+    assert main(["plan", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def _component(out: str, name: str) -> float:
+    return float(next(line for line in out.splitlines() if line.startswith(name)).split()[-1])
+
+
+def test_plan_defaults_come_from_the_packaged_config(capsys):
+    from twostep.config import load_config
+    from twostep.packaged_configs import resolve_config
+    from twostep.worlds.zimage.train import ZImageDistillConfig
+
+    cfg = load_config(ZImageDistillConfig, resolve_config("zimage_turbo_2step_lora"))
+    out = _plan(capsys)
+    header = out.splitlines()[0]
+    assert header == (f"zimage-turbo | lora | {cfg.teacher_data.resolution}px | batch {cfg.train.batch_size}/GPU | "
+                      f"1 GPU(s) | 2 student steps | LoRA rank {cfg.student.lora_rank}")
+    assert cfg.train.batch_size == 4  # not the old flag default of 2
+    assert "config: zimage_turbo_2step_lora |" in out and "flags over the config" not in out
+    # the same numbers as the request built by hand from the config's values
+    by_hand = plan_memory(PlanRequest(resolution=1024, batch=4, lora_rank=64))
+    assert f"{'total per GPU'}" in out and f"{by_hand['total_bytes'] / GIB:8.2f}" in out
+
+
+def test_overrides_change_what_is_planned(capsys):
+    base = _plan(capsys)
+    out = _plan(capsys, "train.batch_size=8", "student.lora_rank=32")
+    assert "batch 8/GPU" in out and "LoRA rank 32" in out
+    assert "config: zimage_turbo_2step_lora + train.batch_size=8 student.lora_rank=32 |" in out
+    key = "activations: checkpointed block inputs (estimate)"
+    assert _component(out, key) == pytest.approx(2 * _component(base, key), abs=0.01)
+    lora = "LoRA adapters + grads + AdamW (fp32)"
+    assert _component(out, lora) == pytest.approx(_component(base, lora) / 2, abs=0.01)
+    # LoRA targets, parameter form, discriminator heads, checkpointing and precision are read too
+    narrow = _plan(capsys, "student.lora_targets=[to_q,to_k,to_v,to_out.0]")
+    assert _component(narrow, lora) < _component(base, lora) / 2
+    shared = _plan(capsys, "student.params=shared")
+    assert "one shared parameter set" in shared
+    assert _component(shared, lora) == pytest.approx(_component(base, lora) / 2, abs=0.01)
+    disc = "discriminator heads + grads + AdamW (fp32)"
+    assert _component(_plan(capsys, "discriminator.blocks=[26]"), disc) < _component(base, disc)
+    off = _plan(capsys, "train.gradient_checkpointing=false")
+    assert "gradient checkpointing off" in off and key not in off
+    assert _component(off, "total per GPU") > 2 * _component(base, "total per GPU")
+    fp32 = _plan(capsys, "model.dtype=float32", "train.bf16=false")
+    assert _component(fp32, "frozen base (fp32, = teacher)") == pytest.approx(
+        2 * _component(base, "frozen base (bf16, = teacher)"), abs=0.01)
+    assert _component(fp32, key) == pytest.approx(2 * _component(base, key), abs=0.01)
+
+
+def test_flags_win_over_the_config_and_are_named(capsys):
+    out = _plan(capsys, "--batch", "2", "--resolution", "512", "train.batch_size=8")
+    assert "batch 2/GPU" in out and "512px" in out
+    assert "flags over the config: --resolution 512 (config: 1024), --batch 2 (config: 8)" in out
+
+
+def test_docs_plan_blocks_are_reproduced(capsys):
+    """Every line of docs/zimage.md's plan blocks comes out of the command written next to it, in order."""
+    import re
+    import shlex
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "zimage.md"), encoding="utf-8").read()
+    blocks = re.findall(r"Written by `twostep (plan [^`]*)`:\n\n```\n(.*?)\n```", doc, re.S)
+    assert len(blocks) >= 2
+    for command, text in blocks:
+        argv = [a for a in shlex.split(command)[1:]]
+        if "--results" in argv:  # print only; the doc is not rewritten here
+            i = argv.index("--results")
+            del argv[i:i + 2]
+        out = _plan(capsys, *argv).splitlines()
+        at = 0
+        for line in text.splitlines():
+            assert line in out[at:], f"`twostep {command}` no longer prints: {line}"
+            at = out.index(line, at) + 1
+
+
+def test_disk_estimate_and_config_errors(tmp_path, capsys):
+    from twostep.cli import main
+    from twostep.plan import cache_bytes_per_sample
+    from twostep.worlds.zimage.data import ZImageDataConfig
+
+    per_sample = cache_bytes_per_sample(1024, ZImageDataConfig())
+    out = _plan(capsys, "--num-prompts", "1000", "teacher_data.samples_per_prompt=2")
+    assert f"{per_sample / 2 ** 20:.2f} MiB per sample at 1024px" in out
+    assert "for 2,000 samples" in out and f"{2000 * per_sample / GIB:.1f} GiB of latents" in out
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na bird\n")
+    out = _plan(capsys, f"teacher_data.prompts={prompts}", "--resolution", "512")
+    assert "for 3 samples (3 prompts from the prompts in" in out
+    assert f"{cache_bytes_per_sample(512, ZImageDataConfig()) / 2 ** 20:.2f} MiB per sample at 512px" in out
+    # no prompt count known: the run's own draws (train.steps x train.batch_size)
+    assert "for 8,000 samples (train.steps x train.batch_size" in _plan(capsys)
+    assert main(["plan", "--config", "toy_demo"]) == 2
+    assert "real Z-Image path" in capsys.readouterr().err
+    assert main(["plan", "--config", "toy_teacher"]) == 2
+    assert "real Z-Image path" in capsys.readouterr().err
+    partial = tmp_path / "mine.yaml"  # a Z-Image config with only the keys it changes: the rest are the defaults
+    partial.write_text("model:\n  path: Tongyi-MAI/Z-Image-Turbo\ntrain:\n  batch_size: 6\n")
+    assert "batch 6/GPU" in _plan(capsys, "--config", str(partial))
+    assert main(["plan", "train.batch_size=1"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    assert main(["plan", "no_such.key=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

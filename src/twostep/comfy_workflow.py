@@ -181,7 +181,7 @@ def card_text(info: dict, lora_files: list[str], graph: dict, workflow_file: str
         pieces = ", ".join("[" + _number(sigmas[k]) + ", " + _number(sigmas[k + 1]) + "]" for k in range(steps))
         lines[-1] += f"`SplitSigmas` (step 1{', chained' if steps > 2 else ''}) cuts it into {pieces}."
     lines += [
-        f"6. `KSamplerSelect` (`euler`: the deterministic step the student was trained with); `RandomNoise` (the "
+        "6. `KSamplerSelect` (`euler`: the deterministic step the student was trained with); `RandomNoise` (the "
         "seed) for the first sampler" + (f", `DisableNoise` for the {'second' if steps == 2 else 'later ones'}"
                                          if steps > 1 else "") +
         f"; `EmptySD3LatentImage` at {res}x{res}, the trained resolution.",

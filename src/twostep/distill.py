@@ -23,6 +23,7 @@ from .engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_re
     save_student_weights, start_run, write_meta
 from .errors import TwostepError
 from .evaluate import build_evaluator, eval_set, measure_throughput
+from .plan import warn_small_cache
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
 from .teacher import Teacher, TeacherConfig, load_teacher
@@ -150,6 +151,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     student, disc, base = build_student(teacher_run, cfg)
     online = cfg.teacher_data.mode == "online"
     data = online_teacher_data(student, base, cfg) if online else load_teacher_data(base, cfg, data_dir)
+    warn_small_cache(len(data), cfg.train.batch_size)  # no minimum: the toy worlds' caches are small on purpose
     replaced = start_run(cfg, out_dir, overwrite)
     inputs = {"teacher_run": os.path.abspath(teacher_run),
               "teacher_data": "online" if online else os.path.abspath(data_dir)}

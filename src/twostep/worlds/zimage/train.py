@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from ...backbones.zimage import ZImageBackbone
 from ...config import load_config, require
+from ...engine import flow
 from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
@@ -24,6 +26,7 @@ from ...engine.teacher_data import DTYPES, OnlineTeacherData, TeacherData
 from ...engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_replaced, resume_trainer, \
     save_student_weights, start_run, write_meta
 from ...errors import TwostepError
+from ... import plan
 from ...utils import check_device_name, read_json_file
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
@@ -85,26 +88,118 @@ def is_real_config(path: str | None) -> bool:
     return "teacher" not in data and (("model" in data and not toy_model) or "data_dir" in data)
 
 
-def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, count: int = 4, seed: int = 0):
-    """Fixed-noise 2-step student samples of the first prompts, decoded with the VAE, side by side."""
-    from PIL import Image
+PREVIEW_MAX_FONT = 48  # px; the font is 1/32 of the image height, at least 10 px
 
+
+def _step_label(path: str) -> str:
+    """``step 250`` for ``.../step_000250.png`` (the trainer's naming); the file name otherwise."""
+    match = re.search(r"step_(\d+)", os.path.basename(path))
+    return f"step {int(match.group(1))}" if match else os.path.splitext(os.path.basename(path))[0]
+
+
+def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` px (words kept whole when they fit), at most ``max_lines``; a cut
+    text ends in ``...``."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        trial = f"{line} {word}" if line else word
+        if font.getlength(trial) <= width:
+            line = trial
+            continue
+        if line:
+            lines.append(line)
+        line = word
+        while font.getlength(line) > width and len(line) > 1:  # a word wider than the column: cut it
+            cut = len(line) - 1
+            while cut > 1 and font.getlength(line[:cut]) > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max(1, max_lines)]
+        last = lines[-1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
+
+
+def compose_preview(title: str, prompts: list[str], teacher: list, student: list,
+                    teacher_label: str = "teacher", student_label: str = "student"):
+    """A labelled grid: a header (``title`` and the column names), then one row per prompt: its text (wrapped,
+    cut to the row's height), the teacher's image, the student's. Returns ``(image, layout)``; ``layout`` gives
+    every cell's box ``(left, top, right, bottom)`` (``rows[i]["teacher"|"student"|"prompt"]``)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = teacher[0].size
+    size = max(10, min(PREVIEW_MAX_FONT, h // 32))
+    font = ImageFont.load_default(size=size)
+    pad = max(2, size // 3)
+    line_h = size + pad // 2
+    text_w = max(w // 2, 16 * size)
+    header = 2 * line_h + 2 * pad
+    grid = Image.new("RGB", (text_w + 2 * w, header + len(prompts) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((pad, pad), title, fill="black", font=font)
+    for x, label in ((pad, "prompt"), (text_w + pad, teacher_label), (text_w + w + pad, student_label)):
+        draw.text((x, pad + line_h), label, fill="black", font=font)
+    rows = []
+    for i, (prompt, t_image, s_image) in enumerate(zip(prompts, teacher, student)):
+        top = header + i * h
+        draw.line([(0, top), (text_w - 1, top)], fill=(200, 200, 200))  # row separator in the text column
+        lines = _wrap(prompt, font, text_w - 2 * pad, max(1, (h - pad) // line_h))
+        for j, line in enumerate(lines):
+            draw.text((pad, top + pad // 2 + j * line_h), line, fill="black", font=font)
+        grid.paste(t_image, (text_w, top))
+        grid.paste(s_image, (text_w + w, top))
+        rows.append({"prompt": (0, top, text_w, top + h), "teacher": (text_w, top, text_w + w, top + h),
+                     "student": (text_w + w, top, text_w + 2 * w, top + h), "lines": lines})
+    return grid, {"header": (0, 0, grid.width, header), "rows": rows}
+
+
+def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data_cfg: ZImageDataConfig | None = None,
+                   count: int = 4, seed: int = 0):
+    """``write(student, path)``: a labelled grid of the first prompts (see :func:`compose_preview`), the teacher's
+    ``data_cfg.teacher_steps``-step image and the student's 2-step image on the same fixed noise (seed ``seed``,
+    not a training sample's), the step number from ``path`` in the header. The teacher column is sampled once, at
+    the first grid, by the frozen base with every adapter off (``student.teacher()``), decoded and kept as images;
+    the VAE is loaded per grid and freed, so it is never resident during training. Returns the grid's layout."""
+    data_cfg = data_cfg or ZImageDataConfig()
     count = min(count, len(embeds))
     noise = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(seed))
     cond = embeds[torch.arange(count)]
+    prompts = list(embeds.prompts[:count])
+    teacher_images: list = []
+    steps = data_cfg.teacher_steps
 
-    def write(student: Student, path: str) -> None:
+    @torch.no_grad()
+    def teacher_latents(student: Student) -> torch.Tensor:
+        sigmas = flow.turbo_sigmas(steps, data_cfg.shift)
+        finals = []
+        with student.teacher() as teacher:
+            for i in range(count):  # one at a time, as student.sample: the smallest activations
+                x, c = noise[i:i + 1].to(device), cond[i:i + 1].to(device)
+                final = flow.euler_sample(lambda x_, s, _: teacher.velocity(x_, s.to(device), c), x, sigmas)
+                finals.append(final.cpu())
+        return torch.cat(finals)
+
+    def write(student: Student, path: str) -> dict:
         latents = student.sample(noise.to(device), cond.to(device), batch_size=1)["final"]
+        first = teacher_latents(student) if not teacher_images else None
         vae = load_vae(folder, device, torch.float32)  # loaded per grid and freed: not resident during training
+        if first is not None:
+            teacher_images.extend(decode_latents(vae, first[i:i + 1])[0] for i in range(count))
         images = [decode_latents(vae, latents[i:i + 1])[0] for i in range(count)]
         del vae
-        grid = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-        x = 0
-        for image in images:
-            grid.paste(image, (x, 0))
-            x += image.width
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        grid, layout = compose_preview(f"{_step_label(path)}: same noise per row", prompts, teacher_images, images,
+                                       teacher_label=f"teacher, {steps} steps",
+                                       student_label=f"student, {student.cfg.num_steps} steps")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         grid.save(path)
+        return layout
 
     return write
 
@@ -143,7 +238,8 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
                          allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
     checks (resume, teacher, cache, output folder) run before the model loads and before anything is written."""
-    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite, protected=(cfg.data_dir, cfg.model.path))
+    checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite,
+                               protected=(cfg.data_dir, cfg.model.path))
     # every component the run will use, resolved (and on the hub: fetched) before the model loads: the transformer,
     # and the VAE that decodes the preview grids (the last step always writes one)
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, need=("transformer", "vae"),
@@ -153,6 +249,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     online = cfg.teacher_data.mode == "online"
     data = None if online else TeacherData(cfg.data_dir, expected=expected)  # online: built on the student below
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
+    plan.warn_small_cache(expected["num_samples"], cfg.train.batch_size, plan.MIN_REAL_SAMPLES)  # before loading
     replaced = start_run(cfg, out_dir, overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -160,7 +257,8 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     if online:
         data = online_teacher_data(student, cfg, teacher, embeds, device)
     trainer = Trainer(cfg, student, disc, data, embeds, None, out_dir,
-                      sample_fn=preview_writer(teacher.folder, embeds, teacher.latent_shape, device), device=device)
+                      sample_fn=preview_writer(teacher.folder, embeds, teacher.latent_shape, device, cfg.teacher_data),
+                      device=device)
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
