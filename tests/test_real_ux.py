@@ -77,7 +77,8 @@ def _train_until_the_model_loads(cache, tmp_path, monkeypatch, capsys, *extra) -
         raise TwostepError("stopped before the model loads")
 
     monkeypatch.setattr(real_train, "build_real_student", stop)
-    assert main(["train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", cache["data"], "--out", str(tmp_path / "run"),
+    run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"  # a new folder per call: train refuses a used one
+    assert main(["train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", cache["data"], "--out", str(run),
                  *SMALL, *extra]) == 2
     captured = capsys.readouterr()
     assert "stopped before the model loads" in captured.err
