@@ -4,8 +4,8 @@ Measures, on one CUDA device:
   (a) latency of 2-step vs 8-step Turbo sampling at 1024^2 (latents (1, 16, 128, 128)), median of --repeats runs
       after warm-up, and their ratio;
   (b) peak memory and wall time of one per-step-LoRA training step (discriminator step + generator step, the
-      way ``Trainer.d_step`` / ``g_step`` run them) at 512^2 and 1024^2, batch 1, gradient checkpointing on,
-      next to what ``twostep plan`` predicts for the same run.
+      way ``Trainer.d_step`` / ``g_step`` run them) at 512^2 and 1024^2, batches 1, 2 and 4, gradient
+      checkpointing on, next to what ``twostep plan`` predicts for the same run and the plan's error.
 
 ``--tiny`` runs the same code on a tiny config (CPU is fine: memory is reported as n/a there). Results go to
 ``OUT/gpu_check.json`` (rewritten after every measurement, so a killed run keeps what it measured).
@@ -145,15 +145,16 @@ def measure_latency(run: Run, backbone: ZImageBackbone, latent: int, repeats: in
     run.save()
 
 
-def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, latent: int, gen) -> dict:
-    """One discriminator update then one generator update, as ``Trainer.d_step`` / ``g_step`` (batch 1)."""
+def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, latent: int, gen,
+               size: int = 1) -> dict:
+    """One discriminator update then one generator update, as ``Trainer.d_step`` / ``g_step``, batch ``size``."""
     c, k = student.base.in_channels, student.cfg.num_steps
     device = run.device
-    batch = {"noise": torch.randn(1, c, latent, latent, generator=gen).to(device),
-             "states": torch.randn(1, k, c, latent, latent, generator=gen).to(device),
-             "final": torch.randn(1, c, latent, latent, generator=gen).to(device),
-             "prompt_index": torch.zeros(1, dtype=torch.long, device=device)}
-    cond = caption(1, student.base.cap_feat_dim, device)
+    batch = {"noise": torch.randn(size, c, latent, latent, generator=gen).to(device),
+             "states": torch.randn(size, k, c, latent, latent, generator=gen).to(device),
+             "final": torch.randn(size, c, latent, latent, generator=gen).to(device),
+             "prompt_index": torch.zeros(size, dtype=torch.long, device=device)}
+    cond = caption(size, student.base.cap_feat_dim, device)
     disc.requires_grad_(True)
     with run.autocast():
         d_total, d_logs = discriminator_loss(student, disc, batch, batch["final"], cond, gen)
@@ -173,8 +174,9 @@ def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, la
 
 
 def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutions: list[int],
-                     blocks: list[int]) -> None:
-    """Peak memory and wall time of one LoRA training step per resolution, and the planner's prediction."""
+                     blocks: list[int], batches: list[int] = (1,)) -> None:
+    """Peak memory and wall time of one LoRA training step per resolution and batch, next to the planner's
+    prediction and its error."""
     shipped = ZImageDistillConfig()  # configs/zimage_turbo_2step_lora.yaml's student and heads (tested equal)
     student = Student(backbone, shipped.student)
     groups = student.parameter_groups()
@@ -187,31 +189,32 @@ def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutio
     opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()], lr=1e-5)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    run.record["training"] = {"disc_blocks": blocks, "caption_tokens": CAPTION_TOKENS, "batch": 1,
+    run.record["training"] = {"disc_blocks": blocks, "caption_tokens": CAPTION_TOKENS, "batches": list(batches),
                               "lora_params": sum(p.numel() for ps in groups.values() for p in ps)}
-    last_s, last_res = 0.0, resolutions[0]
-    for res in resolutions:
+    last_s, last_cost = 0.0, resolutions[0] ** 2
+    for res, size in [(r, b) for r in resolutions for b in batches]:
         latent = res // VAE_DOWN
-        # a step costs ~ tokens; skip if the projected warm-up + timed step would overrun the budget
-        projected = 2 * last_s * (res / last_res) ** 2
-        if run.over_budget(f"train_step_{res}", projected):
+        # a step costs ~ tokens x batch; skip if the projected warm-up + timed step would overrun the budget
+        projected = 2 * last_s * (res ** 2 * size) / last_cost
+        key = f"train_step_{res}_b{size}"
+        if run.over_budget(key, projected):
             continue
-        entry: dict = {"resolution": res, "latent_shape": [1, backbone.in_channels, latent, latent]}
-        plan = plan_memory(PlanRequest(mode="lora", resolution=res, batch=1, caption_tokens=CAPTION_TOKENS,
-                                       lora_rank=shipped.student.lora_rank), config)
+        entry: dict = {"resolution": res, "batch": size, "latent_shape": [size, backbone.in_channels, latent, latent]}
+        plan = plan_memory(PlanRequest(mode="lora", resolution=res, batch=size, caption_tokens=CAPTION_TOKENS,
+                                       lora_rank=shipped.student.lora_rank, discriminator=heads), config)
         # max_memory_allocated does not see the CUDA context: compare without the planner's overhead constant
         entry["plan_bytes_without_overhead"] = plan["total_bytes"] - plan["components"]["CUDA / framework overhead"]
         try:
-            entry["warmup_s"] = timed(run, lambda: train_step(run, student, disc, opt_g, opt_d, latent, gen))
+            entry["warmup_s"] = timed(run, lambda: train_step(run, student, disc, opt_g, opt_d, latent, gen, size))
             if run.cuda:
                 torch.cuda.reset_peak_memory_stats(run.device)
                 entry["allocated_before_bytes"] = torch.cuda.memory_allocated(run.device)
             losses = {}
-            step = lambda: losses.update(train_step(run, student, disc, opt_g, opt_d, latent, gen))  # noqa: E731
+            step = lambda: losses.update(train_step(run, student, disc, opt_g, opt_d, latent, gen, size))  # noqa: E731
             entry["step_s"] = timed(run, step)
             entry.update(losses)
             entry["peak_bytes"] = torch.cuda.max_memory_allocated(run.device) if run.cuda else None
-            last_s, last_res = entry["step_s"], res
+            last_s, last_cost = entry["step_s"], res ** 2 * size
         except torch.cuda.OutOfMemoryError as err:
             entry["error"] = f"out of memory: {str(err).splitlines()[0]}"
             opt_g.zero_grad(set_to_none=True)
@@ -220,14 +223,17 @@ def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutio
         entry["peak_gib"] = _gib(entry.get("peak_bytes"))
         entry["allocated_before_gib"] = _gib(entry.get("allocated_before_bytes"))
         entry["plan_gib_without_overhead"] = _gib(entry["plan_bytes_without_overhead"])
-        run.record["training"][f"train_step_{res}"] = entry
+        if entry.get("peak_bytes"):  # the plan's error: positive = the plan overestimates
+            entry["plan_error"] = round(entry["plan_bytes_without_overhead"] / entry["peak_bytes"] - 1, 4)
+        run.record["training"][key] = entry
         run.save()
         if "error" in entry:
-            print(f"train step at {res}px: {entry['error']}", flush=True)
+            print(f"train step at {res}px batch {size}: {entry['error']}", flush=True)
         else:
             peak = "n/a (CPU)" if entry["peak_gib"] is None else f"{entry['peak_gib']:.2f} GiB"
-            print(f"train step at {res}px: {entry['step_s']:.3f}s, peak {peak}, planned "
-                  f"{entry['plan_gib_without_overhead']:.2f} GiB (+ overhead)", flush=True)
+            error = f", plan error {entry['plan_error']:+.0%}" if "plan_error" in entry else ""
+            print(f"train step at {res}px batch {size}: {entry['step_s']:.3f}s, peak {peak}, planned "
+                  f"{entry['plan_gib_without_overhead']:.2f} GiB (+ overhead){error}", flush=True)
 
 
 # Z-Image-Turbo's other components as published (text_encoder/config.json: Qwen3-4B; vae/config.json: the 16-channel
@@ -318,7 +324,7 @@ def measure_all(run: Run, args, config: dict, sample_px: int, train_px: list[int
           f"built in {run.record['model']['build_s']}s", flush=True)
     with torch.no_grad():
         measure_latency(run, backbone, sample_px // VAE_DOWN, args.repeats)
-    measure_training(run, backbone, config, train_px, blocks)
+    measure_training(run, backbone, config, train_px, blocks, [1, 2] if args.tiny else [1, 2, 4])
     run.save()
     if args.end_to_end and not run.over_budget("end_to_end"):
         del backbone  # the pipeline brings its own transformer
@@ -384,10 +390,14 @@ def results_section(record: dict, command: str) -> str:
     for key, step in sorted(record.get("training", {}).items()):
         if not key.startswith("train_step_") or not isinstance(step, dict):
             continue
+        if "step_s" not in step:
+            lines.append(f"- Training step at {step['resolution']}², batch {step['batch']}: {step.get('error')}.")
+            continue
         peak = "n/a (CPU)" if step.get("peak_gib") is None else f"{step['peak_gib']:.2f} GiB"
-        lines.append(f"- One per-step-LoRA training step at {step['resolution']}² (batch 1, checkpointing): "
-                     f"{step['step_s']:.2f} s, peak memory {peak} (plan without overhead: "
-                     f"{step['plan_gib_without_overhead']:.2f} GiB).")
+        error = f", plan error {step['plan_error']:+.0%}" if "plan_error" in step else ""
+        lines.append(f"- One per-step-LoRA training step at {step['resolution']}², batch {step['batch']} "
+                     f"(checkpointing): {step['step_s']:.2f} s, peak memory {peak} (plan without overhead: "
+                     f"{step['plan_gib_without_overhead']:.2f} GiB{error}).")
     e2e = record.get("end_to_end", {})
     if "ratio" in e2e:
         parts = "".join(f", {name.replace('_', ' ')} {e2e[name] * 1e3:.1f} ms" for name in ("text_encoder", "vae_decode")

@@ -21,7 +21,7 @@ def test_tiny_run_writes_all_measurements(tmp_path, capsys):
                          str(doc)]) == 0
     section = doc.read_text()
     assert "<!-- twostep:gpu-check-tiny:begin -->" in section and "Written by `python benchmarks/gpu_check.py --tiny" in section
-    assert "×** faster" in section and "training step at 128²" in section
+    assert "×** faster" in section and "training step at 128², batch 2" in section
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     sampling, training = record["sampling"], record["training"]
     assert record["skipped"] == []
@@ -29,9 +29,9 @@ def test_tiny_run_writes_all_measurements(tmp_path, capsys):
     assert sampling["latency_2"] > 0 and sampling["latency_8"] > 0
     assert sampling["ratio"] == sampling["latency_8"] / sampling["latency_2"]
     assert len(sampling["latency_8_all"]) == 2
-    for res in (64, 128):
-        entry = training[f"train_step_{res}"]
-        assert entry["step_s"] > 0 and entry["latent_shape"] == [1, 16, res // 8, res // 8]
+    for res, size in ((64, 1), (64, 2), (128, 1), (128, 2)):
+        entry = training[f"train_step_{res}_b{size}"]
+        assert entry["step_s"] > 0 and entry["latent_shape"] == [size, 16, res // 8, res // 8]
         assert entry["peak_bytes"] is None  # CPU: no allocator peak to report
         assert entry["plan_bytes_without_overhead"] > 0
         assert all(abs(entry[k]) < float("inf") for k in ("d_loss", "g_total"))
@@ -45,8 +45,8 @@ def test_budget_skips_and_full_size_needs_cuda(tmp_path):
     gpu_check = _load()
     assert gpu_check.main(["--tiny", "--repeats", "1", "--budget-s", "0", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert "latency_2" not in record["sampling"] and "train_step_64" not in record["training"]
-    assert len(record["skipped"]) == 3  # latency_2 (the loop stops there), train_step_64, train_step_128
+    assert "latency_2" not in record["sampling"] and "train_step_64_b1" not in record["training"]
+    assert len(record["skipped"]) == 5  # latency_2 (the loop stops there), 2 resolutions x 2 batches
     import torch
 
     if not torch.cuda.is_available():

@@ -47,6 +47,9 @@ TIGHT = 0.10  # a fit with less than 10% of the card to spare is flagged: activa
 # Flash/SDPA attention keeps no tokens x tokens matrix.
 RECOMPUTE_DIM_FACTOR = 10
 RECOMPUTE_FFN_FACTOR = 3
+# fp32 tensors of width dim per token inside a block's forward: the input of each of its 4 RMSNorms and 2 q/k
+# norms upcast to fp32, and q and k upcast for the rotary embedding with their rotated outputs (4)
+FP32_INTERMEDIATES = 10
 OVERHEAD_BYTES = 2 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
 FSDP_PREFETCH_BLOCKS = 2  # FSDP2 keeps the current and the prefetched block unsharded
 CARDS: list[tuple[float, str]] = [(24, "RTX 4090"), (40, "A100-40GB"), (48, "L40S / RTX 6000 Ada"),
@@ -162,7 +165,11 @@ def count_parameters(config: dict[str, Any], lora_rank: int, lora_targets: list[
     lora = sum(lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes))
     blocks = [*model.layers, *model.noise_refiner, *model.context_refiner]
-    return {"base": sum(p.numel() for p in model.parameters()),
+    # input widths of one main block's LoRA-wrapped linears: peft casts each input to fp32 (7 targets, w2's 10240)
+    lora_in = sum(m.in_features for name, m in model.layers[0].named_modules()
+                  if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes))
+    return {"base": sum(p.numel() for p in model.parameters()), "lora_in_per_block": lora_in,
+            "disc_blocks": len((discriminator or _real_discriminator_config()).blocks),
             "block": max(sum(p.numel() for p in b.parameters()) for b in blocks),
             "blocks": len(blocks), "dim": int(config["dim"]), "ffn_hidden": int(blocks[0].feed_forward.w1.out_features),
             "lora_per_step": lora, "discriminator": sum(p.numel() for p in disc.parameters()),
@@ -206,13 +213,27 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None) -> dict:
     parts["discriminator heads + grads + AdamW (fp32)"] = n["discriminator"] * optim
     act = req.activation_bytes
     per_block = tokens * (RECOMPUTE_DIM_FACTOR * n["dim"] + RECOMPUTE_FFN_FACTOR * n["ffn_hidden"]) * act
+    # the terms a block's own dtype hides: peft casts every LoRA input to the adapter's fp32 and autocast keeps a
+    # bf16 copy of it for the matmul's backward; RMSNorm and RoPE compute in fp32
+    casts = tokens * n["lora_in_per_block"] * (FP32 + BF16) if req.mode == "lora" else 0
+    fp32_parts = tokens * n["dim"] * FP32 * FP32_INTERMEDIATES
     if req.gradient_checkpointing:
         saved = GRAPH_PASSES * n["blocks"] * tokens * n["dim"] * act  # one block input kept per checkpointed block
         parts["activations: checkpointed block inputs (estimate)"] = req.batch * saved
         parts["activations: one block recompute (estimate)"] = req.batch * per_block
+        scale, where = 1, "in the recomputed block"
     else:  # every block keeps its tensors for backward, in every graph-keeping pass
         parts["activations: every block's tensors, no checkpointing (estimate)"] = \
             req.batch * GRAPH_PASSES * n["blocks"] * per_block
+        scale, where = GRAPH_PASSES * n["blocks"], "in every block"
+    if casts:
+        parts[f"activations: peft's fp32 LoRA-input casts + autocast bf16 copies {where} (estimate)"] = \
+            req.batch * scale * casts
+    parts[f"activations: fp32 RMSNorm / RoPE intermediates {where} (estimate)"] = req.batch * scale * fp32_parts
+    # each head reads its block's image tokens as fp32 (feats.float()), kept for the head's backward, for every
+    # output the generator scores adversarially (both student steps at most)
+    parts["activations: discriminator heads' fp32 feature maps (estimate)"] = \
+        req.batch * req.num_steps * n["disc_blocks"] * image_tokens * n["dim"] * FP32
     parts["CUDA / framework overhead"] = OVERHEAD_BYTES
     total = sum(parts.values())
     return {"request": _request_dict(req),
