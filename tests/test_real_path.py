@@ -510,3 +510,15 @@ def test_online_mode_on_the_real_path(chain, tmp_path):
     a, b = TeacherData(chain["data"]).batch(index), online.batch(index)
     for key in ("noise", "states", "final"):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=2e-3)
+
+
+def test_export_writes_a_sample_grid_the_card_shows(chain, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "lora"
+    assert main(["export", chain["run"], "--format", "lora", "--out", str(out), "--samples", "2"]) == 0
+    grid = Image.open(out / "samples.png")
+    assert grid.width > 3 * RES and grid.height > 2 * RES  # a text column + teacher + student, two rows
+    assert json.load(open(out / "twostep.json"))["samples"] == "samples.png"
+    assert "](samples.png)" in (out / "README.md").read_text()
+    assert "samples.png" not in os.listdir(chain["lora"])  # on CPU no grid unless asked

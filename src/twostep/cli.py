@@ -243,7 +243,7 @@ def cmd_export(args) -> None:
     from .export import export_run
 
     out = args.out or os.path.join(args.run, f"export_{args.format}")
-    paths = export_run(args.run, out, args.format, dtype=args.dtype, overwrite=args.overwrite)
+    paths = export_run(args.run, out, args.format, dtype=args.dtype, overwrite=args.overwrite, samples=args.samples)
     print(f"exported {args.format}: " + ", ".join(os.path.relpath(p) for p in paths))
 
 
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN/export_FORMAT); built beside it and swapped in. A "
                                  "non-empty folder that an earlier export did not write is refused")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an export")
+    p.add_argument("--samples", type=int, metavar="N",
+                   help="prompts in samples.png, teacher 8 steps beside the student's 2 on the same noise (default: 4 "
+                        "on a GPU, 0 on CPU; 0 = none)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of exported weights (default bfloat16)")
     p.set_defaults(func=cmd_export)

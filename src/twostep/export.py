@@ -147,10 +147,42 @@ def is_export(folder: str) -> bool:
         return False
 
 
-def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwrite: bool = False) -> list[str]:
+SAMPLES = "samples.png"
+
+
+def write_sample_grid(cfg, state: dict[str, Tensor], teacher, path: str, count: int, device=None) -> bool:
+    """``samples.png``: the first ``count`` prompts of the run's text cache, teacher (8 steps) beside the exported
+    student (2 steps) on the same fixed noise, the preview grid's layout. False (and a note) when the run's text
+    cache is gone."""
+    from .worlds.zimage.pipeline_io import pick_device
+    from .worlds.zimage.text_cache import PromptEmbeds
+    from .worlds.zimage.train import build_real_student, preview_writer
+
+    text = os.path.join(cfg.data_dir, "text")
+    if not os.path.isdir(text):
+        print(f"note: no sample grid: the run's text cache {text} is gone")
+        return False
+    embeds = PromptEmbeds(text)
+    device = device or pick_device(cfg.model.device)
+    student, _ = build_real_student(cfg, teacher.folder, embeds.width, device)
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    student.eval()
+    write = preview_writer(teacher.folder, embeds, teacher.latent_shape, device, cfg.teacher_data, count=count)
+    write(student, path, title=f"this export after {cfg.train.steps} training steps: same noise per row")
+    del student
+    return True
+
+
+def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwrite: bool = False,
+               samples: int | None = None) -> list[str]:
     """Write ``fmt`` for a finished real run into ``out``; returns the files that matter. The new folder is built
     beside ``out`` and swapped in, so a failed export leaves ``out`` as it was. A non-empty ``out`` that an earlier
-    export did not write is refused unless ``overwrite``."""
+    export did not write is refused unless ``overwrite``. ``samples``: prompts in the ``samples.png`` grid (teacher
+    8 steps | student 2 steps, same noise); None = 4 on a GPU, none on CPU (the full model's 8 steps at 1024² take
+    minutes there)."""
     from .worlds.zimage.data import resolve_teacher
     from .worlds.zimage.pipeline_io import torch_dtype
     from .worlds.zimage.train import load_real_run
@@ -201,6 +233,10 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
             if worst > 0.05:
                 print(f"warning: storing W + BA in {dtype} loses {worst:.0%} of the LoRA update (relative norm) in the "
                       "worst layer; export with --dtype float32 to keep it")
+        if samples is None:
+            samples = 4 if torch.cuda.is_available() else 0
+        if samples and write_sample_grid(cfg, state, teacher, os.path.join(tmp, SAMPLES), samples):
+            info["samples"] = SAMPLES
         if fmt != "merged":
             info["adapters"] = [f"step{k}" for k in range(1, len(paths) + 1)]
         info["files"] = [os.path.relpath(p, tmp) for p in paths]

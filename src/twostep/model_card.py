@@ -119,6 +119,8 @@ def model_card(fmt: str, info: dict, config_summary: dict, comfy_text: str = "")
         f"A {info['num_steps']}-step student of `{base}` (8 steps), distilled with "
         "[twostep](https://github.com/twostep/twostep) (Z-Image Turbo++ recipe: per-step parameters, end-to-end "
         f"training, adversarial loss against the teacher's own samples). This folder is the `{fmt}` export: {what}.",
+    ] + (["", f"![teacher 8 steps and this student's 2 steps on the same noise]({info['samples']})"]
+         if info.get("samples") else []) + [
         "", "## Schedule", "",
         f"Student step k starts at sigma {info['student_sigmas']} (then 0), shift {info['shift']}; step k uses adapter "
         f"`step{{k}}`. Pass these sigmas explicitly (`sigmas={pipeline_sigmas(info['student_sigmas'], info['shift'])}`"

@@ -186,7 +186,7 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data
                 finals.append(final.cpu())
         return torch.cat(finals)
 
-    def write(student: Student, path: str) -> dict:
+    def write(student: Student, path: str, title: str | None = None) -> dict:
         latents = student.sample(noise.to(device), cond.to(device), batch_size=1)["final"]
         first = teacher_latents(student) if not teacher_images else None
         vae = load_vae(folder, device, torch.float32)  # loaded per grid and freed: not resident during training
@@ -194,7 +194,8 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data
             teacher_images.extend(decode_latents(vae, first[i:i + 1])[0] for i in range(count))
         images = [decode_latents(vae, latents[i:i + 1])[0] for i in range(count)]
         del vae
-        grid, layout = compose_preview(f"{_step_label(path)}: same noise per row", prompts, teacher_images, images,
+        title_ = title or f"{_step_label(path)}: same noise per row"
+        grid, layout = compose_preview(title_, prompts, teacher_images, images,
                                        teacher_label=f"teacher, {steps} steps",
                                        student_label=f"student, {student.cfg.num_steps} steps")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
