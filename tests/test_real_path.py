@@ -522,3 +522,25 @@ def test_export_writes_a_sample_grid_the_card_shows(chain, tmp_path):
     assert json.load(open(out / "twostep.json"))["samples"] == "samples.png"
     assert "](samples.png)" in (out / "README.md").read_text()
     assert "samples.png" not in os.listdir(chain["lora"])  # on CPU no grid unless asked
+
+
+def test_every_python_snippet_in_the_docs_runs_or_is_the_card_code(tmp_path, monkeypatch, capsys):
+    """README.md and docs/*.md: a block is either the usage code every card carries (run above on each export
+    format) or runs as shown here."""
+    import glob
+
+    from twostep.model_card import usage_snippet
+
+    info = {"num_steps": 2, "student_sigmas": [1.0, 0.75], "shift": 3.0, "resolution": 1024,
+            "base_model": "Tongyi-MAI/Z-Image-Turbo"}
+    card_code = usage_snippet("diffusers", info, folder="exports/zimage-2step")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    ran = 0
+    for doc in ["README.md", *sorted(glob.glob(os.path.join(root, "docs", "*.md")))]:
+        for block in _python_blocks(open(os.path.join(root, doc), encoding="utf-8").read()):
+            if block == card_code:
+                continue
+            monkeypatch.chdir(tmp_path)
+            exec(compile(block, doc, "exec"), {"__name__": "__snippet__"})  # noqa: S102 - our own docs
+            ran += 1
+    assert ran >= 1 and "bytes per latent element" in capsys.readouterr().out
