@@ -400,7 +400,7 @@ def test_every_exports_card_carries_usage_code_that_runs_both_steps(chain, tmp_p
     ns = _run_snippet(code, chain, tmp_path, monkeypatch, chain[fmt])
     pipe = ns["pipe"]
     assert [round(float(s), 6) for s in pipe.scheduler.sigmas] == [1.0, 0.75, 0.0]  # two real steps
-    image = torch.from_numpy(np.asarray(ns["image"])).float()
+    image = torch.from_numpy(np.array(ns["image"])).float()
     # the second step's parameters matter: without the switch (step 1's for both steps) the image differs
     call = dict(sigmas=[1.0, 0.5], guidance_scale=0.0, height=RES, width=RES)
     if fmt == "merged":
@@ -408,7 +408,7 @@ def test_every_exports_card_carries_usage_code_that_runs_both_steps(chain, tmp_p
     else:
         pipe.set_adapters("step1")
     plain = pipe(ns["prompt"], **call).images[0]
-    assert (torch.from_numpy(np.asarray(plain)).float() - image).abs().max() > 0
+    assert (torch.from_numpy(np.array(plain)).float() - image).abs().max() > 0
     if fmt == "diffusers":  # the same image as `twostep generate`'s pipeline (same default noise: seedless CPU RNG)
         twostep_pipe, switch = load_two_step_pipeline(chain[fmt], device="cpu")
         torch.manual_seed(0)
