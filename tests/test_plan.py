@@ -233,3 +233,16 @@ def test_disk_estimate_and_config_errors(tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
     assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_plan_prints_hours_from_the_flops_formula(capsys):
+    """The time line is the docs/sizing.md formula: F = 2·P·T + 4·L·T²·d per forward, 13.4 F per sample per step,
+    at 30-50 % of an H100's 989 TFLOP/s."""
+    import re
+
+    out = _plan(capsys, "--resolution", "1024", "--batch", "4")
+    tokens = 4096 + 128
+    forward = 2 * 6_154_908_736 * tokens + 4 * 30 * tokens ** 2 * 3840
+    assert f"one forward {forward:.2e} FLOPs" in out
+    fast, slow = (2000 * 13.4 * 4 * forward / (mfu * 989e12) / 3600 for mfu in (0.5, 0.3))
+    assert re.search(rf"2,000 steps take {fast:.1f}-{slow:.1f} h on one H100", out), out

@@ -544,3 +544,24 @@ def test_every_python_snippet_in_the_docs_runs_or_is_the_card_code(tmp_path, mon
             exec(compile(block, doc, "exec"), {"__name__": "__snippet__"})  # noqa: S102 - our own docs
             ran += 1
     assert ran >= 1 and "bytes per latent element" in capsys.readouterr().out
+
+
+def test_a_real_run_resumes_from_its_own_config_outside_the_checkout(chain, tmp_path, monkeypatch, capsys):
+    """From a folder with no configs/: `--config NAME` finds the packaged recipe, and `--resume latest` with no
+    --config continues a finished real run from its config.yaml (here extended by one step)."""
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = elsewhere / "run"
+    assert main(["train", "--config", "zimage_turbo_2step_lora", "--data", chain["data"], "--out", str(run),
+                 *TRAIN]) == 0
+    copy = elsewhere / "copy"
+    shutil.copytree(run, copy)
+    capsys.readouterr()
+    assert main(["train", "--out", str(copy), "--resume", "latest", "train.steps=4", "--allow-config-change"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_000003" in out and "train.steps: 3 -> 4" in out
+    steps = [json.loads(line)["step"] for line in open(copy / "train_log.jsonl")]
+    assert steps[-1] == 4 and "teacher" not in capsys.readouterr().err

@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="one prompt (or use --prompts)")
     p.add_argument("--model", required=True, help="folder written by `twostep export --format diffusers`")
     p.add_argument("--prompts", help="prompt file: one image per prompt, prompt i with seed SEED+i")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator: the same image on any device)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator: the same noise on any device; images match "
+                                                             "closely, not bit for bit, across devices)")
     p.add_argument("--out", help="image path (one prompt; default image.png) or folder (--prompts; default images/)")
     p.add_argument("--resolution", type=_positive_int, help="pixels (default: the resolution trained at)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | cuda:N")

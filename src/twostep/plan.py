@@ -51,6 +51,13 @@ RECOMPUTE_FFN_FACTOR = 3
 # norms upcast to fp32, and q and k upcast for the rotary embedding with their rotated outputs (4)
 FP32_INTERMEDIATES = 10
 OVERHEAD_BYTES = 2 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
+# time estimate (docs/sizing.md "Time"): one transformer forward of one sample costs F = 2·P·T + 4·L·T²·d FLOPs; a
+# generator step of the default recipe runs about 13.4 F per sample (D update 4.7 F, G update 8.7 F) and a teacher
+# sample 8 F; an H100 SXM peaks at 989 TFLOP/s dense bf16, of which 30-50 % is typical here (not measured)
+STEP_FORWARDS = 13.4
+H100_BF16_FLOPS = 989e12
+MFU_RANGE = (0.30, 0.50)
+TYPICAL_CAPTION_TOKENS = 128
 FSDP_PREFETCH_BLOCKS = 2  # FSDP2 keeps the current and the prefetched block unsharded
 CARDS: list[tuple[float, str]] = [(24, "RTX 4090"), (40, "A100-40GB"), (48, "L40S / RTX 6000 Ada"),
                                   (80, "H100 / A100-80GB"), (141, "H200")]
@@ -169,6 +176,7 @@ def count_parameters(config: dict[str, Any], lora_rank: int, lora_targets: list[
     lora_in = sum(m.in_features for name, m in model.layers[0].named_modules()
                   if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes))
     return {"base": sum(p.numel() for p in model.parameters()), "lora_in_per_block": lora_in,
+            "main_blocks": len(model.layers),
             "disc_blocks": len((discriminator or _real_discriminator_config()).blocks),
             "block": max(sum(p.numel() for p in b.parameters()) for b in blocks),
             "blocks": len(blocks), "dim": int(config["dim"]), "ffn_hidden": int(blocks[0].feed_forward.w1.out_features),
@@ -236,7 +244,9 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None) -> dict:
         req.batch * req.num_steps * n["disc_blocks"] * image_tokens * n["dim"] * FP32
     parts["CUDA / framework overhead"] = OVERHEAD_BYTES
     total = sum(parts.values())
-    return {"request": _request_dict(req),
+    typical = image_tokens + min(req.caption_tokens, TYPICAL_CAPTION_TOKENS)
+    forward_flops = 2 * n["base"] * typical + 4 * n["main_blocks"] * typical ** 2 * n["dim"]
+    return {"request": _request_dict(req), "forward_flops": forward_flops,
             "params": {"base": n["base"], "trainable": trainable, "lora_per_step": n["lora_per_step"],
                        "discriminator": n["discriminator"]},
             "tokens": {"image": image_tokens, "caption": req.caption_tokens, "blocks": n["blocks"]},
@@ -281,6 +291,7 @@ def format_plan(plan: dict) -> str:
               "and optimizer states are exact counts. VAE and text encoder are not loaded (cached latents and "
               "embeddings)."]
     lines += _disk_lines(plan.get("disk"))
+    lines += _time_lines(plan)
     card = req.get("card_gib")
     if card:
         spare = card - total / GIB
@@ -294,6 +305,29 @@ def format_plan(plan: dict) -> str:
                 hint = "train.gradient_checkpointing=true, " + hint
             lines.append(f"verdict: does NOT fit a {card:g} GiB card ({-spare:.1f} GiB short); try {hint}")
     return "\n".join(lines)
+
+
+def _hours(flops: float) -> str:
+    slow, fast = (flops / (mfu * H100_BF16_FLOPS) / 3600 for mfu in MFU_RANGE)
+    return f"{fast:.1f}-{slow:.1f} h"
+
+
+def _time_lines(plan: dict) -> list[str]:
+    """Hours on one H100 for the run's steps and its teacher data, from the FLOPs formula (an estimate)."""
+    req, steps, disk = plan["request"], plan.get("steps"), plan.get("disk")
+    if not steps:
+        return []
+    forward = plan["forward_flops"]
+    step = STEP_FORWARDS * req["batch"] * forward
+    lines = [f"time (estimate, not measured; docs/sizing.md): one forward {forward:.2e} FLOPs at {req['resolution']}px "
+             f"with a {TYPICAL_CAPTION_TOKENS}-token prompt; a step ~{STEP_FORWARDS} forwards per sample = "
+             f"{step:.2e} FLOPs: {steps:,} steps take {_hours(steps * step)} on one H100 at "
+             f"{MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} of its {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16"
+             + (f" (/{req['gpus']} GPUs ideal)" if req["gpus"] > 1 else "")]
+    if disk:
+        lines.append(f"  teacher data: {disk['samples']:,} samples x 8 forwards take {_hours(disk['samples'] * 8 * forward)}"
+                     " on one H100 (split over the GPUs of a torchrun job)")
+    return lines
 
 
 def _source_lines(source: dict | None) -> list[str]:
@@ -482,6 +516,7 @@ def cmd_plan(args) -> None:
     samples, prompts, where = _planned_samples(cfg, getattr(args, "num_prompts", None))
     plan["disk"] = disk_estimate(cfg.teacher_data, req.resolution, samples, prompts, where,
                                  channels=plan["shapes"]["in_channels"], width=plan["shapes"]["cap_feat_dim"])
+    plan["steps"] = cfg.train.steps
     text = format_plan(plan)
     print(text)
     if getattr(args, "results", None):
