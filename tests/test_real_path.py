@@ -300,7 +300,7 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, cap
     before = open(text_manifest).read()
     fewer = tmp_path / "fewer.txt"
     fewer.write_text(PROMPTS[0] + "\n")
-    assert "from another prompt set (3 prompts there, 1 in the prompt file now)" in _error(capsys, ["teacher-data", "--teacher", chain["pipe"], "--prompts", str(fewer),
+    assert "from another prompt set (3 prompts there, 1 in fewer.txt now)" in _error(capsys, ["teacher-data", "--teacher", chain["pipe"], "--prompts", str(fewer),
                                                "--resolution", str(RES), "--out", chain["data"],
                                                "teacher_data.samples_per_prompt=2", "teacher_data.shard_size=4"])
     assert open(text_manifest).read() == before

@@ -258,8 +258,8 @@ def _difference(key: str, made: dict, now: dict) -> str:
     if key == "teacher_weights_sha256":
         return f"by another teacher (weights {str(made.get(key))[:12]}, not {str(now.get(key))[:12]})"
     if key == "prompts_sha256":
-        return (f"from another prompt set ({made.get('num_prompts')} prompts there, {now.get('num_prompts')} in the "
-                "prompt file now)")
+        return (f"from another prompt set ({made.get('num_prompts')} prompts there, {now.get('num_prompts')} in "
+                f"{now.get('_prompts_file') or 'the prompt file'} now)")
     if key == "resolution":
         return f"at {made.get(key)}px, not {now.get(key)}px"
     return f"with {key}={made.get(key)!r}, not {now.get(key)!r}"
@@ -271,7 +271,8 @@ class CacheMismatch(TwostepError):
 
 def _check_same_provenance(manifest: dict, provenance: dict, where: str, hint: str = REWRITE_HINT) -> None:
     made = manifest.get("provenance", {})
-    keys = [k for k in _FIRST if k in provenance] + [k for k in provenance if k not in _FIRST]
+    # keys starting with "_" describe the request (e.g. the prompt file's name) and are not compared
+    keys = [k for k in _FIRST if k in provenance] + [k for k in provenance if k not in _FIRST and k[0] != "_"]
     for key in keys:
         if made.get(key) != provenance[key]:
             raise CacheMismatch(f"the teacher-data cache in {where} was made {_difference(key, made, provenance)}; "

@@ -105,7 +105,8 @@ def pipeline_source(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[s
 def expected_provenance(cfg: ZImageDataConfig, teacher: RealTeacher) -> dict:
     """What a cache for this config and teacher must carry (checked before training loads the model)."""
     prompts = read_prompts(cfg.prompts)
-    return cache_provenance(resolved_data_config(cfg, prompts), pipeline_source(cfg, teacher, prompts))
+    return {**cache_provenance(resolved_data_config(cfg, prompts), pipeline_source(cfg, teacher, prompts)),
+            "_prompts_file": os.path.basename(cfg.prompts)}
 
 
 def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtype: str = "bfloat16",
@@ -124,7 +125,8 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     ensure_writable_dir(out_dir, what="teacher-data folder")
     cfg = resolved_data_config(cfg, prompts)
     # a folder made from another teacher, prompt set or schedule is refused before its text cache is touched
-    manifest = existing_cache(out_dir, cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)))
+    manifest = existing_cache(out_dir, {**cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)),
+                                        "_prompts_file": os.path.basename(cfg.prompts)})
     if manifest is not None and manifest.get("complete") and cfg.mode == "cached":
         return manifest
     compute = torch_dtype(dtype) if dev.type == "cuda" else torch.float32
