@@ -267,7 +267,8 @@ sys.exit(main({["train", "--out", str(run), *world["args"]]!r}))
     assert left[-1] == "step_000002" and left[0].startswith(".step_000004.") and left[0].endswith(".tmp")
     assert train(world, run, "--resume", "latest") == 0
     out = capsys.readouterr().out
-    assert "interrupted checkpoint write" in out and "falling back to step_000002" in out
+    assert "interrupted checkpoint write; it is ignored" in out and "resumed from" in out
+    assert "step_000002 at step 2" in out
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")], "stale temporary not removed"
     assert (run / "student.safetensors").read_bytes() == (finished / "student.safetensors").read_bytes()
 
@@ -486,3 +487,46 @@ def test_train_never_replaces_a_run_or_files_it_did_not_write(world, tmp_path, c
     assert "were moved to" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["mine", "run"]
     assert (run / "student.safetensors").exists()
+
+
+def test_a_resume_continues_on_one_branch_and_retention_never_drops_the_new_checkpoint(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    for step in (100, 200):
+        ckpt.save_state(ckpt.checkpoint_dir(root, step), {"step": step})
+    # resumed from step 100 (200 skipped as corrupt, or abandoned by --resume PATH): 200 is another branch
+    messages = []
+    ckpt.drop_later_checkpoints(root, 100, report=messages.append)
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [100] and "another branch" in messages[0]
+    ckpt.save_state(ckpt.checkpoint_dir(root, 150), {"step": 150})
+    ckpt.save_state(ckpt.checkpoint_dir(root, 300), {"step": 300})  # e.g. written by a process of another run
+    ckpt.prune_checkpoints(root, keep_last=1, current=150)
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [150, 300]
+
+
+def test_stale_temporaries_are_only_twosteps_own(tmp_path):
+    for name in (".step_000004.abc123.tmp", ".shard-00001.safetensors.x_y.tmp", ".config.yaml.k2.tmp",
+                 ".notes.tmp", ".backup.old", "draft.tmp"):
+        (tmp_path / name).write_text("x")
+    removed = sorted(os.path.basename(p) for p in ckpt.remove_stale_temporaries(str(tmp_path)))
+    assert removed == [".config.yaml.k2.tmp", ".shard-00001.safetensors.x_y.tmp", ".step_000004.abc123.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".backup.old", ".notes.tmp", "draft.tmp"]
+
+
+def test_a_fresh_teacher_run_never_continues_or_drops_an_unfinished_one(tmp_path, monkeypatch, capsys):
+    import twostep.teacher as teacher_mod
+
+    run = tmp_path / "teacher"
+    real_update, calls = teacher_mod.ema_update, []
+
+    def interrupt(ema, model, decay):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_update(ema, model, decay)
+
+    monkeypatch.setattr(teacher_mod, "ema_update", interrupt)
+    assert main(["train-teacher", "--out", str(run), *TEACHER_RUN]) == 130
+    capsys.readouterr()
+    before = tree(run)
+    assert main(["train-teacher", "--out", str(run), *TEACHER_RUN]) == 2
+    assert "unfinished teacher run" in one_line(capsys) and tree(run) == before

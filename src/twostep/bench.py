@@ -173,7 +173,7 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
         teacher_dir = matching_shipped_teacher(to_dict(cfg.teacher))[0]
     teacher_dir = teacher_dir or os.path.join(out, "teacher")
     if not os.path.isfile(os.path.join(teacher_dir, "teacher.safetensors")):
-        train_teacher(cfg.teacher, teacher_dir)
+        train_teacher(cfg.teacher, teacher_dir, restart=True)  # this folder is ours: an unfinished run starts over
     data_dir = os.path.join(out, "teacher_data")
     make_teacher_data(teacher_dir, cfg, data_dir)
     clean_teacher = load_teacher(teacher_dir)

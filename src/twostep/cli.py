@@ -197,7 +197,10 @@ def _recorded_inputs(run_dir: str) -> dict:
 def cmd_train(args) -> None:
     from .config import load_config
 
-    config = _resume_config(args.config, args.out or "runs/student") if args.resume else None
+    if args.resume and not args.out:  # the default run folder of whichever kind of run is there
+        args.out = next((d for d in ("runs/student", "runs/zimage/student")
+                         if os.path.isfile(os.path.join(d, "config.yaml"))), "runs/student")
+    config = _resume_config(args.config, args.out) if args.resume else None
     if config is None and not args.config and args.data and os.path.isfile(os.path.join(args.data, DATA_RECORD)):
         config = _config_path(DEFAULT_ZIMAGE_CONFIG)  # a Z-Image teacher-data folder: the real path's recipe
     config = config or _config_path(args.config, DEFAULT_DEMO_CONFIG)

@@ -174,7 +174,7 @@ def run_demo(out: str, config_path: str | None = None, overrides=(), results_pat
         print(f"reusing the teacher in {teacher_dir} (same config)")
     else:
         print(f"training the teacher into {teacher_dir} ({why})")
-        train_teacher(cfg.teacher, teacher_dir)
+        train_teacher(cfg.teacher, teacher_dir, restart=True)  # this folder is ours: an unfinished run starts over
         walls["teacher"], walls["teacher_source"] = time.perf_counter() - started, "trained"
         walls.pop("student", None)
 

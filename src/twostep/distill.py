@@ -152,7 +152,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     online = cfg.teacher_data.mode == "online"
     data = online_teacher_data(student, base, cfg) if online else load_teacher_data(base, cfg, data_dir)
     warn_small_cache(len(data), cfg.train.batch_size)  # no minimum: the toy worlds' caches are small on purpose
-    replaced = start_run(cfg, out_dir, overwrite)
+    start_run(cfg, out_dir, overwrite)
     inputs = {"teacher_run": os.path.abspath(teacher_run),
               "teacher_data": "online" if online else os.path.abspath(data_dir)}
     write_meta(out_dir, {"kind": "toy-student", "status": "training", **inputs})  # `--resume` reads them back
@@ -162,7 +162,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
-    discard_replaced(replaced)
+    discard_replaced(out_dir)
     meta = {"kind": "toy-student", "status": "finished", "steps": trainer.step,
             "train_wall_s": round(trainer.elapsed, 1), **inputs,
             "trainable_parameters": sum(v.numel() for v in state.values()), "torch_threads": torch.get_num_threads()}

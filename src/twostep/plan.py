@@ -325,8 +325,10 @@ def _time_lines(plan: dict) -> list[str]:
              f"{MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} of its {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16"
              + (f" (/{req['gpus']} GPUs ideal)" if req["gpus"] > 1 else "")]
     if disk:
-        lines.append(f"  teacher data: {disk['samples']:,} samples x 8 forwards take {_hours(disk['samples'] * 8 * forward)}"
-                     " on one H100 (split over the GPUs of a torchrun job)")
+        teacher_steps = plan.get("teacher_steps", 8)
+        lines.append(f"  teacher data: {disk['samples']:,} samples x {teacher_steps} forwards take "
+                     f"{_hours(disk['samples'] * teacher_steps * forward)} on one H100 (split over the GPUs of a "
+                     "torchrun job)")
     return lines
 
 
@@ -516,7 +518,7 @@ def cmd_plan(args) -> None:
     samples, prompts, where = _planned_samples(cfg, getattr(args, "num_prompts", None))
     plan["disk"] = disk_estimate(cfg.teacher_data, req.resolution, samples, prompts, where,
                                  channels=plan["shapes"]["in_channels"], width=plan["shapes"]["cap_feat_dim"])
-    plan["steps"] = cfg.train.steps
+    plan["steps"], plan["teacher_steps"] = cfg.train.steps, cfg.teacher_data.teacher_steps
     text = format_plan(plan)
     print(text)
     if getattr(args, "results", None):

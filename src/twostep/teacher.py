@@ -33,8 +33,9 @@ from .backbones.base import Conditioning
 from .backbones.zimage import TinyZImageConfig, ZImageBackbone
 from .config import load_config, require, save_config, to_dict
 from .engine import flow
-from .engine.checkpoint import CheckpointError, checkpoint_dir, find_resumable, load_state, load_weights, \
-    prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_weights, set_rng_state
+from .engine.checkpoint import CheckpointError, checkpoint_dir, drop_later_checkpoints, find_resumable, load_state, \
+    load_weights, prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_weights, \
+    set_rng_state
 from .engine.preemption import Preempted, StopOnSignal
 from .engine.train import check_config_change, first_nonfinite_grad
 from .errors import TwostepError
@@ -220,17 +221,23 @@ def _resume_checkpoint(cfg: TeacherConfig, out_dir: str, allow_config_change: bo
 
 
 def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, command: str | None = None,
-                  allow_config_change: bool = False) -> dict:
+                  allow_config_change: bool = False, restart: bool = False) -> dict:
     """Train the toy teacher into ``out_dir``; returns the run's ``meta`` dict. ``command``: the command line
     recorded in ``provenance.json`` (default: one that retrains from the run's own config.yaml). A refused
-    ``--resume`` writes nothing."""
+    ``--resume`` writes nothing. A fresh run into a folder holding an unfinished one's checkpoints is refused,
+    unless ``restart`` (the demo and bench, which own their folders): then those checkpoints are removed."""
+    root = os.path.join(out_dir, CHECKPOINTS)
+    if not resume and os.path.isdir(root) and not restart:
+        raise TwostepError(f"{out_dir} holds an unfinished teacher run ({root}); continue it with --resume, or "
+                           "choose another --out")
     checkpoint = _resume_checkpoint(cfg, out_dir, allow_config_change) if resume else None
     check_output_dir(out_dir, what="teacher run folder")
     ensure_writable_dir(out_dir, what="teacher run folder")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tc = cfg.train
-    root = os.path.join(out_dir, CHECKPOINTS)
+    if not resume and restart:
+        shutil.rmtree(root, ignore_errors=True)  # an unfinished earlier run: this one starts over
     for path in remove_stale_temporaries(out_dir) + remove_stale_temporaries(root):
         print(f"twostep: removed {path}, left by an interrupted write")
 
@@ -256,6 +263,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, comman
         set_rng_state(state["rng"])
         start_step, elapsed_before, bad_steps = state["step"], state["elapsed_s"], state["bad_steps"]
         print(f"resumed from {checkpoint} at step {start_step}")
+        drop_later_checkpoints(root, start_step, report=lambda message: print(f"twostep: {message}"))
 
     def save(step: int) -> str:
         path = checkpoint_dir(root, step)
@@ -264,7 +272,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, comman
             "scheduler": sched.state_dict(), "data_rng": data_gen.get_state(), "rng": rng_state(),
             "step": step, "bad_steps": bad_steps, "elapsed_s": elapsed_before + time.perf_counter() - started,
             "config": to_dict(cfg)}, what=f"teacher checkpoint at step {step}")
-        prune_checkpoints(root, tc.keep_last)
+        prune_checkpoints(root, tc.keep_last, current=step)
         return path
 
     log_path = os.path.join(out_dir, "train_log.jsonl")
@@ -318,7 +326,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, comman
                 last_checkpoint = save(step + 1)
             if stop.requested and step + 1 < tc.steps:
                 raise Preempted(f"stopped by {stop.signal_name} at teacher step {step + 1} of {tc.steps}; state "
-                                f"saved in {last_checkpoint}; rerun the same command with --resume to continue")
+                                f"saved in {last_checkpoint}; continue exactly with --resume")
     wall = elapsed_before + time.perf_counter() - started
 
     weights = os.path.join(out_dir, WEIGHTS)

@@ -217,7 +217,7 @@ def verify_state(folder: str) -> None:
                               f"reads version {FORMAT_VERSION}")
     for name in (TENSORS, STATE_JSON):
         path = os.path.join(folder, name)
-        entry = files.get(name) or {}
+        entry = files.get(name) if isinstance(files.get(name), dict) else {}
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
         if os.path.getsize(path) != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
@@ -276,8 +276,10 @@ def find_resumable(root: str, report: Callable[[str], None] = print) -> str | No
         if old:
             raise old_format_error(os.path.join(root, old[-1]))
         return None
-    problems = [f"{os.path.join(root, name)} is an interrupted checkpoint write"
-                for name in sorted(os.listdir(root)) if name.startswith(".step_") and name.endswith(".tmp")]
+    for name in sorted(os.listdir(root)):
+        if name.startswith(".step_") and name.endswith(".tmp"):
+            report(f"{os.path.join(root, name)} is an interrupted checkpoint write; it is ignored (and removed)")
+    problems = []
     for step, folder in reversed(checkpoints):
         try:
             verify_state(folder)
@@ -287,16 +289,27 @@ def find_resumable(root: str, report: Callable[[str], None] = print) -> str | No
         for problem in problems:
             report(f"{problem}; falling back to {os.path.basename(folder)}")
         return folder
-    problems = [p for p in problems if "interrupted checkpoint write" not in p] or problems
     raise CheckpointError(f"no usable checkpoint in {root}: {problems[0]}" + (
         f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
-def prune_checkpoints(root: str, keep_last: int, keep_every: int = 0) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints, keeping any whose step is a multiple of
-    ``keep_every`` (0: none kept that way). Incomplete folders older than the newest good one go too."""
+def drop_later_checkpoints(root: str, step: int, report: Callable[[str], None] = print) -> list[str]:
+    """A resume from ``step`` starts a new branch: the checkpoints after it (skipped as corrupt, or abandoned by
+    ``--resume PATH``) are removed, so that retention and the next ``--resume latest`` only see this branch."""
     removed = []
-    checkpoints = list_checkpoints(root)
+    for later, folder in list_checkpoints(root):
+        if later > step:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            report(f"removed {folder}: after the resumed step {step}, from another branch of the run")
+    return removed
+
+
+def prune_checkpoints(root: str, keep_last: int, keep_every: int = 0, current: int | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last`` checkpoints up to step ``current`` (the one just written, never
+    deleted), keeping any whose step is a multiple of ``keep_every`` (0: none kept that way)."""
+    removed = []
+    checkpoints = [(s, f) for s, f in list_checkpoints(root) if current is None or s <= current]
     for step, folder in checkpoints[:-keep_last] if keep_last else checkpoints:
         if keep_every and step % keep_every == 0 and os.path.isfile(os.path.join(folder, MANIFEST)):
             continue
@@ -305,13 +318,20 @@ def prune_checkpoints(root: str, keep_last: int, keep_every: int = 0) -> list[st
     return removed
 
 
+# what atomic_path / atomic_dir name their temporaries for the files twostep writes: ".NAME.RANDOM.tmp|old"
+_OWN_TEMPORARY = re.compile(r"^\.(step_\d+|shard-\d{5}\.safetensors|manifest(\.rank-\d+)?\.json|config\.yaml|"
+                            r"train_log\.jsonl|meta\.json|[a-z_]+\.safetensors|provenance\.json|eval\.(json|md)|"
+                            r"teacher_data\.yaml)\.[^.]+\.(tmp|old)$")
+
+
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove what killed atomic writes left in ``folder`` (``.NAME.*.tmp`` / ``.old`` files and folders)."""
+    """Remove what killed atomic writes of twostep's own files left in ``folder`` (``.NAME.RANDOM.tmp`` / ``.old``
+    files and folders); anything else is left alone."""
     removed = []
     if not os.path.isdir(folder):
         return removed
     for name in os.listdir(folder):
-        if name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old")):
+        if _OWN_TEMPORARY.match(name):
             path = os.path.join(folder, name)
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)

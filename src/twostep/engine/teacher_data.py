@@ -302,24 +302,25 @@ def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir
     from .distributed import barrier, init_process_group, my_items, world_size
 
     init_process_group()
-    ensure_writable_dir(out_dir, what="teacher-data folder")
-    if is_main_process():
-        for path in remove_stale_temporaries(out_dir):
-            print(f"twostep: removed {path}, left by an interrupted write")
     provenance = cache_provenance(cfg, source)
     manifest = existing_cache(out_dir, provenance) or {"provenance": provenance, "shards": {}, "complete": False}
-    manifest["shards"].update(_rank_records(out_dir))  # shards finished by the processes of an interrupted run
+    ensure_writable_dir(out_dir, what="teacher-data folder")
+    if is_main_process():  # after the checks: a refused command changes nothing
+        for path in remove_stale_temporaries(out_dir):
+            print(f"twostep: removed {path}, left by an interrupted write")
+    barrier()  # no rank writes before rank 0 has cleaned up
+    manifest["shards"].update(_rank_records(out_dir, provenance))  # shards an interrupted torchrun job finished
     num_shards = (cfg.num_samples + cfg.shard_size - 1) // cfg.shard_size
     record = MANIFEST if world_size() == 1 else f"manifest.rank-{rank()}.json"
     with StopOnSignal("teacher-data generation") as stop:
         _write_shards(cfg, source, out_dir, manifest, provenance, my_items(num_shards), num_shards, record, stop)
     barrier()
+    manifest["shards"].update(_rank_records(out_dir, provenance))  # every rank reads every record: same verdict
+    missing = [_shard_name(i) for i in range(num_shards) if _shard_name(i) not in manifest["shards"]]
+    if missing:
+        raise TwostepError(f"teacher data in {out_dir}: {len(missing)} shards ({missing[0]} ...) were not "
+                           "written; rerun the same command to finish them")
     if is_main_process():
-        manifest["shards"].update(_rank_records(out_dir))
-        missing = [_shard_name(i) for i in range(num_shards) if _shard_name(i) not in manifest["shards"]]
-        if missing:
-            raise TwostepError(f"teacher data in {out_dir}: {len(missing)} shards ({missing[0]} ...) were not "
-                               "written; rerun the same command to finish them")
         manifest["shards"] = dict(sorted(manifest["shards"].items()))
         manifest["complete"] = True
         write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=2) + "\n")
@@ -333,15 +334,21 @@ def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir
 RANK_RECORD = re.compile(r"manifest\.rank-\d+\.json")
 
 
-def _rank_records(out_dir: str) -> dict:
-    """The shard entries in the per-process records of a torchrun job (``manifest.rank-R.json``)."""
+def _rank_records(out_dir: str, provenance: dict) -> dict:
+    """The shard entries in the per-process records of a torchrun job (``manifest.rank-R.json``) made with this
+    ``provenance``; a record of another teacher, schedule or prompt set is ignored (its shards are regenerated)."""
     shards = {}
     for name in sorted(os.listdir(out_dir)):
         if RANK_RECORD.fullmatch(name):
             record = read_json_file(os.path.join(out_dir, name), what="teacher-data record",
                                     hint=f"delete it and rerun; {_fix_hint(out_dir)}")
-            if isinstance(record, dict) and isinstance(record.get("shards"), dict):
-                shards.update(record["shards"])
+            if not (isinstance(record, dict) and isinstance(record.get("shards"), dict)):
+                continue
+            if record.get("provenance") != json.loads(json.dumps(provenance)):
+                if is_main_process():
+                    print(f"twostep: {name} in {out_dir} was made with other settings; its shards are regenerated")
+                continue
+            shards.update(record["shards"])
     return shards
 
 
@@ -349,7 +356,7 @@ def _write_shards(cfg, source, out_dir, manifest, provenance, indices: list[int]
                   stop: StopOnSignal) -> None:
     """Generate the shards ``indices`` that no record lists as finished; each finished shard is recorded in
     ``record`` (the manifest itself in a one-process run) before the next one starts."""
-    mine = {"shards": {}} if record != MANIFEST else manifest
+    mine = {"provenance": provenance, "shards": {}} if record != MANIFEST else manifest
     bar = progress(indices, desc="teacher data")
     for done, index in enumerate(bar):
         name = _shard_name(index)

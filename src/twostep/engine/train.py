@@ -41,7 +41,7 @@ from ..config import require, save_config, to_dict
 from ..errors import TwostepError
 from ..utils import check_output_dir, check_replaceable_dir, ensure_writable_dir, is_main_process, progress, \
     trim_jsonl, write_text
-from .checkpoint import CheckpointError, checkpoint_dir, find_resumable, load_state, prune_checkpoints, \
+from .checkpoint import CheckpointError, checkpoint_dir, drop_later_checkpoints, find_resumable, load_state, prune_checkpoints, \
     read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, set_rng_state, verify_state
 from .preemption import Preempted, StopOnSignal
 from .discriminator import Discriminator
@@ -250,7 +250,7 @@ class Trainer:
         root = os.path.join(self.run_dir, "checkpoints")
         path = checkpoint_dir(root, self.step)
         save_state(path, self.state_dict(), what=f"checkpoint at step {self.step}")
-        prune_checkpoints(root, self.cfg.train.keep_last, self.cfg.train.keep_every)
+        prune_checkpoints(root, self.cfg.train.keep_last, self.cfg.train.keep_every, current=self.step)
         self.last_checkpoint = path
         return path
 
@@ -387,6 +387,12 @@ class Trainer:
                     self.elapsed = time.perf_counter() - started
                     if self.problems and main:
                         bar.write(f"step {self.step}: update skipped ({'; '.join(self.problems)})")
+                    if stop.requested:  # the grace period is short: no evaluation or preview grid first
+                        if main:
+                            self.save_checkpoint()
+                        raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
+                                        f"saved in {self.last_checkpoint}; continue exactly with `--resume latest` "
+                                        "(the same command, without --overwrite)")
                     if main and self.eval_fn is not None and tc.eval_every and (
                             self.step % tc.eval_every == 0 or self.step == tc.steps):
                         with self.ema.applied():
@@ -409,13 +415,8 @@ class Trainer:
                         with self.ema.applied():
                             self.sample_fn(self.student, os.path.join(self.run_dir, "samples",
                                                                       f"step_{self.step:06d}.png"))
-                    due = self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop.requested
-                    if main and due:
+                    if main and (self.step % tc.checkpoint_every == 0 or self.step == tc.steps):
                         self.save_checkpoint()
-                    if stop.requested:
-                        raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
-                                        f"saved in {self.last_checkpoint}; rerun the same command with --resume "
-                                        "latest to continue exactly")
         finally:
             if writer is not None:
                 writer.close()
@@ -492,7 +493,7 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
     return checkpoint
 
 
-RUN_FILES = ("config.yaml", "train_log.jsonl", "checkpoints", "student.safetensors", "meta.json")
+RUN_FILES = ("config.yaml", "train_log.jsonl", "checkpoints", "student.safetensors", "meta.json", "replaced.txt")
 
 
 def check_fresh_run_dir(run_dir: str, overwrite: bool, protected: tuple[str, ...] = ()) -> None:
@@ -523,6 +524,8 @@ def start_run(cfg: RunConfig, run_dir: str, overwrite: bool = False) -> str | No
         print(f"twostep: the previous contents of {run_dir} were moved to {backup}; they are deleted when this run "
               "finishes")
     ensure_writable_dir(run_dir, what="training run folder")
+    if backup:  # recorded, so that a preempted and resumed run still deletes it when it finishes
+        write_text(os.path.join(run_dir, REPLACED), os.path.abspath(backup) + "\n")
     if is_main_process():
         for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
             for path in remove_stale_temporaries(folder):
@@ -531,9 +534,17 @@ def start_run(cfg: RunConfig, run_dir: str, overwrite: bool = False) -> str | No
     return backup
 
 
-def discard_replaced(backup: str | None) -> None:
-    if backup and is_main_process():
-        shutil.rmtree(backup, ignore_errors=True)
+REPLACED = "replaced.txt"  # the folder an --overwrite run moved aside, deleted when the run finishes
+
+
+def discard_replaced(run_dir: str) -> None:
+    """Delete what ``--overwrite`` moved aside (recorded in ``RUN/replaced.txt``), once the new run has finished."""
+    record = os.path.join(run_dir, REPLACED)
+    if is_main_process() and os.path.isfile(record):
+        backup = open(record, encoding="utf-8").read().strip()
+        if backup.startswith(os.path.normpath(os.path.abspath(run_dir)) + ".replaced-"):  # only ever that folder
+            shutil.rmtree(backup, ignore_errors=True)
+        os.remove(record)
 
 
 def check_run_dir(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
@@ -556,6 +567,8 @@ def resume_trainer(trainer: Trainer, checkpoint: str | None) -> None:
         trainer.last_checkpoint = checkpoint
         if is_main_process():
             print(f"resumed from {checkpoint} at step {trainer.step}")
+            drop_later_checkpoints(os.path.dirname(checkpoint), trainer.step,
+                                   report=lambda message: print(f"twostep: {message}"))
 
 
 def save_student_weights(trainer: Trainer, path: str) -> dict[str, Tensor]:

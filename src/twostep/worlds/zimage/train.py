@@ -251,7 +251,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     data = None if online else TeacherData(cfg.data_dir, expected=expected)  # online: built on the student below
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
     plan.warn_small_cache(expected["num_samples"], cfg.train.batch_size, plan.MIN_REAL_SAMPLES)  # before loading
-    replaced = start_run(cfg, out_dir, overwrite)
+    start_run(cfg, out_dir, overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
@@ -263,7 +263,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
-    discard_replaced(replaced)
+    discard_replaced(out_dir)
     meta = {"kind": "zimage-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
             "teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
             "teacher_data": os.path.abspath(cfg.data_dir), "device": str(device),
