@@ -111,3 +111,55 @@ def test_online_cost_benchmark_runs_and_reports_a_ratio(tmp_path, capsys):
     assert module.main(["--steps", "1", "--batch-size", "4", "--num-samples", "8", "--results", str(doc)]) == 0
     text = doc.read_text()
     assert "<!-- twostep:online-cost:begin -->" in text and "×** the cached cost" in text
+
+
+# --------------------------------------------------------------------------- DDP training (lora)
+
+
+def test_a_ddp_lora_step_on_two_processes_equals_one_process_with_the_global_batch(teacher, tmp_path):
+    """Global batch 8: two processes of 4 each, gradients averaged by DDP, give the gradient of one process with
+    8. Compared on the step's gradient (AdamW's first moment with beta1 = 0, saved in the step-1 checkpoint):
+    Adam's first update is about lr * sign(g), so the weights would amplify float reduction-order differences in
+    near-zero gradients into lr-sized ones. A regression recipe: no noise is drawn (the adversarial recipe draws
+    each rank's noise from its own stream)."""
+    import torch
+
+    from twostep.engine.checkpoint import load_state
+
+    data = str(tmp_path / "data")
+    assert main(["teacher-data", "--teacher", teacher, "--out", data, *TEACHER, *DATA]) == 0
+    args = ["train", "--teacher", teacher, "--data", data, *TEACHER, *DATA, "student.lora_rank=4",
+            "discriminator.blocks=[0,1]", "discriminator.hidden=16", "recipe.adv_weight=0", "train.steps=1",
+            "train.batch_size=8", "train.eval_every=0", "train.sample_every=100", "train.betas=[0.0,0.99]"]
+    one = subprocess.run([sys.executable, "-m", "twostep", *args, "--out", str(tmp_path / "one")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(2, *args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_state(str(tmp_path / "one" / "checkpoints" / "step_000001"))["opt_g"]["state"]
+    b = load_state(str(tmp_path / "two" / "checkpoints" / "step_000001"))["opt_g"]["state"]
+    assert a.keys() == b.keys()
+    assert sum(bool(v["exp_avg"].abs().max() > 0) for v in a.values()) >= len(a) // 2  # every lora_B moved (A: 0)
+    for key in a:
+        torch.testing.assert_close(b[key]["exp_avg"], a[key]["exp_avg"], rtol=1e-4, atol=1e-6,
+                                   msg=f"parameter {key}")
+    log = [json.loads(line) for line in open(tmp_path / "two" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1]  # one log, written by rank 0
+
+
+def test_the_adversarial_recipe_trains_under_ddp_and_resumes(teacher, tmp_path):
+    """Discriminator and student both under DDP (the heads' requires_grad flips every step), then a resume."""
+    data = str(tmp_path / "data")
+    assert main(["teacher-data", "--teacher", teacher, "--out", data, *TEACHER, *DATA]) == 0
+    args = ["train", "--teacher", teacher, "--data", data, *TEACHER, *DATA, "student.lora_rank=4",
+            "discriminator.blocks=[0,1]", "discriminator.hidden=16", "train.steps=2", "train.batch_size=4",
+            "train.eval_every=0", "train.sample_every=100", "train.d_warmup_steps=1", "train.log_every=1",
+            "--out", str(tmp_path / "r")]
+    proc = torchrun(2, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in open(tmp_path / "r" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and all("d_loss" in r for r in log)
+    proc = torchrun(2, "train", "--out", str(tmp_path / "r"), "--resume", "latest", "train.steps=3",
+                    "--allow-config-change")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(open(tmp_path / "r" / "train_log.jsonl").read().splitlines()[-1])["step"] == 3

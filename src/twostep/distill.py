@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import load_config, require
+from .engine.distributed import barrier, init_process_group
 from .engine.discriminator import Discriminator, DiscriminatorConfig
 from .engine.recipe import RecipeConfig
 from .engine.student import Student, StudentConfig, merge_student
@@ -145,6 +146,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
                   allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the toy teacher into ``cfg.student`` in ``out_dir``; returns the run's meta. Every check (resume,
     teacher, data, output folder) runs before anything is written."""
+    init_process_group()  # torchrun: every rank checks before any rank writes (barrier below)
     checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite, protected=(teacher_run, data_dir))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -152,6 +154,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     online = cfg.teacher_data.mode == "online"
     data = online_teacher_data(student, base, cfg) if online else load_teacher_data(base, cfg, data_dir)
     warn_small_cache(len(data), cfg.train.batch_size)  # no minimum: the toy worlds' caches are small on purpose
+    barrier()
     start_run(cfg, out_dir, overwrite)
     inputs = {"teacher_run": os.path.abspath(teacher_run),
               "teacher_data": "online" if online else os.path.abspath(data_dir)}

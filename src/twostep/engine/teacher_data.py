@@ -320,6 +320,7 @@ def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir
     if missing:
         raise TwostepError(f"teacher data in {out_dir}: {len(missing)} shards ({missing[0]} ...) were not "
                            "written; rerun the same command to finish them")
+    barrier()  # every rank has read the records before rank 0 removes them
     if is_main_process():
         manifest["shards"] = dict(sorted(manifest["shards"].items()))
         manifest["complete"] = True

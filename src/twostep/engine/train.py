@@ -1,6 +1,7 @@
 """Distillation loop: optimizers, D:G schedule, warm-ups, clipping, EMA, logging, sample grids, checkpoints.
 
-The method lives in ``recipe.py``; this file only schedules it. Rank-aware: logs, bars and files on rank 0.
+The method lives in ``recipe.py``; this file only schedules it. Rank-aware: logs, bars and files on rank 0; under
+torchrun the student's trainable parameters and the heads train with DDP on slices of the global batch.
 
 Two warm-ups protect the student from a discriminator that has not learnt anything yet: ``train.d_warmup_steps``
 discriminator-only updates run before the first generator update (they are not generator steps; the count is part
@@ -181,6 +182,27 @@ class NonFiniteTraining(TwostepError):
     """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient."""
 
 
+class _LossModule(nn.Module):
+    """What DDP wraps: ``trained`` is the module whose parameters the loss trains (registered, so DDP averages
+    their gradients over the ranks); ``fn(*args)`` computes the loss with everything else (held outside the
+    module's parameters, so DDP neither broadcasts nor waits for them)."""
+
+    def __init__(self, trained: nn.Module, fn):
+        super().__init__()
+        self.trained = trained
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _data_parallel(module: nn.Module, device: torch.device):
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
 class Trainer:
     """Holds the student, discriminator, optimizers and EMA; :meth:`fit` runs the loop."""
 
@@ -205,7 +227,24 @@ class Trainer:
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, warm)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, warm)
         self.ema = EMA(self.groups, tc.ema_decay)
-        self.generator = torch.Generator().manual_seed(tc.seed)
+        self.generator = torch.Generator().manual_seed(tc.seed)  # batch indices: the same stream on every rank
+        # under torchrun (DDP): each rank takes its slice of the global batch `train.batch_size`, draws the
+        # recipe's noise from its own stream, and DDP averages the gradients of the student's trainable parameters
+        # and of the heads; one process uses one stream for both, as before
+        from .distributed import init_process_group, world_size
+
+        self.world, self.rank = world_size(), int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            init_process_group()
+            if tc.batch_size % self.world:
+                raise TwostepError(f"config key 'train.batch_size' {tc.batch_size} (the global batch) must be a "
+                                   f"multiple of the {self.world} processes")
+            self.noise_generator = torch.Generator().manual_seed(tc.seed + 1_000_003 * (self.rank + 1))
+            self.g_loss = _data_parallel(_LossModule(student, self._generator_loss), self.device)
+            self.d_loss = _data_parallel(_LossModule(disc, self._discriminator_loss), self.device)
+        else:
+            self.noise_generator = self.generator
+            self.g_loss, self.d_loss = self._generator_loss, self._discriminator_loss
         self.step = 0  # generator updates done
         self.d_warmup_done = 0  # discriminator-only warm-up updates done (train.d_warmup_steps)
         self.bad_steps = 0  # consecutive steps with a skipped update
@@ -221,7 +260,8 @@ class Trainer:
         return {"student": trainable_state(self.student), "disc": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
-                "ema": self.ema.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
+                "ema": self.ema.state_dict(), "generator": self.generator.get_state(),
+                "noise_generator": self.noise_generator.get_state(), "rng": rng_state(),
                 "step": self.step, "d_warmup_done": self.d_warmup_done, "bad_steps": self.bad_steps,
                 "elapsed_s": self.elapsed, "config": to_dict(self.cfg)}
 
@@ -240,6 +280,8 @@ class Trainer:
         self.sched_d.load_state_dict(state["sched_d"])
         self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
+        if self.noise_generator is not self.generator:  # DDP: this rank's own noise stream
+            self.noise_generator.set_state(state["noise_generator"])
         set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self.d_warmup_done, self.bad_steps = state["d_warmup_done"], state["bad_steps"]
@@ -258,6 +300,9 @@ class Trainer:
 
     def _batch(self) -> tuple[dict[str, Tensor], object]:
         index = torch.randint(0, len(self.data), (self.cfg.train.batch_size,), generator=self.generator)
+        if self.world > 1:  # this rank's slice of the global batch
+            local = len(index) // self.world
+            index = index[self.rank * local:(self.rank + 1) * local]
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(index).items()}
         return batch, self.prompt_table[batch["prompt_index"].cpu()].to(self.device)
 
@@ -287,10 +332,9 @@ class Trainer:
         for _ in range(tc.d_steps_per_g if updates is None else updates):
             batch, cond = self._batch()
             real = batch["final"] if rc.real_source == "teacher" else self.real_images_fn(
-                batch["prompt_index"].cpu(), self.generator).to(self.device)
+                batch["prompt_index"].cpu(), self.noise_generator).to(self.device)
             with self._autocast():
-                d_total, d_logs = discriminator_loss(self.student, self.disc, batch, real, cond, self.generator,
-                                                     rc=rc)
+                d_total, d_logs = self.d_loss(batch, real, cond)
             self.opt_d.zero_grad(set_to_none=True)
             d_total.backward()
             d_logs["grad_norm/d"] = grad_norm(self.disc.parameters())
@@ -319,8 +363,7 @@ class Trainer:
         try:
             batch, cond = self._batch()
             with self._autocast():
-                g_total, logs, _ = generator_loss(self.student, self.disc, batch, cond, self.cfg.recipe,
-                                                  self.generator, adv_scale=adv_ramp(self.cfg.recipe, self.step))
+                g_total, logs, _ = self.g_loss(batch, cond, adv_ramp(self.cfg.recipe, self.step))
             self.opt_g.zero_grad(set_to_none=True)
             g_total.backward()
         finally:
@@ -333,6 +376,14 @@ class Trainer:
             self.ema.update(self.step)
         self.sched_g.step()
         return logs
+
+    def _generator_loss(self, batch, cond, adv_scale: float):
+        return generator_loss(self.student, self.disc, batch, cond, self.cfg.recipe, self.noise_generator,
+                              adv_scale=adv_scale)
+
+    def _discriminator_loss(self, batch, real, cond):
+        return discriminator_loss(self.student, self.disc, batch, real, cond, self.noise_generator,
+                                  rc=self.cfg.recipe)
 
     @property
     def uses_discriminator(self) -> bool:

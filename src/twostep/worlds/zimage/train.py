@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from ...backbones.zimage import ZImageBackbone
 from ...config import load_config, require
 from ...engine import flow
+from ...engine.distributed import barrier, init_process_group, rank_device
 from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
@@ -239,18 +240,20 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
                          allow_config_change: bool = False, overwrite: bool = False) -> dict:
     """Distil the pipeline's transformer into a 2-step student in ``out_dir``; returns the run's meta. The cheap
     checks (resume, teacher, cache, output folder) run before the model loads and before anything is written."""
+    init_process_group()  # torchrun: every rank checks before any rank writes (barrier below)
     checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite,
                                protected=(cfg.data_dir, cfg.model.path))
     # every component the run will use, resolved (and on the hub: fetched) before the model loads: the transformer,
     # and the VAE that decodes the preview grids (the last step always writes one)
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, need=("transformer", "vae"),
                               shift=cfg.teacher_data.shift)
-    device = pick_device(cfg.model.device)
+    device = rank_device(pick_device(cfg.model.device))  # torchrun: cuda:LOCAL_RANK
     expected = expected_provenance(cfg.teacher_data, teacher)
     online = cfg.teacher_data.mode == "online"
     data = None if online else TeacherData(cfg.data_dir, expected=expected)  # online: built on the student below
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
     plan.warn_small_cache(expected["num_samples"], cfg.train.batch_size, plan.MIN_REAL_SAMPLES)  # before loading
+    barrier()
     start_run(cfg, out_dir, overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
