@@ -31,33 +31,31 @@ from __future__ import annotations
 import argparse
 import json
 
+from .engine.flow import shift_sigma
+from .model_card import EXAMPLE_PROMPT
+
 DEFAULT_UNET = "z_image_turbo_bf16.safetensors"   # the file names of ComfyUI's Z-Image-Turbo example and template
 DEFAULT_TEXT_ENCODER = "qwen_3_4b.safetensors"    # (Comfy-Org/z_image_turbo, split_files/...)
 DEFAULT_VAE = "ae.safetensors"
 # CLIPLoader type of ComfyUI's Z-Image template; comfy/sd.py makes Qwen3-4B the Z-Image encoder for any but flux/flux2
 CLIP_TYPE = "lumina2"
 WORKFLOW_FILE = "workflow_api.json"
-DEFAULT_PROMPT = "a red fox standing in fresh snow at golden hour, detailed fur"  # = model_card.EXAMPLE_PROMPT
+DEFAULT_PROMPT = EXAMPLE_PROMPT  # the prompt of the card's diffusers code
 MODEL_FOLDERS = {"diffusion model": "models/diffusion_models", "LoRA": "models/loras",
                  "text encoder": "models/text_encoders", "VAE": "models/vae"}
 DOWNLOADS = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files"
 _TIMESTEPS = 1000  # entries in the sigma table of ComfyUI's ModelSamplingDiscreteFlow
 
 
-def flow_shift(shift: float, t: float) -> float:
-    """``comfy/model_sampling.py`` ``time_snr_shift``: ``shift·t / (1 + (shift − 1)·t)``."""
-    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
-
-
 def comfy_simple_sigmas(shift: float, steps: int) -> list[float]:
     """What ``BasicScheduler(scheduler="simple", steps, denoise=1)`` gives on a ``ModelSamplingAuraFlow(shift)``
     model: ``steps + 1`` sigmas ending in 0.
 
-    The model's table is ``sigmas[i] = flow_shift(shift, (i + 1) / 1000)``, ``i = 0..999`` (AuraFlow's multiplier
+    The model's table is ``sigmas[i] = shift_sigma((i + 1) / 1000, shift)`` (ComfyUI's ``time_snr_shift``), ``i = 0..999`` (AuraFlow's multiplier
     1 cancels); ``simple`` takes ``sigmas[-(1 + int(x · 1000 / steps))]`` for ``x = 0..steps-1`` and appends 0.
     2 steps at shift 3: ``[1.0, 0.75, 0.0]``.
     """
-    table = [flow_shift(shift, (i + 1) / _TIMESTEPS) for i in range(_TIMESTEPS)]
+    table = [shift_sigma((i + 1) / _TIMESTEPS, shift) for i in range(_TIMESTEPS)]
     ss = len(table) / steps
     return [table[-(1 + int(x * ss))] for x in range(steps)] + [0.0]
 
