@@ -246,3 +246,9 @@ def test_plan_prints_hours_from_the_flops_formula(capsys):
     assert f"one forward {forward:.2e} FLOPs" in out
     fast, slow = (2000 * 13.4 * 4 * forward / (mfu * 989e12) / 3600 for mfu in (0.5, 0.3))
     assert re.search(rf"2,000 steps take {fast:.1f}-{slow:.1f} h on one H100", out), out
+
+
+def test_plan_says_which_parallel_mode_it_assumes(capsys):
+    assert "parallelism: DDP over 8 GPUs" in _plan(capsys, "--gpus", "8")
+    assert "parallelism: FSDP2 over 8 GPUs" in _plan(capsys, "--gpus", "8", "--mode", "full")
+    assert "parallelism" not in _plan(capsys)

@@ -281,6 +281,13 @@ def format_plan(plan: dict) -> str:
              f"discriminator {p['discriminator'] / 1e6:.1f}M; tokens/sample: {t['image']} image + {t['caption']} "
              f"caption (max assumed) through {t['blocks']} blocks"]
     lines += _source_lines(plan.get("source"))
+    if req["gpus"] > 1:
+        lines.append("parallelism: " + (
+            f"DDP over {req['gpus']} GPUs (torchrun; every GPU holds the frozen base, the adapters' gradients are "
+            "averaged; the batch above is per GPU: train.batch_size, the global batch, split over the GPUs unless "
+            "--batch is given)" if req["mode"] == "lora" else
+            f"FSDP2 over {req['gpus']} GPUs (planned: per-block sharding of the copies and the teacher; not "
+            "implemented yet, docs/distributed.md)"))
     lines += ["", f"{'component':<{width}}GiB", "-" * (width + 8)]
     lines += [f"{k:<{width}}{v / GIB:8.2f}" for k, v in plan["components"].items()]
     total = plan["total_bytes"]
@@ -504,6 +511,8 @@ def cmd_plan(args) -> None:
     cfg, path = load_plan_config(getattr(args, "config", None), getattr(args, "overrides", None) or [])
     flags = {field: getattr(args, attr, None) for attr, (_, field) in _FLAGS.items()}
     req = request_from_config(cfg, gpus=args.gpus, card_gib=args.card_gib, **flags)
+    if flags.get("batch") is None and req.gpus > 1:  # train.batch_size is the global batch under torchrun
+        req = dataclasses.replace(req, batch=-(-cfg.train.batch_size // req.gpus))
     from_config = request_from_config(cfg)
     if getattr(args, "results", None):
         from .reports import check_markdown_target
