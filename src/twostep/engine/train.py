@@ -260,8 +260,7 @@ class Trainer:
         return {"student": trainable_state(self.student), "disc": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
-                "ema": self.ema.state_dict(), "generator": self.generator.get_state(),
-                "noise_generator": self.noise_generator.get_state(), "rng": rng_state(),
+                "ema": self.ema.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
                 "step": self.step, "d_warmup_done": self.d_warmup_done, "bad_steps": self.bad_steps,
                 "elapsed_s": self.elapsed, "config": to_dict(self.cfg)}
 
@@ -279,9 +278,7 @@ class Trainer:
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         self.ema.load_state_dict(state["ema"])
-        self.generator.set_state(state["generator"])
-        if self.noise_generator is not self.generator:  # DDP: this rank's own noise stream
-            self.noise_generator.set_state(state["noise_generator"])
+        self.generator.set_state(state["generator"])  # (DDP: each rank's noise stream is seeded per step)
         set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self.d_warmup_done, self.bad_steps = state["d_warmup_done"], state["bad_steps"]
@@ -397,6 +394,8 @@ class Trainer:
         Updates with a non-finite loss or gradient are skipped (see :meth:`_apply`); ``train.max_bad_steps``
         steps in a row with a skipped update raise :class:`NonFiniteTraining`."""
         self.problems = []
+        if self.world > 1:  # this rank's noise for this step: independent of the process count and exact on resume
+            self.noise_generator.manual_seed(self.cfg.train.seed + 1_000_003 * (self.rank + 1) + self.step)
         logs = {**self.d_warmup(), **self.d_step(), **self.g_step()} if self.uses_discriminator else self.g_step()
         self.step += 1
         self.bad_steps = self.bad_steps + 1 if self.problems else 0
