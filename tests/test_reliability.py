@@ -530,3 +530,28 @@ def test_a_fresh_teacher_run_never_continues_or_drops_an_unfinished_one(tmp_path
     before = tree(run)
     assert main(["train-teacher", "--out", str(run), *TEACHER_RUN]) == 2
     assert "unfinished teacher run" in one_line(capsys) and tree(run) == before
+
+
+def test_a_signal_during_the_discriminator_warm_up_saves_and_resumes_exactly(world, tmp_path, monkeypatch,
+                                                                             capsys):
+    import twostep.engine.train as train_mod
+
+    args = ("train.d_warmup_steps=4", "train.steps=2")
+    full = tmp_path / "full"
+    assert train(world, full, *args) == 0
+    real_d_step, calls = train_mod.Trainer.d_step, []
+
+    def d_step_then_signal(self, updates=None):
+        logs = real_d_step(self, updates)
+        calls.append(1)
+        if len(calls) == 2:  # the second warm-up update
+            os.kill(os.getpid(), signal.SIGTERM)
+        return logs
+
+    monkeypatch.setattr(train_mod.Trainer, "d_step", d_step_then_signal)
+    run = tmp_path / "run"
+    assert train(world, run, *args) == EXIT_CODE
+    assert "during the discriminator warm-up (2 of 4 updates)" in capsys.readouterr().err
+    monkeypatch.setattr(train_mod.Trainer, "d_step", real_d_step)
+    assert train(world, run, "--resume", "latest", *args) == 0
+    assert (run / "student.safetensors").read_bytes() == (full / "student.safetensors").read_bytes()

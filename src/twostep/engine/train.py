@@ -249,6 +249,7 @@ class Trainer:
         self.d_warmup_done = 0  # discriminator-only warm-up updates done (train.d_warmup_steps)
         self.bad_steps = 0  # consecutive steps with a skipped update
         self.problems: list[str] = []  # this step's skipped updates, "what: why"
+        self.stop: StopOnSignal | None = None  # set by fit(): a signal also interrupts the D warm-up
         self.last_checkpoint: str | None = None
         self.elapsed = 0.0
         if tc.gradient_checkpointing:
@@ -348,6 +349,8 @@ class Trainer:
             return {}
         logs: dict[str, float] = {}
         for _ in progress(range(remaining), total=remaining, desc="discriminator warm-up", leave=False):
+            if self.stop is not None and self.stop.requested:
+                break  # the warm-up can outlast a grace period: stop between two of its updates
             logs = self.d_step(updates=1)
             self.d_warmup_done += 1
         return {f"d_warmup/{k}": logs[k] for k in ("d_loss", "d_accuracy", "d_logit_gap") if k in logs}
@@ -388,7 +391,7 @@ class Trainer:
         rc = self.cfg.recipe
         return rc.adv_weight > 0 or (rc.step1_loss == "adversarial" and rc.step1_weight > 0)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, float] | None:
         """One generator step: any discriminator warm-up still due, ``d_steps_per_g`` D updates, one G update.
 
         Updates with a non-finite loss or gradient are skipped (see :meth:`_apply`); ``train.max_bad_steps``
@@ -396,7 +399,13 @@ class Trainer:
         self.problems = []
         if self.world > 1:  # this rank's noise for this step: independent of the process count and exact on resume
             self.noise_generator.manual_seed(self.cfg.train.seed + 1_000_003 * (self.rank + 1) + self.step)
-        logs = {**self.d_warmup(), **self.d_step(), **self.g_step()} if self.uses_discriminator else self.g_step()
+        if self.uses_discriminator:
+            warm = self.d_warmup()
+            if self.d_warmup_done < self.cfg.train.d_warmup_steps:
+                return None  # a signal stopped the warm-up: no generator step; fit() saves and stops
+            logs = {**warm, **self.d_step(), **self.g_step()}
+        else:
+            logs = self.g_step()
         self.step += 1
         self.bad_steps = self.bad_steps + 1 if self.problems else 0
         if self.bad_steps >= self.cfg.train.max_bad_steps:
@@ -432,9 +441,17 @@ class Trainer:
         try:
             with StopOnSignal("training") as stop, \
                     open(log_path, "a", encoding="utf-8") if main else open(os.devnull, "w") as log:
+                self.stop = stop
                 for _ in bar:
                     logs = self.train_step()
                     self.elapsed = time.perf_counter() - started
+                    if logs is None:  # stopped inside the discriminator warm-up
+                        if main:
+                            self.save_checkpoint()
+                        raise Preempted(f"stopped by {stop.signal_name} during the discriminator warm-up "
+                                        f"({self.d_warmup_done} of {tc.d_warmup_steps} updates); state saved in "
+                                        f"{self.last_checkpoint}; continue exactly with `--resume latest` (the same "
+                                        "command, without --overwrite)")
                     if self.problems and main:
                         bar.write(f"step {self.step}: update skipped ({'; '.join(self.problems)})")
                     if stop.requested:  # the grace period is short: no evaluation or preview grid first
