@@ -6,7 +6,6 @@ supplies the teacher run, the cached prompt table, the real images for ``real_so
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -74,12 +73,8 @@ def load_teacher_data(teacher: Teacher, cfg: DistillConfig, data_dir: str) -> Te
 def online_teacher_data(student: Student, teacher: Teacher, cfg: DistillConfig) -> OnlineTeacherData:
     """``teacher_data.mode: online``: trajectories from the student's frozen base with its adapters off (the
     teacher's weights; no second copy in memory)."""
-    def velocity(x, sigma, prompt_index):
-        with student.teacher() as frozen:
-            return frozen.velocity(x, sigma, teacher.prompt_table[prompt_index])
-
-    source = dataclasses.replace(teacher_source(teacher), velocity=velocity)
-    return OnlineTeacherData(cfg.teacher_data, source)
+    return OnlineTeacherData.from_student(cfg.teacher_data, student, teacher_source(teacher),
+                                          cond=lambda prompt_index: teacher.prompt_table[prompt_index])
 
 
 def build_student(teacher_run: str, cfg: DistillConfig) -> tuple[Student, Discriminator, Teacher]:

@@ -42,26 +42,16 @@ class StepAdapterSwitch:
         return {"sigmas": list(self.sigmas), "guidance_scale": 0.0, "callback_on_step_end": self}
 
 
-def unshifted_sigmas(sigmas: list[float], shift: float) -> list[float]:
-    """The sigmas to hand ``ZImagePipeline(sigmas=...)`` so that after its scheduler's shift they equal ``sigmas``
-    (inverse of ``shift*s / (1 + (shift-1)*s)``); see :func:`twostep.model_card.pipeline_sigmas`."""
-    from .model_card import pipeline_sigmas
-
-    return pipeline_sigmas(sigmas, shift)
-
-
 def read_export_info(folder: str) -> dict:
     """The export's ``twostep.json``, checked for what :func:`load_two_step_pipeline` and ``generate`` use."""
-    from .utils import read_json_file
+    from .utils import read_json_object
 
     path = os.path.join(folder, INFO)
     redo = "run `twostep export RUN --format diffusers --out FOLDER` again"
     if not os.path.isfile(path):
         raise TwostepError(f"{folder} is not a twostep diffusers export ({INFO} missing); run "
                            "`twostep export RUN --format diffusers --out FOLDER` first")
-    info = read_json_file(path, what="export record", hint=redo)
-    if not isinstance(info, dict):
-        raise TwostepError(f"{path}: export record must be a JSON object; {redo}")
+    info = read_json_object(path, what="export record", hint=redo)
     if info.get("format", "diffusers") != "diffusers":
         raise TwostepError(f"{folder} is a '{info['format']}' export; `generate` and load_two_step_pipeline run a "
                            "'diffusers' export (`twostep export RUN --format diffusers`); the usage code for this "
@@ -106,7 +96,9 @@ def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None =
             pipe.load_lora_weights(os.path.join(folder, os.path.dirname(path)), weight_name=os.path.basename(path),
                                    adapter_name=adapter)
     pipe.set_adapters(info["adapters"][0])
-    sigmas = unshifted_sigmas(info["student_sigmas"], info["shift"])
+    from .model_card import pipeline_sigmas
+
+    sigmas = pipeline_sigmas(info["student_sigmas"], info["shift"])
     return pipe, StepAdapterSwitch(info["adapters"], info["num_steps"], sigmas)
 
 

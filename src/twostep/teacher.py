@@ -33,11 +33,10 @@ from .backbones.base import Conditioning
 from .backbones.zimage import TinyZImageConfig, ZImageBackbone
 from .config import load_config, require, save_config, to_dict
 from .engine import flow
-from .engine.checkpoint import CheckpointError, checkpoint_dir, drop_later_checkpoints, find_resumable, load_state, \
-    load_weights, prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_weights, \
-    set_rng_state
+from .engine.checkpoint import checkpoint_dir, drop_later_checkpoints, load_state, load_weights, old_format_error, \
+    prune_checkpoints, remove_stale_temporaries, rng_state, save_state, save_weights, set_rng_state
 from .engine.preemption import Preempted, StopOnSignal
-from .engine.train import check_config_change, first_nonfinite_grad
+from .engine.train import first_nonfinite_grad, prepare_resume
 from .errors import TwostepError
 from .utils import check_output_dir, ensure_writable_dir, file_sha256, is_main_process, progress, trim_jsonl, \
     write_text
@@ -202,22 +201,11 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _resume_checkpoint(cfg: TeacherConfig, out_dir: str, allow_config_change: bool) -> str:
-    """Checks only: the teacher checkpoint ``--resume`` continues from, with its config compared to ``cfg``."""
-    root = os.path.join(out_dir, CHECKPOINTS)
-    if os.path.isfile(os.path.join(out_dir, OLD_STATE)) and not os.path.isdir(root):
-        from .engine.checkpoint import old_format_error
-
+    """Checks only: the teacher checkpoint ``--resume`` continues from (the student's rules, the teacher's keys)."""
+    if os.path.isfile(os.path.join(out_dir, OLD_STATE)) and not os.path.isdir(os.path.join(out_dir, CHECKPOINTS)):
         raise old_format_error(os.path.join(out_dir, OLD_STATE))
-    checkpoint = find_resumable(root, report=lambda message: print(f"twostep: {message}"))
-    if checkpoint is None:
-        raise TwostepError(f"--resume: no checkpoint in {root}; start without --resume")
-    saved = read_state_json(checkpoint).get("config")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {checkpoint} records no config")
-    for change in check_config_change(saved, to_dict(cfg), os.path.basename(checkpoint), allow_config_change,
-                                      identity_keys=IDENTITY_KEYS, operational_keys=OPERATIONAL_KEYS):
-        print(f"twostep: resuming with a changed config: {change}")
-    return checkpoint
+    return prepare_resume(cfg, out_dir, "latest", allow_config_change, identity_keys=IDENTITY_KEYS,
+                          operational_keys=OPERATIONAL_KEYS)
 
 
 def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = False, command: str | None = None,

@@ -16,6 +16,7 @@ whose checksum or provenance does not match is reported by name and never used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -165,6 +166,22 @@ class OnlineTeacherData:
 
     def __len__(self) -> int:
         return self.cfg.num_samples
+
+    @classmethod
+    def from_student(cls, cfg: TeacherDataConfig, student, source: TeacherSource, cond: Callable[[Tensor], object],
+                     device=None) -> "OnlineTeacherData":
+        """Trajectories from ``student``'s frozen base with every adapter off (its ``teacher()`` view: no second
+        copy of the teacher in memory); ``cond(prompt_index)`` gives the conditioning, looked up once per batch
+        rather than at every Euler step. ``source`` supplies the identity and shapes."""
+        looked_up: dict = {}
+
+        def velocity(x, sigma, prompt_index):
+            if looked_up.get("index") is not prompt_index:
+                looked_up.update(index=prompt_index, cond=cond(prompt_index))
+            with student.teacher() as frozen:
+                return frozen.velocity(x, sigma, looked_up["cond"]).float()
+
+        return cls(cfg, dataclasses.replace(source, velocity=velocity), device=device)
 
     def batch(self, index: Tensor) -> dict[str, Tensor]:
         out = trajectories(self.cfg, self.source, index.cpu(), device=self.device)

@@ -534,7 +534,7 @@ def check_config_change(saved: dict, new: dict, where: str, allow_change: bool, 
 
 
 def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
-                   identity_keys=IDENTITY_KEYS) -> str | None:
+                   identity_keys=IDENTITY_KEYS, operational_keys=OPERATIONAL_KEYS) -> str | None:
     """Checks only, writes nothing: the verified checkpoint to resume from (None for a fresh run), after
     comparing its config with ``cfg`` (:func:`check_config_change`). ``--resume latest`` falls back past an
     incomplete or corrupt newest checkpoint and says so."""
@@ -554,7 +554,7 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {checkpoint} records no config")
     changes = check_config_change(saved, to_dict(cfg), os.path.basename(checkpoint), allow_config_change,
-                                  identity_keys=identity_keys)
+                                  identity_keys=identity_keys, operational_keys=operational_keys)
     for change in changes:
         print(f"twostep: resuming with a changed config: {change}")
     return checkpoint

@@ -8,7 +8,6 @@ Every check (config, pipeline folder, cache provenance) runs before the transfor
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from ...engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_
     save_student_weights, start_run, write_meta
 from ...errors import TwostepError
 from ... import plan
-from ...utils import check_device_name, read_json_file
+from ...utils import check_device_name, read_json_object
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
 from .text_cache import PromptEmbeds
@@ -228,12 +227,9 @@ def online_teacher_data(student: Student, cfg: ZImageDistillConfig, teacher, emb
     prompts = read_prompts(cfg.teacher_data.prompts)
     data_cfg = resolved_data_config(cfg.teacher_data, prompts)
 
-    def velocity(x, sigma, prompt_index):
-        with student.teacher() as frozen:  # as `teacher-data` runs it: the base's dtype, no autocast
-            return frozen.velocity(x, sigma, embeds[prompt_index].to(device)).float()
-
-    source = dataclasses.replace(pipeline_source(data_cfg, teacher, prompts), velocity=velocity)
-    return OnlineTeacherData(data_cfg, source, device=device)
+    # as `teacher-data` runs it: the base's dtype, no autocast
+    return OnlineTeacherData.from_student(data_cfg, student, pipeline_source(data_cfg, teacher, prompts),
+                                          cond=lambda prompt_index: embeds[prompt_index].to(device), device=device)
 
 
 def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | None = None,
@@ -285,7 +281,5 @@ def load_real_run(run_dir: str) -> tuple[ZImageDistillConfig, dict, dict[str, to
     meta_path = os.path.join(run_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise TwostepError(f"{run_dir} has no meta.json: the run did not finish; rerun `twostep train`")
-    meta = read_json_file(meta_path, what="run record", hint="rerun `twostep train`")
-    if not isinstance(meta, dict):
-        raise TwostepError(f"{meta_path}: run record must be a JSON object; rerun `twostep train`")
+    meta = read_json_object(meta_path, what="run record", hint="rerun `twostep train`")
     return cfg, meta, load_file(weights)
