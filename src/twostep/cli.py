@@ -15,6 +15,7 @@ import warnings
 
 from .engine.preemption import Preempted
 from .errors import TwostepError
+from .utils import is_main_process
 
 # packaged configs (src/twostep/configs, `twostep configs`): found by name from any folder
 DEFAULT_TEACHER_CONFIG = "toy_teacher"
@@ -140,7 +141,6 @@ def cmd_teacher_data(args) -> None:
     cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
     out = args.out or "runs/teacher_data"
     manifest = make_teacher_data(args.teacher or "runs/teacher", cfg, out)
-    from .utils import is_main_process
 
     if is_main_process():
         print(f"teacher data: {manifest['provenance']['num_samples']} trajectories in {len(manifest['shards'])} "
@@ -164,7 +164,6 @@ def _real_teacher_data(args) -> None:
     out = args.out or cfg.data_dir
     manifest = make_real_teacher_data(cfg.teacher_data, cfg.model.path, out, dtype=cfg.model.dtype,
                                       device=cfg.model.device)
-    from .utils import is_main_process
 
     if not is_main_process():  # torchrun: rank 0 writes the record and reports
         return
@@ -219,7 +218,8 @@ def cmd_train(args) -> None:
         or "runs/teacher_data"
     meta = train_student(teacher, data, cfg, out,
                          resume=args.resume, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
-    print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")
+    if is_main_process():
+        print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")
 
 
 def _real_train(args, config: str) -> None:
@@ -239,14 +239,16 @@ def _real_train(args, config: str) -> None:
     out = args.out or "runs/zimage/student"
     meta = train_zimage_student(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change,
                                 overwrite=args.overwrite)
-    print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s on {meta['device']}) -> {out}")
+    if is_main_process():
+        print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s on {meta['device']}) -> {out}")
 
 
 def cmd_export(args) -> None:
     from .export import export_run
 
     out = args.out or os.path.join(args.run, f"export_{args.format}")
-    paths = export_run(args.run, out, args.format, dtype=args.dtype, overwrite=args.overwrite, samples=args.samples)
+    paths = export_run(args.run, out, args.format, dtype=args.dtype, overwrite=args.overwrite, samples=args.samples,
+                       checkpoint=args.checkpoint)
     print(f"exported {args.format}: " + ", ".join(os.path.relpath(p) for p in paths))
 
 
@@ -436,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a GPU, 0 on CPU; 0 = none)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of exported weights (default bfloat16)")
+    p.add_argument("--checkpoint", metavar="latest|PATH",
+                   help="export this checkpoint's EMA weights instead of the finished run's (FSDP2 shards are "
+                        "gathered whole); the run need not have finished")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="2-step images from an exported model (diffusers export)")

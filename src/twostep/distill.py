@@ -27,7 +27,7 @@ from .plan import warn_small_cache
 from .reports import image_grid, save_image
 from .sampling import generate, make_noise
 from .teacher import Teacher, TeacherConfig, load_teacher
-from .utils import file_sha256, read_json_object
+from .utils import file_sha256, is_main_process, read_json_object
 from .worlds import Evaluator
 from .worlds.digits.evaluator import frechet_distance
 
@@ -97,7 +97,8 @@ def grid_writer(teacher: Teacher, per_prompt: int = 6, seed: int = 0):
 
     def write(student: Student, path: str) -> None:
         images = student.sample(noise, cond)["final"]
-        save_image(image_grid(images, ncols=per_prompt, row_labels=teacher.world.class_names), path)
+        if is_main_process():  # FSDP2: every rank samples (the forward is a collective); rank 0 writes
+            save_image(image_grid(images, ncols=per_prompt, row_labels=teacher.world.class_names), path)
 
     return write
 

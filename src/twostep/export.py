@@ -177,12 +177,13 @@ def write_sample_grid(cfg, state: dict[str, Tensor], teacher, path: str, count: 
 
 
 def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwrite: bool = False,
-               samples: int | None = None) -> list[str]:
+               samples: int | None = None, checkpoint: str | None = None) -> list[str]:
     """Write ``fmt`` for a finished real run into ``out``; returns the files that matter. The new folder is built
     beside ``out`` and swapped in, so a failed export leaves ``out`` as it was. A non-empty ``out`` that an earlier
     export did not write is refused unless ``overwrite``. ``samples``: prompts in the ``samples.png`` grid (teacher
     8 steps | student 2 steps, same noise); None = 4 on a GPU, none on CPU (the full model's 8 steps at 1024² take
-    minutes there)."""
+    minutes there). ``checkpoint`` (``latest`` or a ``step_*`` folder): export that checkpoint's EMA weights instead
+    of the finished run's (an FSDP2 checkpoint is gathered whole from its shards)."""
     from .worlds.zimage.data import resolve_teacher
     from .worlds.zimage.pipeline_io import torch_dtype
     from .worlds.zimage.train import load_real_run
@@ -190,7 +191,7 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
     if fmt not in FORMATS:
         raise TwostepError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     check_replaceable_dir(out, overwrite, "export folder", owned=is_export(out), protected=(run_dir,))
-    cfg, meta, state = load_real_run(run_dir)
+    cfg, meta, state = load_real_run(run_dir, checkpoint)
     assert_finite(state, f"an export of {run_dir}")  # a NaN student is never shipped
     if cfg.student.renoise != "euler" and fmt != "merged":
         raise TwostepError(f"{run_dir} was trained with student.renoise={cfg.student.renoise}, but diffusers and "

@@ -11,6 +11,13 @@
   The folder is built under a temporary name and renamed into place, so a killed write leaves either the previous
   checkpoints untouched plus a ``.step_*.tmp`` folder (removed at the next start) or a complete new one.
   :func:`find_resumable` verifies the newest checkpoint and falls back to an older good one, saying so.
+
+- sharded training state (FSDP2, ``student.form: full`` under torchrun): the tensors that are sharded over the
+  ranks (``DTensor``: the student's copies, their EMA and AdamW moments) go to ``step_*/sharded/`` through
+  ``torch.distributed.checkpoint`` (DCP) with its safetensors storage: one ``shard-0000R-*.safetensors`` per rank,
+  each tensor's offset in the safetensors header (JSON). ``state.json`` refers to them by name and the manifest
+  checksums them too. :func:`load_sharded` reads them into any layout: the same or another number of processes, or
+  whole tensors in one process (DCP reshards). Every rank must call :func:`save_state` for such a state.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE_JSON = "state.json"
 MANIFEST = "MANIFEST.json"
+SHARDED_DIR = "sharded"  # DCP's safetensors shards of the sharded tensors (FSDP2 runs)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -119,18 +127,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- nested state <-> tensors + JSON
 
-_TENSOR, _TUPLE, _MAP = "__tensor__", "__tuple__", "__map__"
+_TENSOR, _TUPLE, _MAP, _SHARDED = "__tensor__", "__tuple__", "__map__", "__sharded__"
 
 
-def split_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """A nested state (dicts, lists, tuples, tensors, scalars) -> (JSON-able skeleton, flat tensors by path)."""
+class ShardedRef(str):
+    """What :func:`load_state` gives for a sharded tensor: its name in ``sharded/``, read by :func:`load_sharded`
+    into a tensor of the loader's layout."""
+
+
+def split_state(state: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A nested state (dicts, lists, tuples, tensors, scalars) -> (JSON-able skeleton, flat whole tensors by path,
+    flat sharded tensors (``DTensor``) by path)."""
+    from .distributed import is_sharded
+
     tensors: dict[str, torch.Tensor] = {}
+    sharded: dict[str, torch.Tensor] = {}
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, torch.Tensor):
             name = path or "root"
-            while name in tensors:
+            while name in tensors or name in sharded:
                 name += "_"
+            if is_sharded(node):
+                sharded[name] = node.detach()
+                return {_SHARDED: name}
             tensors[name] = node.detach().to("cpu").contiguous()
             return {_TENSOR: name}
         if isinstance(node, dict):
@@ -147,7 +167,7 @@ def split_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return node
         raise TypeError(f"training state entry {path!r} has unsupported type {type(node).__name__}")
 
-    return walk(state, ""), tensors
+    return walk(state, ""), tensors, sharded
 
 
 def join_state(skeleton: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
@@ -160,6 +180,8 @@ def join_state(skeleton: Any, tensors: dict[str, torch.Tensor], where: str) -> A
                     raise CheckpointError(f"{where}: {STATE_JSON} refers to tensor {node[_TENSOR]!r} that "
                                           f"{TENSORS} lacks")
                 return tensors[node[_TENSOR]]
+            if set(node) == {_SHARDED} and isinstance(node[_SHARDED], str):
+                return ShardedRef(node[_SHARDED])
             if set(node) == {_TUPLE}:
                 return tuple(walk(v) for v in node[_TUPLE])
             if set(node) == {_MAP}:
@@ -180,17 +202,81 @@ def checkpoint_dir(root: str, step: int) -> str:
 
 
 def save_state(folder: str, state: dict[str, Any], what: str = "training state") -> None:
-    """Write ``state`` as a checkpoint folder (see the module doc), atomically; non-finite tensors are refused."""
-    skeleton, tensors = split_state(state)
-    assert_finite(tensors, f"{what} {folder}")
-    with atomic_dir(folder) as tmp:
-        save_file(tensors, os.path.join(tmp, TENSORS))
-        with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
-            json.dump(skeleton, f)
-        files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
-                 for name in (TENSORS, STATE_JSON)}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT, "version": FORMAT_VERSION, "files": files}, f, indent=2)
+    """Write ``state`` as a checkpoint folder (see the module doc), atomically; non-finite tensors are refused.
+
+    A state without sharded tensors is written by the one process that calls this. With sharded tensors every rank
+    calls it: each writes its shards, rank 0 the rest, the manifest and the rename."""
+    skeleton, tensors, sharded = split_state(state)
+    if not sharded:
+        assert_finite(tensors, f"{what} {folder}")
+        with atomic_dir(folder) as tmp:
+            _write_rest(tmp, skeleton, tensors)
+        return
+    _save_with_shards(folder, skeleton, tensors, sharded, what)
+
+
+def _write_rest(tmp: str, skeleton: Any, tensors: dict[str, torch.Tensor], shard_files: tuple[str, ...] = ()) -> None:
+    """``tensors.safetensors``, ``state.json``, then the manifest over them and any ``shard_files`` (relative)."""
+    save_file(tensors, os.path.join(tmp, TENSORS))
+    with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
+        json.dump(skeleton, f)
+    files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": file_sha256(os.path.join(tmp, name))}
+             for name in (TENSORS, STATE_JSON, *shard_files)}
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"format": FORMAT, "version": FORMAT_VERSION, "files": files}, f, indent=2)
+
+
+def _save_with_shards(folder: str, skeleton: Any, tensors: dict[str, torch.Tensor],
+                      sharded: dict[str, torch.Tensor], what: str) -> None:
+    from contextlib import nullcontext
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from ..utils import is_main_process
+    from .distributed import any_rank, barrier, broadcast_text, local_part
+
+    main = is_main_process()
+    bad = next((name for name, value in sharded.items() if value.is_floating_point()
+                and not bool(torch.isfinite(local_part(value)).all())), None)
+    if any_rank(bad is not None or (main and _first_nonfinite(tensors) is not None)):
+        raise NonFiniteError(f"refusing to save {what} {folder}: a tensor holds non-finite values"
+                             + (f" ('{bad}' on this rank)" if bad else "") + "; nothing was written")
+    with atomic_dir(folder) if main else nullcontext(None) as tmp:
+        tmp = broadcast_text(tmp)
+        dcp.save(sharded, storage_writer=HuggingFaceStorageWriter(os.path.join(tmp, SHARDED_DIR),
+                                                                  save_distributed=True))
+        barrier()  # every rank's shard file is complete
+        if main:
+            shard_files = sorted(f"{SHARDED_DIR}/{name}" for name in os.listdir(os.path.join(tmp, SHARDED_DIR)))
+            _write_rest(tmp, skeleton, tensors, tuple(shard_files))
+    barrier()  # renamed into place before any rank goes on (and prunes or resumes from it)
+
+
+def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    return next((n for n, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
+def load_sharded(folder: str, targets: dict[str, torch.Tensor]) -> None:
+    """Fill ``targets`` (name -> tensor, in place) from ``folder/sharded/``. Each target's layout decides what is
+    read: this rank's shard of a ``DTensor`` (any number of processes), or the whole tensor in one process."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    path = os.path.join(folder, SHARDED_DIR)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {folder} lacks {SHARDED_DIR}/, which its state.json refers to")
+    single = not (dist.is_available() and dist.is_initialized())
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(path), no_dist=single)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {folder}: {SHARDED_DIR}/ does not fit this run ({err})".splitlines()[0]) \
+            from err
 
 
 def verify_state(folder: str) -> None:
@@ -215,13 +301,22 @@ def verify_state(folder: str) -> None:
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {folder} has format version {manifest.get('version')!r}; this twostep "
                               f"reads version {FORMAT_VERSION}")
-    for name in (TENSORS, STATE_JSON):
+    listed = [name for name in files if isinstance(name, str)]
+    for name in listed:  # a manifest is untrusted: it may only name files inside the checkpoint
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise CheckpointError(f"checkpoint {folder}: {MANIFEST} names a file outside the checkpoint ({name!r})")
+    for name in (TENSORS, STATE_JSON, *(n for n in listed if n not in (TENSORS, STATE_JSON))):
         path = os.path.join(folder, name)
         entry = files.get(name) if isinstance(files.get(name), dict) else {}
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
         if os.path.getsize(path) != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its checksum in {MANIFEST}")
+    shards = os.path.join(folder, SHARDED_DIR)
+    if os.path.isdir(shards):  # DCP reads every file there: each must be one the manifest vouches for
+        extra = sorted(set(f"{SHARDED_DIR}/{n}" for n in os.listdir(shards)) - set(listed))
+        if extra:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {extra[0]} is not in its {MANIFEST}")
 
 
 def read_state_json(folder: str) -> dict[str, Any]:
@@ -247,6 +342,51 @@ def load_state(folder: str, verify: bool = True) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - a checksummed file that still fails to parse: report, never crash
         raise CheckpointError(f"checkpoint {folder}: {TENSORS} is unreadable ({err})".splitlines()[0]) from err
     return join_state(skeleton, tensors, folder)
+
+
+def load_whole_state(folder: str, verify: bool = True) -> dict[str, Any]:
+    """:func:`load_state` with every sharded tensor gathered whole, in this process (``export`` from an FSDP2
+    checkpoint, inspection): the sizes come from the shards' safetensors headers."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    state = load_state(folder, verify=verify)
+    refs: list[ShardedRef] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, ShardedRef):
+            refs.append(node)
+        elif isinstance(node, dict):
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                collect(value)
+
+    collect(state)
+    if not refs:
+        return state
+    try:
+        metadata = HuggingFaceStorageReader(os.path.join(folder, SHARDED_DIR)).read_metadata().state_dict_metadata
+    except Exception as err:  # noqa: BLE001 - a checksummed shard that still fails to parse: report, never crash
+        raise CheckpointError(f"checkpoint {folder}: {SHARDED_DIR}/ is unreadable ({err})".splitlines()[0]) from err
+    missing = [str(r) for r in refs if str(r) not in metadata]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder}: {SHARDED_DIR}/ lacks tensor {missing[0]!r}")
+    whole = {str(r): torch.zeros(metadata[str(r)].size, dtype=metadata[str(r)].properties.dtype) for r in refs}
+    load_sharded(folder, whole)
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, ShardedRef):
+            return whole[str(node)]
+        if isinstance(node, dict):
+            return {k: swap(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        if isinstance(node, tuple):
+            return tuple(swap(v) for v in node)
+        return node
+
+    return swap(state)
 
 
 def old_format_error(path: str) -> CheckpointError:

@@ -1,4 +1,4 @@
-"""torchrun awareness: rank, world size, a process group when there is more than one process.
+"""torchrun awareness: rank, world size, a process group when there is more than one process, FSDP2 sharding.
 
 Every helper is a no-op in a plain single process, so the same command runs with and without torchrun. The
 process group uses NCCL when CUDA is there and gloo otherwise (the CPU tests run two gloo processes).
@@ -50,3 +50,84 @@ def rank_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and world_size() > 1:
         return torch.device("cuda", local_rank())
     return device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo takes CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (a skipped update or a stop request must be agreed, or the
+    ranks' collectives fall out of step)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each scalar averaged over the ranks (equal slices of the global batch: the global batch's mean)."""
+    if not is_distributed() or not values:
+        return values
+    keys = sorted(values)
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(stacked)
+    stacked /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, stacked.tolist())}
+
+
+def broadcast_text(text: str | None) -> str:
+    """Rank 0's ``text`` on every rank."""
+    if not is_distributed():
+        return text
+    holder = [text]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shard_backbone(backbone: torch.nn.Module, param_dtype: str, reduce_dtype: str) -> None:
+    """FSDP2 in place: ``fully_shard`` on every transformer block, then on the transformer (the root: it holds the
+    embedders and the final layer). The root is the transformer, not the backbone wrapper, because the backbone's
+    ``velocity`` and ``features`` call the transformer's ``forward``, where FSDP2 gathers the parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    transformer = backbone.transformer
+    for blocks in (transformer.noise_refiner, transformer.context_refiner, transformer.layers):
+        for block in blocks:
+            fully_shard(block, mp_policy=policy)
+    fully_shard(transformer, mp_policy=policy)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (a plain tensor is returned as is)."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor gathered from every rank's shard (a collective: every rank must call it)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def like_layout(value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """A whole tensor ``value`` laid out as ``template`` (this rank's shard if ``template`` is sharded)."""
+    if not is_sharded(template) or is_sharded(value):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(template.device, template.dtype), template.device_mesh, template.placements)

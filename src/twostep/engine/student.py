@@ -5,7 +5,7 @@ Parameter forms (DESIGN §1.2):
 - ``decoupled`` + ``lora``: one frozen base (the teacher's weights) plus one PEFT LoRA adapter per step.
   With adapters disabled the module *is* the teacher, which also serves as the discriminator's backbone,
   so a 6B model is held once.
-- ``decoupled`` + ``full``: one trainable full copy per step (FSDP2-shardable later).
+- ``decoupled`` + ``full``: one trainable full copy per step (under torchrun: FSDP2, see :meth:`Student.shard`).
 - ``shared``: one parameter set (one adapter, or one copy) for every step: the ablation baseline.
 
 Sampling (:meth:`Student.sample`): ``x_hat_k = x - sigma_k * v_k``; between steps the state moves to
@@ -228,6 +228,27 @@ class Student(KStepSampler, nn.Module):
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
         self.base.transformer.enable_gradient_checkpointing(checkpoint_with_adapter)
+
+    def shard(self, param_dtype: str = "float32", reduce_dtype: str = "float32") -> None:
+        """FSDP2 under torchrun (``form: full``): each step copy and the frozen teacher, sharded per transformer
+        block. Call before any optimizer is built: the parameters become sharded ``DTensor``s."""
+        from .distributed import shard_backbone
+
+        if self.cfg.form != "full":
+            raise ValueError("only student.form=full is sharded (LoRA trains with DDP over the adapters)")
+        for backbone in (*self.copies, self._teacher_view):
+            shard_backbone(backbone, param_dtype, reduce_dtype)
+
+    def reshard(self) -> None:
+        """FSDP2 keeps a root's gathered parameters after a forward (and after one stopped early): free them, so the
+        next forward gathers the sharded values again. Needed before the parameters are written outside an
+        optimizer step (EMA weights swapped in and out)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for backbone in (*(self.copies or ()), self._teacher_view):
+            for module in backbone.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     # ------------------------------------------------------------------ calls
 

@@ -42,13 +42,16 @@ from ..config import require, save_config, to_dict
 from ..errors import TwostepError
 from ..utils import check_output_dir, check_replaceable_dir, ensure_writable_dir, is_main_process, progress, \
     trim_jsonl, write_text
-from .checkpoint import CheckpointError, checkpoint_dir, drop_later_checkpoints, find_resumable, load_state, prune_checkpoints, \
-    read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, set_rng_state, verify_state
+from .checkpoint import CheckpointError, ShardedRef, checkpoint_dir, drop_later_checkpoints, find_resumable, load_sharded, \
+    load_state, prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, \
+    set_rng_state, verify_state
 from .preemption import Preempted, StopOnSignal
 from .discriminator import Discriminator
 from .recipe import RecipeConfig, adv_ramp, discriminator_loss, generator_loss
 from .student import Student
 from .teacher_data import TeacherData
+from .distributed import DTYPES as FSDP_DTYPES, any_rank, full_tensor, is_sharded, like_layout, local_part, \
+    mean_over_ranks
 
 Tensor = torch.Tensor
 
@@ -56,7 +59,8 @@ Tensor = torch.Tensor
 @dataclass
 class DistillTrainConfig:
     steps: int = 250  # generator updates
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch of one update, over every process and micro-batch
+    grad_accum_steps: int = 1  # micro-batches per update (each process splits its slice of the batch this way)
     g_lr: float = 2e-4
     d_lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -78,6 +82,10 @@ class DistillTrainConfig:
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
     seed: int = 0
     threads: int = 0
+    # FSDP2 (student.form: full under torchrun): the dtype blocks compute in once gathered, and of the gradient
+    # reduce-scatter (float32 and float32: no mixed precision)
+    fsdp_param_dtype: str = "float32"
+    fsdp_reduce_dtype: str = "float32"
 
     def validate(self) -> None:
         require(self.steps >= 1, "steps", "must be at least 1")
@@ -98,6 +106,11 @@ class DistillTrainConfig:
         require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 turns periodic evaluation off)")
         require(self.seed >= 0, "seed", "must be >= 0")
         require(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default)")
+        require(self.grad_accum_steps >= 1, "grad_accum_steps", "must be at least 1 (1 = no accumulation)")
+        require(self.batch_size % self.grad_accum_steps == 0, "batch_size",
+                f"{self.batch_size} must be a multiple of train.grad_accum_steps ({self.grad_accum_steps})")
+        for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            require(getattr(self, key) in FSDP_DTYPES, key, f"must be one of {', '.join(FSDP_DTYPES)}")
 
 
 class RunConfig(Protocol):
@@ -114,9 +127,11 @@ class RunConfig(Protocol):
 class EMA:
     """Exponential moving average of each step's parameter set (kept apart per group)."""
 
-    def __init__(self, groups: dict[str, list[nn.Parameter]], decay: float):
+    def __init__(self, groups: dict[str, list[nn.Parameter]], decay: float, before_write=None):
         self.decay = decay
         self.groups = groups
+        # FSDP2: drop gathered copies before the parameters are written (else the next forward would use them)
+        self.before_write = before_write or (lambda: None)
         self.shadow = {name: [p.detach().clone().float() for p in params] for name, params in groups.items()}
 
     @torch.no_grad()
@@ -130,6 +145,7 @@ class EMA:
     def applied(self):
         """Temporarily load the EMA weights into the live parameters."""
         backup = {name: [p.detach().clone() for p in params] for name, params in self.groups.items()}
+        self.before_write()
         with torch.no_grad():
             for name, params in self.groups.items():
                 for s, p in zip(self.shadow[name], params):
@@ -137,6 +153,7 @@ class EMA:
         try:
             yield
         finally:
+            self.before_write()
             with torch.no_grad():
                 for name, params in self.groups.items():
                     for b, p in zip(backup[name], params):
@@ -152,14 +169,22 @@ class EMA:
 
 
 def grad_norm(params) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and is_sharded(grads[0]):  # FSDP2: each rank holds a shard; the squares are summed over the ranks
+        import torch.distributed as dist
+
+        squares = torch.stack([local_part(g).detach().float().pow(2).sum() for g in grads]).sum()
+        dist.all_reduce(squares)
+        return float(squares.sqrt())
+    norms = [g.detach().float().norm() for g in grads]
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def first_nonfinite_grad(named_params) -> str | None:
-    """Name of the first parameter whose gradient holds NaN or inf (None when all are finite)."""
+    """Name of the first parameter whose gradient (this rank's shard of it) holds NaN or inf (None when all are
+    finite)."""
     for name, p in named_params:
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        if p.grad is not None and not bool(torch.isfinite(local_part(p.grad)).all()):
             return name
     return None
 
@@ -173,7 +198,7 @@ def nonfinite_loss(logs: dict[str, float]) -> str | None:
 
 
 def trainable_state(student: Student) -> dict[str, Tensor]:
-    """Only what the student trains (LoRA adapters, or the per-step copies)."""
+    """Only what the student trains (LoRA adapters, or the per-step copies); sharded under FSDP2."""
     names = {id(p) for params in student.parameter_groups().values() for p in params}
     return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}
 
@@ -216,6 +241,21 @@ class Trainer:
         self.run_dir = run_dir
         self.sample_fn = sample_fn  # (student, path) -> None, writes a grid with the EMA weights applied
         self.eval_fn = eval_fn  # (student) -> {metric: value}, run with the EMA weights applied
+        # under torchrun each rank takes its slice of the global batch `train.batch_size` and draws the recipe's
+        # noise from its own stream (seeded per step). LoRA: DDP averages the gradients of the adapters and the
+        # heads. full: FSDP2 shards each step copy and the teacher per block (the heads stay under DDP)
+        from .distributed import init_process_group, world_size
+
+        self.world, self.rank = world_size(), int(os.environ.get("RANK", "0"))
+        self.accum = tc.grad_accum_steps
+        self.sharded = self.world > 1 and student.cfg.form == "full"
+        if self.world > 1:
+            init_process_group()
+            if tc.batch_size % (self.world * self.accum):
+                raise TwostepError(f"config key 'train.batch_size' {tc.batch_size} (the global batch) must be a "
+                                   f"multiple of the {self.world} processes x train.grad_accum_steps {self.accum}")
+        if self.sharded:
+            student.shard(tc.fsdp_param_dtype, tc.fsdp_reduce_dtype)
         self.groups = student.parameter_groups()
         names = {id(p): n for n, p in student.named_parameters()}
         self.named_groups = {g: [(names[id(p)], p) for p in ps] for g, ps in self.groups.items()}
@@ -226,24 +266,18 @@ class Trainer:
         warm = lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))  # noqa: E731
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, warm)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, warm)
-        self.ema = EMA(self.groups, tc.ema_decay)
+        self.ema = EMA(self.groups, tc.ema_decay, before_write=student.reshard if self.sharded else None)
         self.generator = torch.Generator().manual_seed(tc.seed)  # batch indices: the same stream on every rank
-        # under torchrun (DDP): each rank takes its slice of the global batch `train.batch_size`, draws the
-        # recipe's noise from its own stream, and DDP averages the gradients of the student's trainable parameters
-        # and of the heads; one process uses one stream for both, as before
-        from .distributed import init_process_group, world_size
-
-        self.world, self.rank = world_size(), int(os.environ.get("RANK", "0"))
+        # noise: a run started under torchrun draws each rank's noise from its own stream, reseeded at every step
+        # (kept on a resume with any process count, so the batches' order does not change); a run started in one
+        # process draws noise and batch indices from one stream, as it always did
+        self.per_rank_noise = self.world > 1
+        self.noise_generator = torch.Generator() if self.per_rank_noise else self.generator
         if self.world > 1:
-            init_process_group()
-            if tc.batch_size % self.world:
-                raise TwostepError(f"config key 'train.batch_size' {tc.batch_size} (the global batch) must be a "
-                                   f"multiple of the {self.world} processes")
-            self.noise_generator = torch.Generator().manual_seed(tc.seed + 1_000_003 * (self.rank + 1))
-            self.g_loss = _data_parallel(_LossModule(student, self._generator_loss), self.device)
+            self.g_loss = self._generator_loss if self.sharded else _data_parallel(
+                _LossModule(student, self._generator_loss), self.device)
             self.d_loss = _data_parallel(_LossModule(disc, self._discriminator_loss), self.device)
         else:
-            self.noise_generator = self.generator
             self.g_loss, self.d_loss = self._generator_loss, self._discriminator_loss
         self.step = 0  # generator updates done
         self.d_warmup_done = 0  # discriminator-only warm-up updates done (train.d_warmup_steps)
@@ -263,9 +297,40 @@ class Trainer:
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
                 "ema": self.ema.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
                 "step": self.step, "d_warmup_done": self.d_warmup_done, "bad_steps": self.bad_steps,
-                "elapsed_s": self.elapsed, "config": to_dict(self.cfg)}
+                "elapsed_s": self.elapsed, "config": to_dict(self.cfg),
+                "ema_names": {g: [n for n, _ in pairs] for g, pairs in self.named_groups.items()},
+                "per_rank_noise": self.per_rank_noise}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _fit_layout(self, state: dict, folder: str | None) -> None:
+        """Give the student's weights, their EMA and AdamW moments this run's layout, in place in ``state``:
+        sharded ones (:class:`ShardedRef`) are read from ``folder`` into this rank's shards or whole tensors, and
+        whole ones become this rank's shard under FSDP2. So a checkpoint resumes on any number of processes."""
+        own = dict(self.student.named_parameters())
+        params = [p for group in self.opt_g.param_groups for p in group["params"]]
+        targets: dict[str, Tensor] = {}
+
+        def fit(value, template: Tensor, dtype=None):
+            if isinstance(value, ShardedRef):
+                targets[str(value)] = torch.zeros_like(template, dtype=dtype)
+                return targets[str(value)]
+            if isinstance(value, Tensor) and value.shape == template.shape:
+                return like_layout(value, template)
+            return value  # a mismatch: load_state_dict names it
+
+        state["student"] = {n: fit(v, own[n]) if n in own else v for n, v in state["student"].items()}
+        state["ema"] = {g: [fit(v, p, torch.float32) for v, p in zip(values, self.groups.get(g, []))]
+                        for g, values in state["ema"].items()}
+        for index, entry in state["opt_g"]["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in entry and int(index) < len(params):
+                    entry[key] = fit(entry[key], params[int(index)])
+        if targets:
+            if folder is None:
+                raise CheckpointError("a sharded checkpoint needs its folder to load")
+            load_sharded(folder, targets)
+
+    def load_state_dict(self, state: dict, folder: str | None = None) -> None:
+        self._fit_layout(state, folder)
         own = dict(self.student.named_parameters())
         with torch.no_grad():
             for name, value in state["student"].items():
@@ -279,18 +344,22 @@ class Trainer:
         self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
         self.ema.load_state_dict(state["ema"])
-        self.generator.set_state(state["generator"])  # (DDP: each rank's noise stream is seeded per step)
+        self.generator.set_state(state["generator"])  # (torchrun: each rank's noise stream is seeded per step)
+        if state.get("per_rank_noise", False) and not self.per_rank_noise:  # a torchrun run, now in one process
+            self.per_rank_noise, self.noise_generator = True, torch.Generator()
         set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed_s"]
         self.d_warmup_done, self.bad_steps = state["d_warmup_done"], state["bad_steps"]
 
     def save_checkpoint(self) -> str:
         """``RUN/checkpoints/step_XXXXXX/`` (checksummed, atomic; refused when any tensor is non-finite), then
-        retention (``train.keep_last`` / ``train.keep_every``)."""
+        retention (``train.keep_last`` / ``train.keep_every``). Rank 0 calls it; under FSDP2 every rank does (each
+        writes its shards)."""
         root = os.path.join(self.run_dir, "checkpoints")
         path = checkpoint_dir(root, self.step)
         save_state(path, self.state_dict(), what=f"checkpoint at step {self.step}")
-        prune_checkpoints(root, self.cfg.train.keep_last, self.cfg.train.keep_every, current=self.step)
+        if is_main_process():
+            prune_checkpoints(root, self.cfg.train.keep_last, self.cfg.train.keep_every, current=self.step)
         self.last_checkpoint = path
         return path
 
@@ -304,6 +373,46 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(index).items()}
         return batch, self.prompt_table[batch["prompt_index"].cpu()].to(self.device)
 
+    def _micro_batches(self):
+        """This rank's slice of one global batch, split into ``train.grad_accum_steps`` micro-batches:
+        ``[(batch, cond, is_last)]``."""
+        batch, cond = self._batch()
+        size = len(cond) // self.accum
+        return [({k: v[i * size:(i + 1) * size] for k, v in batch.items()}, cond[i * size:(i + 1) * size],
+                 i == self.accum - 1) for i in range(self.accum)]
+
+    @contextmanager
+    def _gradient_sync(self, loss_fn, last: bool):
+        """Gradients are reduced over the ranks on the last micro-batch only (the earlier ones accumulate)."""
+        if last or self.world == 1:
+            yield
+        elif self.sharded and loss_fn is self.g_loss:
+            copies = [c.transformer for c in self.student.copies]
+            for module in copies:
+                module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                for module in copies:
+                    module.set_requires_gradient_sync(True)
+        else:
+            with loss_fn.no_sync():
+                yield
+
+    def _accumulate(self, loss_fn, micro_batches, make_args) -> dict[str, float]:
+        """Forward and backward over the micro-batches (each loss scaled by 1 / their count); the logs are averaged.
+        ``make_args(batch, cond) -> loss_fn's arguments``."""
+        logs: dict[str, float] = {}
+        for batch, cond, last in micro_batches:
+            with self._gradient_sync(loss_fn, last):
+                with self._autocast():
+                    out = loss_fn(*make_args(batch, cond))
+                total, part = out[0], out[1]
+                (total if self.accum == 1 else total / self.accum).backward()
+            for key, value in part.items():
+                logs[key] = logs.get(key, 0.0) + float(value) / self.accum
+        return logs
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.bf16 else nullcontext()
 
@@ -313,6 +422,8 @@ class Trainer:
         problem = nonfinite_loss(logs)
         if problem is None and not math.isfinite(norm):
             problem = f"gradient of '{first_nonfinite_grad(named_params)}' is non-finite"
+        if self.world > 1 and any_rank(problem is not None) and problem is None:  # every rank skips, or none
+            problem = "another process's loss is non-finite"
         if problem is not None:
             optimizer.zero_grad(set_to_none=True)
             self.problems.append(f"{what}: {problem}")
@@ -327,14 +438,15 @@ class Trainer:
         logs: dict[str, float] = {}
         self.disc.requires_grad_(True)
         named = list(self.disc.named_parameters())
-        for _ in range(tc.d_steps_per_g if updates is None else updates):
-            batch, cond = self._batch()
+        def args(batch, cond):
             real = batch["final"] if rc.real_source == "teacher" else self.real_images_fn(
                 batch["prompt_index"].cpu(), self.noise_generator).to(self.device)
-            with self._autocast():
-                d_total, d_logs = self.d_loss(batch, real, cond)
+            return batch, real, cond
+
+        for _ in range(tc.d_steps_per_g if updates is None else updates):
+            micro = self._micro_batches()
             self.opt_d.zero_grad(set_to_none=True)
-            d_total.backward()
+            d_logs = self._accumulate(self.d_loss, micro, args)
             d_logs["grad_norm/d"] = grad_norm(self.disc.parameters())
             self._apply(self.opt_d, named, d_logs, d_logs["grad_norm/d"], "discriminator update")
             logs.update(d_logs)
@@ -349,7 +461,7 @@ class Trainer:
             return {}
         logs: dict[str, float] = {}
         for _ in progress(range(remaining), total=remaining, desc="discriminator warm-up", leave=False):
-            if self.stop is not None and self.stop.requested:
+            if self._stop_requested():
                 break  # the warm-up can outlast a grace period: stop between two of its updates
             logs = self.d_step(updates=1)
             self.d_warmup_done += 1
@@ -361,11 +473,10 @@ class Trainer:
         skips the EMA update, so the saved weights do not move either."""
         self.disc.requires_grad_(False)
         try:
-            batch, cond = self._batch()
-            with self._autocast():
-                g_total, logs, _ = self.g_loss(batch, cond, adv_ramp(self.cfg.recipe, self.step))
+            micro = self._micro_batches()
             self.opt_g.zero_grad(set_to_none=True)
-            g_total.backward()
+            ramp = adv_ramp(self.cfg.recipe, self.step)
+            logs = self._accumulate(self.g_loss, micro, lambda batch, cond: (batch, cond, ramp))
         finally:
             self.disc.requires_grad_(True)
         for name, params in self.groups.items():
@@ -385,6 +496,11 @@ class Trainer:
         return discriminator_loss(self.student, self.disc, batch, real, cond, self.noise_generator,
                                   rc=self.cfg.recipe)
 
+    def _stop_requested(self) -> bool:
+        """A signal reached this process (under torchrun: any process; all stop at the same step)."""
+        requested = self.stop is not None and self.stop.requested
+        return any_rank(requested) if self.world > 1 else requested
+
     @property
     def uses_discriminator(self) -> bool:
         """False for pure regression (no adversarial term anywhere): the D step would cost time and change nothing."""
@@ -397,7 +513,7 @@ class Trainer:
         Updates with a non-finite loss or gradient are skipped (see :meth:`_apply`); ``train.max_bad_steps``
         steps in a row with a skipped update raise :class:`NonFiniteTraining`."""
         self.problems = []
-        if self.world > 1:  # this rank's noise for this step: independent of the process count and exact on resume
+        if self.per_rank_noise:  # this rank's noise for this step: exact on resume, whatever the process count
             self.noise_generator.manual_seed(self.cfg.train.seed + 1_000_003 * (self.rank + 1) + self.step)
         if self.uses_discriminator:
             warm = self.d_warmup()
@@ -406,6 +522,8 @@ class Trainer:
             logs = {**warm, **self.d_step(), **self.g_step()}
         else:
             logs = self.g_step()
+        if self.world > 1:  # the global batch's values, not rank 0's slice (grad norms are global already)
+            logs = mean_over_ranks(logs)
         self.step += 1
         self.bad_steps = self.bad_steps + 1 if self.problems else 0
         if self.bad_steps >= self.cfg.train.max_bad_steps:
@@ -425,6 +543,7 @@ class Trainer:
         :class:`~twostep.engine.preemption.Preempted` is raised."""
         tc = self.cfg.train
         main = is_main_process()
+        every_rank = main or self.sharded  # FSDP2: the student's forward is a collective, so all ranks run it
         writer = None
         if main:
             try:
@@ -446,7 +565,7 @@ class Trainer:
                     logs = self.train_step()
                     self.elapsed = time.perf_counter() - started
                     if logs is None:  # stopped inside the discriminator warm-up
-                        if main:
+                        if every_rank:
                             self.save_checkpoint()
                         raise Preempted(f"stopped by {stop.signal_name} during the discriminator warm-up "
                                         f"({self.d_warmup_done} of {tc.d_warmup_steps} updates); state saved in "
@@ -454,13 +573,13 @@ class Trainer:
                                         "command, without --overwrite)")
                     if self.problems and main:
                         bar.write(f"step {self.step}: update skipped ({'; '.join(self.problems)})")
-                    if stop.requested:  # the grace period is short: no evaluation or preview grid first
-                        if main:
+                    if self._stop_requested():  # the grace period is short: no evaluation or preview grid first
+                        if every_rank:
                             self.save_checkpoint()
                         raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
                                         f"saved in {self.last_checkpoint}; continue exactly with `--resume latest` "
                                         "(the same command, without --overwrite)")
-                    if main and self.eval_fn is not None and tc.eval_every and (
+                    if every_rank and self.eval_fn is not None and tc.eval_every and (
                             self.step % tc.eval_every == 0 or self.step == tc.steps):
                         with self.ema.applied():
                             logs.update({f"eval/{k}": v for k, v in self.eval_fn(self.student).items()})
@@ -477,12 +596,12 @@ class Trainer:
                                 writer.add_scalar(k, v, self.step)
                         bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
                                         acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
-                    if main and self.sample_fn is not None and (self.step % tc.sample_every == 0
-                                                                or self.step == tc.steps):
+                    if every_rank and self.sample_fn is not None and (self.step % tc.sample_every == 0
+                                                                      or self.step == tc.steps):
                         with self.ema.applied():
                             self.sample_fn(self.student, os.path.join(self.run_dir, "samples",
                                                                       f"step_{self.step:06d}.png"))
-                    if main and (self.step % tc.checkpoint_every == 0 or self.step == tc.steps):
+                    if every_rank and (self.step % tc.checkpoint_every == 0 or self.step == tc.steps):
                         self.save_checkpoint()
         finally:
             if writer is not None:
@@ -630,7 +749,7 @@ def check_run_dir(cfg: RunConfig, run_dir: str, resume: str | None, allow_config
 
 def resume_trainer(trainer: Trainer, checkpoint: str | None) -> None:
     if checkpoint:
-        trainer.load_state_dict(load_state(checkpoint, verify=False))
+        trainer.load_state_dict(load_state(checkpoint, verify=False), folder=checkpoint)
         trainer.last_checkpoint = checkpoint
         if is_main_process():
             print(f"resumed from {checkpoint} at step {trainer.step}")
@@ -639,12 +758,40 @@ def resume_trainer(trainer: Trainer, checkpoint: str | None) -> None:
 
 
 def save_student_weights(trainer: Trainer, path: str) -> dict[str, Tensor]:
-    """The EMA weights of the trainable parameters to ``path`` (fp32, refused when non-finite); returns them."""
+    """The EMA weights of the trainable parameters to ``path`` (fp32, refused when non-finite); returns them.
+    Every rank calls it (FSDP2: the whole tensors are gathered from the shards); rank 0 writes."""
     with trainer.ema.applied():
-        state = {k: v.float().cpu() for k, v in trainable_state(trainer.student).items()}
+        state = {k: full_tensor(v).float().cpu() for k, v in trainable_state(trainer.student).items()}
     if is_main_process():
         save_tensors(state, path, what="student weights")
     return state
+
+
+def checkpoint_student_weights(run_dir: str, checkpoint: str) -> tuple[str, dict[str, Tensor]]:
+    """``(folder, EMA weights of the trainable parameters by name)`` from a checkpoint (``latest`` or a folder),
+    what :func:`save_student_weights` would have written at its step; an FSDP2 checkpoint's shards are gathered
+    whole in this process."""
+    from .checkpoint import load_whole_state
+
+    if checkpoint == "latest":
+        root = os.path.join(run_dir, "checkpoints")
+        folder = find_resumable(root, report=lambda message: print(f"twostep: {message}"))
+        if folder is None:
+            raise TwostepError(f"--checkpoint latest: no checkpoint in {root}")
+    else:
+        folder = checkpoint
+    state = load_whole_state(folder)
+    names, ema = state.get("ema_names"), state.get("ema")
+    if not isinstance(names, dict) or not isinstance(ema, dict) or set(names) != set(ema):
+        raise CheckpointError(f"checkpoint {folder} does not record its EMA weights' names (written by an older "
+                              "twostep); export the finished run's student.safetensors instead")
+    weights = {}
+    for group, group_names in names.items():
+        if len(group_names) != len(ema[group]):
+            raise CheckpointError(f"checkpoint {folder}: EMA group {group!r} has {len(ema[group])} tensors for "
+                                  f"{len(group_names)} names")
+        weights.update({name: value.float() for name, value in zip(group_names, ema[group])})
+    return folder, weights
 
 
 def write_meta(run_dir: str, meta: dict) -> None:

@@ -23,11 +23,12 @@ from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
 from ...engine.teacher_data import DTYPES, OnlineTeacherData, TeacherData
-from ...engine.train import DistillTrainConfig, Trainer, check_run_dir, discard_replaced, resume_trainer, \
-    save_student_weights, start_run, write_meta
+from ...engine.checkpoint import read_state_json
+from ...engine.train import DistillTrainConfig, Trainer, check_run_dir, checkpoint_student_weights, discard_replaced, \
+    resume_trainer, save_student_weights, start_run, write_meta
 from ...errors import TwostepError
 from ... import plan
-from ...utils import check_device_name, read_json_object
+from ...utils import check_device_name, is_main_process, read_json_object
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
 from .pipeline_io import decode_latents, load_vae, pick_device, torch_dtype
 from .text_cache import PromptEmbeds
@@ -173,6 +174,7 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data
     cond = embeds[torch.arange(count)]
     prompts = list(embeds.prompts[:count])
     teacher_images: list = []
+    sampled_teacher: list = []
     steps = data_cfg.teacher_steps
 
     @torch.no_grad()
@@ -188,7 +190,10 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data
 
     def write(student: Student, path: str, title: str | None = None) -> dict:
         latents = student.sample(noise.to(device), cond.to(device), batch_size=1)["final"]
-        first = teacher_latents(student) if not teacher_images else None
+        first = teacher_latents(student) if not sampled_teacher else None
+        sampled_teacher.append(True)
+        if not is_main_process():  # FSDP2: every rank samples (the forward is a collective); rank 0 draws
+            return {}
         vae = load_vae(folder, device, torch.float32)  # loaded per grid and freed: not resident during training
         if first is not None:
             teacher_images.extend(decode_latents(vae, first[i:i + 1])[0] for i in range(count))
@@ -251,6 +256,9 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     plan.warn_small_cache(expected["num_samples"], cfg.train.batch_size, plan.MIN_REAL_SAMPLES)  # before loading
     barrier()
     start_run(cfg, out_dir, overwrite)
+    inputs = {"teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
+              "teacher_data": os.path.abspath(cfg.data_dir)}
+    write_meta(out_dir, {"kind": "zimage-student", "status": "training", **inputs})  # `export --checkpoint` reads it
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
@@ -263,23 +271,27 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
     discard_replaced(out_dir)
-    meta = {"kind": "zimage-student", "steps": trainer.step, "train_wall_s": round(trainer.elapsed, 1),
-            "teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
-            "teacher_data": os.path.abspath(cfg.data_dir), "device": str(device),
+    meta = {"kind": "zimage-student", "status": "finished", "steps": trainer.step,
+            "train_wall_s": round(trainer.elapsed, 1), **inputs, "device": str(device),
             "trainable_parameters": sum(v.numel() for v in state.values())}
     write_meta(out_dir, meta)
     return meta
 
 
-def load_real_run(run_dir: str) -> tuple[ZImageDistillConfig, dict, dict[str, torch.Tensor]]:
-    """``(config, meta, EMA trainable state)`` of a finished real run, without loading the model."""
-    weights = os.path.join(run_dir, STUDENT_WEIGHTS)
-    if not os.path.isfile(weights):
+def load_real_run(run_dir: str, checkpoint: str | None = None) -> tuple[ZImageDistillConfig, dict, dict[str, torch.Tensor]]:
+    """``(config, meta, EMA trainable state)`` of a real run, without loading the model: the finished run's
+    ``student.safetensors``, or with ``checkpoint`` (``latest`` or a ``step_*`` folder) that checkpoint's EMA
+    weights, gathered whole from its shards when FSDP2 wrote it (any run, finished or not)."""
+    if checkpoint is None and not os.path.isfile(os.path.join(run_dir, STUDENT_WEIGHTS)):
         raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train` "
-                           "with a Z-Image config first")
+                           "with a Z-Image config first, or export a checkpoint with --checkpoint latest")
     cfg = load_config(ZImageDistillConfig, os.path.join(run_dir, "config.yaml"))
     meta_path = os.path.join(run_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise TwostepError(f"{run_dir} has no meta.json: the run did not finish; rerun `twostep train`")
+        raise TwostepError(f"{run_dir} has no meta.json: the run did not start or predates this twostep; rerun "
+                           "`twostep train`")
     meta = read_json_object(meta_path, what="run record", hint="rerun `twostep train`")
-    return cfg, meta, load_file(weights)
+    if checkpoint is None:
+        return cfg, meta, load_file(os.path.join(run_dir, STUDENT_WEIGHTS))
+    folder, weights = checkpoint_student_weights(run_dir, checkpoint)
+    return cfg, {**meta, "steps": int(read_state_json(folder).get("step", 0)), "checkpoint": folder}, weights
