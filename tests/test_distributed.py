@@ -121,8 +121,8 @@ def test_online_cost_benchmark_runs_and_reports_a_ratio(tmp_path, capsys):
 
 
 def test_a_ddp_lora_step_on_two_processes_equals_one_process_with_the_global_batch(teacher, tmp_path):
-    """Global batch 8: two processes of 4 each, gradients averaged by DDP, give the gradient of one process with
-    8. Compared on the step's gradient (AdamW's first moment with beta1 = 0, saved in the step-1 checkpoint):
+    """Global batch 8: two processes of 4 each (accumulated over 2 micro-batches of 2, without a DDP reduction on
+    the first), gradients averaged by DDP, give the gradient of one process with 8. Compared on the step's gradient (AdamW's first moment with beta1 = 0, saved in the step-1 checkpoint):
     Adam's first update is about lr * sign(g), so the weights would amplify float reduction-order differences in
     near-zero gradients into lr-sized ones. A regression recipe: no noise is drawn (the adversarial recipe draws
     each rank's noise from its own stream)."""
@@ -138,7 +138,7 @@ def test_a_ddp_lora_step_on_two_processes_equals_one_process_with_the_global_bat
     one = subprocess.run([sys.executable, "-m", "twostep", *args, "--out", str(tmp_path / "one")],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun(2, *args, "--out", str(tmp_path / "two"))
+    two = torchrun(2, *args, "train.grad_accum_steps=2", "--out", str(tmp_path / "two"))  # 2 micro-batches of 2
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_state(str(tmp_path / "one" / "checkpoints" / "step_000001"))["opt_g"]["state"]
     b = load_state(str(tmp_path / "two" / "checkpoints" / "step_000001"))["opt_g"]["state"]

@@ -167,6 +167,25 @@ def test_an_incomplete_checkpoint_is_skipped(tmp_path):
     assert "incomplete" in messages[0] and "falling back to step_000002" in messages[0]
 
 
+def test_a_manifest_cannot_point_outside_and_an_unlisted_shard_is_refused(tmp_path):
+    """Sharded checkpoints list their shard files in the manifest; DCP reads every file in ``sharded/``, so one the
+    manifest does not vouch for is refused, and a manifest may not name a file outside the checkpoint."""
+    import json
+
+    folder = tmp_path / "step_000001"
+    ckpt.save_state(str(folder), {"a": torch.ones(2), "step": 1})
+    (folder / "sharded").mkdir()
+    (folder / "sharded" / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"planted")
+    with pytest.raises(ckpt.CheckpointError, match="not in its MANIFEST"):
+        ckpt.verify_state(str(folder))
+    (folder / "sharded" / "shard-00001-model-00001-of-00001.safetensors").unlink()
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"]["../outside.bin"] = {"bytes": 1, "sha256": "0"}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="outside the checkpoint"):
+        ckpt.verify_state(str(folder))
+
+
 def test_retention_keeps_the_newest_and_every_nth(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8, 10, 12):

@@ -286,8 +286,9 @@ def format_plan(plan: dict) -> str:
             f"DDP over {req['gpus']} GPUs (torchrun; every GPU holds the frozen base, the adapters' gradients are "
             "averaged; the batch above is per GPU: train.batch_size, the global batch, split over the GPUs unless "
             "--batch is given)" if req["mode"] == "lora" else
-            f"FSDP2 over {req['gpus']} GPUs (planned: per-block sharding of the copies and the teacher; not "
-            "implemented yet, docs/distributed.md)"))
+            f"FSDP2 over {req['gpus']} GPUs (torchrun; fully_shard per transformer block of each step copy and of "
+            "the frozen teacher, the heads under DDP; compute dtype train.fsdp_param_dtype; checkpoints are DCP "
+            "shards, docs/distributed.md)"))
     lines += ["", f"{'component':<{width}}GiB", "-" * (width + 8)]
     lines += [f"{k:<{width}}{v / GIB:8.2f}" for k, v in plan["components"].items()]
     total = plan["total_bytes"]

@@ -151,6 +151,8 @@ class Student(KStepSampler, nn.Module):
         else:
             self.base = None
             self.copies = nn.ModuleList(copy.deepcopy(teacher).requires_grad_(True) for _ in range(self.num_sets))
+            for p in self.copies.parameters():  # fp32 master weights on a bf16 base (FSDP2 computes in its policy's)
+                p.data = p.data.float()
             self._teacher_view = teacher  # a frozen submodule (moves with .to()), never in parameter_groups()
 
     # ------------------------------------------------------------------ parameter sets

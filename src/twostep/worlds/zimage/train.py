@@ -52,7 +52,7 @@ class ZImageModelConfig:
 def _real_train_defaults() -> DistillTrainConfig:
     return DistillTrainConfig(steps=2000, batch_size=4, g_lr=1e-4, d_lr=2e-4, warmup_steps=100, bf16=True,
                               gradient_checkpointing=True, log_every=10, sample_every=250, eval_every=0,
-                              checkpoint_every=250, ema_decay=0.999, d_warmup_steps=50)
+                              checkpoint_every=250, ema_decay=0.999, d_warmup_steps=50, fsdp_param_dtype="bfloat16")
 
 
 @dataclass
