@@ -180,21 +180,19 @@ def _log(run) -> list[dict]:
 
 
 def test_fsdp2_full_run_saves_sharded_checkpoints_that_resume_on_one_or_two_processes(teacher, tmp_path):
-    """Two processes shard each step copy and the teacher (FSDP2); the step-3 checkpoint is DCP shards, one file
-    per rank. Resumed on 2 processes, steps 4-5 are bit-identical to an uninterrupted 2-process run; on 1 process
-    they agree to 1e-5 relative (the only difference is the order of float reductions, which a resume on another
-    count cannot keep). A regression recipe, whose losses draw no noise, so the comparison is about the state."""
+    """Two processes shard each step copy and the teacher (FSDP2) for 5 steps; the step-3 checkpoint is DCP
+    shards, one file per rank. Resumed from it on 2 processes, steps 4-5 are bit-identical to the uninterrupted
+    run; on 1 process they agree to 1e-5 relative (only the order of float reductions differs, which a resume on
+    another count cannot keep). A regression recipe, whose losses draw no noise: the comparison is of the state."""
     from twostep.engine.checkpoint import load_whole_state
 
     data = str(tmp_path / "data")
     assert main(["teacher-data", "--teacher", teacher, "--out", data, *TEACHER, *DATA]) == 0
     args = ["train", "--teacher", teacher, "--data", data, *TEACHER, *DATA, *FULL, "recipe.adv_weight=0"]
     full, one, two = (str(tmp_path / name) for name in ("full", "one", "two"))
-    proc = torchrun(2, *args, "train.steps=5", "--out", full)
+    proc = torchrun(2, *args, "train.steps=5", "train.checkpoint_every=3", "--out", full)  # checkpoints 3 and 5
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = torchrun(2, *args, "train.steps=3", "--out", two)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    step3 = os.path.join(two, "checkpoints", "step_000003")
+    step3 = os.path.join(full, "checkpoints", "step_000003")
     shards = sorted(os.listdir(os.path.join(step3, "sharded")))
     assert len(shards) == 2 and all(name.endswith(".safetensors") for name in shards)
     manifest = json.load(open(os.path.join(step3, "MANIFEST.json")))["files"]
@@ -203,12 +201,12 @@ def test_fsdp2_full_run_saves_sharded_checkpoints_that_resume_on_one_or_two_proc
     base = load_file(os.path.join(teacher, "teacher.safetensors"))
     assert {f"copies.{k}.{name}" for k in (0, 1) for name in base} == set(whole)
     assert all(whole[f"copies.1.{name}"].shape == value.shape for name, value in base.items())
-    shutil.copytree(two, one)
-
-    proc = torchrun(2, "train", "--out", two, "--resume", "latest", "train.steps=5", "--allow-config-change")
+    for run in (one, two):  # each resumes from step 3 (the step-5 checkpoint of its copy is dropped: a new branch)
+        shutil.copytree(full, run)
+    proc = torchrun(2, "train", "--out", two, "--resume", os.path.join(two, "checkpoints", "step_000003"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "twostep", "train", "--out", one, "--resume", "latest",
-                             "train.steps=5", "--allow-config-change"],
+    single = subprocess.run([sys.executable, "-m", "twostep", "train", "--out", one, "--resume",
+                             os.path.join(one, "checkpoints", "step_000003")],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert single.returncode == 0, single.stderr[-2000:]
     reference = _log(full)

@@ -4,6 +4,7 @@ guard, and resume config checks. Tiny toy runs; the malformed-input table lives 
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -574,3 +575,18 @@ def test_a_signal_during_the_discriminator_warm_up_saves_and_resumes_exactly(wor
     monkeypatch.setattr(train_mod.Trainer, "d_step", real_d_step)
     assert train(world, run, "--resume", "latest", *args) == 0
     assert (run / "student.safetensors").read_bytes() == (full / "student.safetensors").read_bytes()
+
+
+def test_resume_auto_starts_continues_and_restarts_a_run_left_without_checkpoints(world, tmp_path, capsys):
+    """One command for a job script that is requeued: no folder -> a fresh run; a checkpoint -> resume (here the
+    run, extended); a folder an attempt left before its first checkpoint -> started again."""
+    run = tmp_path / "run"
+    assert train(world, run, "train.steps=2", "--resume", "auto") == 0
+    assert [s for s, _ in ckpt.list_checkpoints(str(run / "checkpoints"))] == [2]
+    assert train(world, run, "train.steps=4", "--resume", "auto", "--allow-config-change") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 4
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint
+    assert train(world, run, "train.steps=2", "--resume", "auto") == 0
+    assert "holds no checkpoint; starting the run again" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]

@@ -193,9 +193,30 @@ def _recorded_inputs(run_dir: str) -> dict:
     return read_json_object(path, what="run record") if os.path.isfile(path) else {}
 
 
+def _resolve_auto_resume(args) -> None:
+    """``--resume auto`` (one command for a first submission and every requeue): ``latest`` when the run folder has
+    a checkpoint; otherwise a fresh run, which may replace a run folder that an earlier attempt left without any
+    checkpoint (nothing in it can be continued)."""
+    from .engine.checkpoint import list_checkpoints
+    from .engine.train import RUN_FILES
+
+    out = args.out or next((d for d in ("runs/student", "runs/zimage/student")
+                            if list_checkpoints(os.path.join(d, "checkpoints"))), None)
+    if out and list_checkpoints(os.path.join(out, "checkpoints")):
+        args.resume = "latest"
+        return
+    args.resume, args.allow_config_change = None, False
+    if out and os.path.isfile(os.path.join(out, "config.yaml")) and set(os.listdir(out)) <= set(RUN_FILES) | {"tb", "samples"}:
+        if is_main_process():
+            print(f"twostep: --resume auto: {out} holds no checkpoint; starting the run again")
+        args.overwrite = True
+
+
 def cmd_train(args) -> None:
     from .config import load_config
 
+    if args.resume == "auto":
+        _resolve_auto_resume(args)
     if args.resume and not args.out:  # the default run folder of whichever kind of run is there
         args.out = next((d for d in ("runs/student", "runs/zimage/student")
                          if os.path.isfile(os.path.join(d, "config.yaml"))), "runs/student")
@@ -416,9 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="toy teacher run (default runs/teacher); real: overrides model.path")
     p.add_argument("--data", help="teacher-data folder (default runs/teacher_data; real: the config's data_dir)")
     p.add_argument("--out", help="run folder (default runs/student; real: runs/zimage/student)")
-    p.add_argument("--resume", metavar="latest|PATH",
+    p.add_argument("--resume", metavar="latest|auto|PATH",
                    help="continue from the newest good checkpoint (or a given step_NNNNNN folder); the run's own "
-                        "config.yaml is the default config")
+                        "config.yaml is the default config. auto: latest if there is a checkpoint, else start (for "
+                        "job scripts that are requeued)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept config values that differ from the checkpoint's (listed)")
     p.add_argument("--overwrite", action="store_true",
