@@ -252,3 +252,16 @@ def test_plan_says_which_parallel_mode_it_assumes(capsys):
     assert "parallelism: DDP over 8 GPUs" in _plan(capsys, "--gpus", "8")
     assert "parallelism: FSDP2 over 8 GPUs" in _plan(capsys, "--gpus", "8", "--mode", "full")
     assert "parallelism" not in _plan(capsys)
+
+
+def test_online_teacher_mode_plans_no_latent_cache_and_the_teachers_forwards_in_every_step(capsys):
+    cached = _plan(capsys, "--config", "zimage_turbo_2step_lora")
+    online = _plan(capsys, "--config", "zimage_turbo_2step_lora", "teacher_data.mode=online")
+    assert "no latents (teacher_data.mode online)" in online and "MiB per sample" in cached
+    assert "13.4 training + 16 online-teacher" in online  # 8 teacher steps x (1 D + 1 G batch) per step
+
+    def hours(text):
+        line = next(line for line in text.splitlines() if line.startswith("time"))
+        return float(line.split(" steps take ")[1].split("-")[0])
+
+    assert hours(online) == pytest.approx(hours(cached) * 29.4 / 13.4, rel=0.05)

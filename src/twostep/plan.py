@@ -326,13 +326,18 @@ def _time_lines(plan: dict) -> list[str]:
     if not steps:
         return []
     forward = plan["forward_flops"]
-    step = STEP_FORWARDS * req["batch"] * forward
+    online = plan.get("online_forwards", 0)  # teacher_data.mode online: each batch drawn runs the teacher
+    per_sample = STEP_FORWARDS + online
+    step = per_sample * req["batch"] * forward
     lines = [f"time (estimate, not measured; docs/sizing.md): one forward {forward:.2e} FLOPs at {req['resolution']}px "
-             f"with a {TYPICAL_CAPTION_TOKENS}-token prompt; a step ~{STEP_FORWARDS} forwards per sample = "
+             f"with a {TYPICAL_CAPTION_TOKENS}-token prompt; a step ~{per_sample:g} forwards per sample"
+             + (f" ({STEP_FORWARDS} training + {online} online-teacher)" if online else "") + " = "
              f"{step:.2e} FLOPs: {steps:,} steps take {_hours(steps * step)} on one H100 at "
              f"{MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} of its {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16"
              + (f" (/{req['gpus']} GPUs ideal)" if req["gpus"] > 1 else "")]
-    if disk:
+    if disk and online:
+        lines.append("  teacher data: none cached (teacher_data.mode online; its cost is in the step above)")
+    elif disk:
         teacher_steps = plan.get("teacher_steps", 8)
         lines.append(f"  teacher data: {disk['samples']:,} samples x {teacher_steps} forwards take "
                      f"{_hours(disk['samples'] * teacher_steps * forward)} on one H100 (split over the GPUs of a "
@@ -362,6 +367,11 @@ def _disk_lines(disk: dict | None) -> list[str]:
     if not disk:
         return []
     c, side = disk["channels"], disk["side"]
+    if disk.get("online"):
+        return [f"teacher-data cache on disk: no latents (teacher_data.mode online); at most "
+                f"{disk['text_bytes'] / GIB:.1f} GiB of prompt embeddings for {disk['prompts']:,} prompts "
+                f"({disk['prompt_bytes'] / MIB:.2f} MiB each, {disk['max_length']} tokens x {disk['width']} "
+                f"{disk['dtype']})"]
     return [f"teacher-data cache on disk: {disk['sample_bytes'] / MIB:.2f} MiB per sample at {disk['resolution']}px "
             f"(latents {c}x{side}x{side}: noise + final {disk['dtype']}, {disk['states']} states fp32) + at most "
             f"{disk['prompt_bytes'] / MIB:.2f} MiB of prompt embeddings per prompt ({disk['max_length']} tokens x "
@@ -529,6 +539,9 @@ def cmd_plan(args) -> None:
     plan["disk"] = disk_estimate(cfg.teacher_data, req.resolution, samples, prompts, where,
                                  channels=plan["shapes"]["in_channels"], width=plan["shapes"]["cap_feat_dim"])
     plan["steps"], plan["teacher_steps"] = cfg.train.steps, cfg.teacher_data.teacher_steps
+    if cfg.teacher_data.mode == "online":  # every batch drawn (d_steps_per_g + 1 per step) runs the teacher's steps
+        plan["disk"]["online"] = True
+        plan["online_forwards"] = cfg.teacher_data.teacher_steps * (cfg.train.d_steps_per_g + 1)
     text = format_plan(plan)
     print(text)
     if getattr(args, "results", None):
