@@ -122,7 +122,8 @@ def test_online_cost_benchmark_runs_and_reports_a_ratio(tmp_path, capsys):
 
 def test_a_ddp_lora_step_on_two_processes_equals_one_process_with_the_global_batch(teacher, tmp_path):
     """Global batch 8: two processes of 4 each (accumulated over 2 micro-batches of 2, without a DDP reduction on
-    the first), gradients averaged by DDP, give the gradient of one process with 8. Compared on the step's gradient (AdamW's first moment with beta1 = 0, saved in the step-1 checkpoint):
+    the first), gradients averaged by DDP, give the gradient of one process with 8. Compared on the step's gradient
+    (AdamW's first moment with beta1 = 0, saved in the step-1 checkpoint):
     Adam's first update is about lr * sign(g), so the weights would amplify float reduction-order differences in
     near-zero gradients into lr-sized ones. A regression recipe: no noise is drawn (the adversarial recipe draws
     each rank's noise from its own stream)."""
@@ -171,7 +172,8 @@ def test_the_adversarial_recipe_trains_under_ddp_and_resumes(teacher, tmp_path):
 
 # --------------------------------------------------------------------------- FSDP2 (student.form: full)
 
-FULL = ["student.form=full", "student.params=decoupled", "discriminator.blocks=[0,1]", "discriminator.hidden=16", "train.batch_size=8",
+FULL = ["student.form=full", "student.params=decoupled", "discriminator.blocks=[0,1]", "discriminator.hidden=16",
+        "train.batch_size=8",
         "train.eval_every=0", "train.sample_every=100", "train.log_every=1"]
 
 

@@ -206,7 +206,7 @@ def _resolve_auto_resume(args) -> None:
         args.resume = "latest"
         return
     args.resume, args.allow_config_change = None, False
-    if out and os.path.isfile(os.path.join(out, "config.yaml")) and set(os.listdir(out)) <= set(RUN_FILES) | {"tb", "samples"}:
+    if out and os.path.isfile(os.path.join(out, "config.yaml")) and set(os.listdir(out)) <= {*RUN_FILES, "tb", "samples"}:
         if is_main_process():
             print(f"twostep: --resume auto: {out} holds no checkpoint; starting the run again")
         args.overwrite = True

@@ -42,8 +42,8 @@ from ..config import require, save_config, to_dict
 from ..errors import TwostepError
 from ..utils import check_output_dir, check_replaceable_dir, ensure_writable_dir, is_main_process, progress, \
     trim_jsonl, write_text
-from .checkpoint import CheckpointError, ShardedRef, checkpoint_dir, drop_later_checkpoints, find_resumable, load_sharded, \
-    load_state, prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, \
+from .checkpoint import CheckpointError, ShardedRef, checkpoint_dir, drop_later_checkpoints, find_resumable, \
+    load_sharded, load_state, prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, \
     set_rng_state, verify_state
 from .preemption import Preempted, StopOnSignal
 from .discriminator import Discriminator

@@ -278,7 +278,8 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     return meta
 
 
-def load_real_run(run_dir: str, checkpoint: str | None = None) -> tuple[ZImageDistillConfig, dict, dict[str, torch.Tensor]]:
+def load_real_run(run_dir: str, checkpoint: str | None = None
+                  ) -> tuple[ZImageDistillConfig, dict, dict[str, torch.Tensor]]:
     """``(config, meta, EMA trainable state)`` of a real run, without loading the model: the finished run's
     ``student.safetensors``, or with ``checkpoint`` (``latest`` or a ``step_*`` folder) that checkpoint's EMA
     weights, gathered whole from its shards when FSDP2 wrote it (any run, finished or not)."""
