@@ -8,8 +8,9 @@
 - :func:`psnr` / :func:`ssim`: torchmetrics' functional PSNR and SSIM (Gaussian window 11, sigma 1.5), per image;
 - :func:`high_band` / :func:`sharpness_ratio`: the detail world's high-band spectral energy
   (:func:`twostep.worlds.detail.evaluator.high_band_energy`, one definition for both), per image;
-- :func:`clip_score_from_embeds`: the CLIP score formula of torchmetrics ``CLIPScore``
-  (``max(100 * cos(image, text), 0)``), on embeddings computed by :mod:`twostep.evaluation.feature_models`.
+- :func:`clip_similarity` / :func:`clip_score`: torchmetrics ``CLIPScore``'s formula (``max(mean(100 * cos(image,
+  text)), 0)``) on embeddings from :mod:`twostep.evaluation.feature_models` (torchmetrics 1.9's class itself reads
+  the feature outputs of transformers 4 and fails on transformers 5's; a test checks the two agree).
 
 Images are ``uint8`` tensors ``(N, 3, H, W)`` (what the samplers decode to and what is stored) unless a
 docstring says otherwise; features are float ``(N, D)``.
@@ -124,14 +125,19 @@ def sharpness_ratio(images: Tensor, reference: Tensor) -> float:
     return float(high_band(images).mean()) / ref if ref > 0 else math.nan
 
 
-def clip_score_from_embeds(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-    """``max(100 * cos(image_i, text_i), 0)`` per pair (torchmetrics ``CLIPScore``'s definition).
-    ``image_embeds``, ``text_embeds``: ``(N, D)`` projected CLIP embeddings, paired by index. Returns ``(N,)``."""
+def clip_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+    """``100 * cos(image_i, text_i)`` per pair. ``image_embeds``, ``text_embeds``: ``(N, D)`` projected CLIP
+    embeddings, paired by index. Returns ``(N,)``."""
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"clip score: {tuple(image_embeds.shape)} image and {tuple(text_embeds.shape)} text "
+        raise ValueError(f"clip similarity: {tuple(image_embeds.shape)} image and {tuple(text_embeds.shape)} text "
                          "embeddings")
-    cos = nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-    return (100 * cos).clamp_min(0)
+    return 100 * nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+
+
+def clip_score(similarities) -> float:
+    """torchmetrics ``CLIPScore``: the mean of :func:`clip_similarity` over a set, floored at 0."""
+    values = torch.as_tensor(similarities, dtype=torch.float64)
+    return max(float(values.mean()), 0.0)
 
 
 def _check_images(images: Tensor, reference: Tensor, what: str) -> None:

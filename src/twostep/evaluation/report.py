@@ -18,8 +18,8 @@ from .sampling import SAMPLERS
 
 # which library computes each metric (docs/zimage.md shows the same table)
 METRIC_SOURCES = {
-    "clip_score": "transformers CLIPModel embeddings; the formula of torchmetrics CLIPScore, max(100·cos, 0) "
-                  "(torchmetrics 1.9's CLIPScore itself fails on transformers 5's feature outputs)",
+    "clip_score": "transformers CLIPModel embeddings; torchmetrics CLIPScore's formula, max(mean 100·cos, 0) "
+                  "(torchmetrics 1.9's CLIPScore class itself fails on transformers 5's feature outputs)",
     "preference": "PickScore through transformers CLIPModel: exp(logit_scale)·cos(image, prompt)",
     "fd_dino / fd_clip": "torchmetrics FrechetInceptionDistance with a pass-through feature module on DINOv2 "
                          "(transformers Dinov2Model, CLS feature) or CLIP image embeddings",

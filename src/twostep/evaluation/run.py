@@ -361,7 +361,7 @@ def _load_real(paths: list[str], resolution: int) -> Tensor:
                                                                                 Image.LANCZOS)
         except (OSError, UnidentifiedImageError) as err:
             raise TwostepError(f"--real: {path} is not a readable image ({type(err).__name__}); remove it") from None
-        out.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
+        out.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
     return torch.stack(out)
 
 
@@ -434,7 +434,7 @@ def score(plan: Plan, manifest: dict) -> dict:
                     feats = clip.image_embeds(images, bs)
                     acc["clip_feats"].append(feats)
                     rows = torch.tensor([i % len(plan.prompts) for i in index])
-                    acc["clip_score"] += M.clip_score_from_embeds(feats, text[rows]).tolist()
+                    acc["clip_score"] += M.clip_similarity(feats, text[rows]).tolist()
                 if dino:
                     acc["dino_feats"].append(dino.features(images, bs))
                 if pref:
@@ -450,7 +450,8 @@ def score(plan: Plan, manifest: dict) -> dict:
         acc = per[name]
         row = {"label": labels[name], "steps": steps[name], "seconds_per_image": statistics.median(acc["seconds"]),
                "decode_seconds_per_image": statistics.median(decode),
-               "clip_score": _mean(acc["clip_score"]), "preference": _mean(acc["preference"]),
+               "clip_score": M.clip_score(acc["clip_score"]) if acc["clip_score"] else None,
+               "preference": _mean(acc["preference"]),
                "sharpness_ratio": (_mean(acc["high_band"]) / teacher_band) if teacher_band else None}
         if name != "teacher":  # distances to the teacher; the teacher is their reference
             row.update(psnr=_mean(acc["psnr"]), ssim=_mean(acc["ssim"]))
@@ -467,7 +468,7 @@ def score(plan: Plan, manifest: dict) -> dict:
         for name in SAMPLERS:
             acc = per[name]
             entry[name] = {"seconds": acc["seconds"][j], "high_band": acc["high_band"][j],
-                           **({"clip_score": acc["clip_score"][j]} if acc["clip_score"] else {}),
+                           **({"clip_similarity": acc["clip_score"][j]} if acc["clip_score"] else {}),
                            **({"preference": acc["preference"][j]} if acc["preference"] else {}),
                            **({"psnr": acc["psnr"][j], "ssim": acc["ssim"][j]} if name != "teacher" else {})}
         per_sample.append(entry)

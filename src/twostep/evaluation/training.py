@@ -132,8 +132,8 @@ class TrainingEvaluator:
 
         def clip_metrics() -> dict:
             clip = ClipModel(self.models["CLIP"], self.device)
-            score = M.clip_score_from_embeds(clip.image_embeds(images, bs), clip.text_embeds(self.prompts, bs))
-            return {"clip_score": float(score.mean())}
+            sims = M.clip_similarity(clip.image_embeds(images, bs), clip.text_embeds(self.prompts, bs))
+            return {"clip_score": M.clip_score(sims)}
 
         def dino_metrics() -> dict:
             dino = DinoModel(self.models["DINOv2"], self.device)
