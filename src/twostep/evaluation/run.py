@@ -260,6 +260,9 @@ def sample_shards(plan: Plan) -> dict:
     ranges = _shard_ranges(plan)
     todo = [k for k in range(len(ranges)) if not _finished(out, manifest, shard_name(k))]
     if not todo:
+        if not manifest["complete"]:  # stopped between the last shard and this flag
+            manifest["complete"] = True
+            write_text(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
         return manifest
     for k in range(len(ranges)):  # only verified shards stay listed
         if k in todo:
