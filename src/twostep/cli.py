@@ -317,6 +317,21 @@ def cmd_generate(args) -> None:
     print(f"wrote {len(images)} images to {args.out} ({info['num_steps']} steps, seeds {args.seed}..)")
 
 
+def cmd_evaluate(args) -> None:
+    from .config import load_config
+    from .evaluation.run import EvaluateConfig, run_evaluation
+
+    update = {}
+    if args.resolution:
+        update["resolution"] = args.resolution
+    if args.device:
+        update["device"] = args.device
+    cfg = load_config(EvaluateConfig, args.config, args.overrides, update)
+    report = run_evaluation(args.model, args.teacher, args.prompts, args.out, cfg, real=args.real,
+                            command=_command_line(args))
+    print(f"report: {report} (metrics.json and report.md beside it)")
+
+
 def cmd_configs(args) -> None:
     from .packaged_configs import describe, packaged_configs
 
@@ -475,6 +490,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=_positive_int, help="pixels (default: the resolution trained at)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | cuda:N")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="score a 2-step Z-Image student against its 8-step teacher (report.html, "
+                                        "metrics.json)")
+    p.add_argument("--model", required=True, help="`twostep train` run folder (Z-Image) or `twostep export` folder "
+                                                  "(diffusers or lora)")
+    p.add_argument("--teacher", help="Z-Image pipeline folder or hub id, e.g. Tongyi-MAI/Z-Image-Turbo (default: "
+                                     "the one the student records)")
+    p.add_argument("--prompts", required=True, help="builtin:smoke | builtin:parti, or a .txt / .jsonl / .parquet "
+                                                    "prompt file")
+    p.add_argument("--out", required=True, help="evaluation folder; a rerun of the same command finishes what is "
+                                                "missing")
+    p.add_argument("--resolution", type=_positive_int, help="pixels (default: the student's training resolution)")
+    p.add_argument("--real", help="folder of reference images: adds FD/KID to real images")
+    p.add_argument("--device", help="auto | cuda | cpu | cuda:N (default auto)")
+    p.add_argument("--config", help="YAML file with evaluation settings (keys as the overrides)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. shard_size=8 samples_per_prompt=4 models.preference=none")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("configs", help="list the packaged configs (`--config NAME` finds them from any folder)")
     p.set_defaults(func=cmd_configs)

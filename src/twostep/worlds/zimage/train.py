@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ...backbones.zimage import ZImageBackbone
 from ...config import load_config, require
 from ...engine import flow
-from ...engine.distributed import barrier, init_process_group, rank_device
+from ...engine.distributed import barrier, init_process_group, rank_device, world_size
 from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
@@ -27,6 +27,7 @@ from ...engine.checkpoint import read_state_json
 from ...engine.train import DistillTrainConfig, Trainer, check_run_dir, checkpoint_student_weights, discard_replaced, \
     resume_trainer, save_student_weights, start_run, write_meta
 from ...errors import TwostepError
+from ...evaluation.training import TrainEvalConfig
 from ... import plan
 from ...utils import check_device_name, is_main_process, read_json_object
 from .data import TEXT_DIR, ZImageDataConfig, expected_provenance, resolve_teacher
@@ -67,6 +68,9 @@ class ZImageDistillConfig:
     # the paper's recipe with the discriminator fixes, as measured on the detail world (docs/results.md)
     recipe: RecipeConfig = field(default_factory=lambda: RecipeConfig(adv_ramp_steps=200))
     train: DistillTrainConfig = field(default_factory=_real_train_defaults)
+    # what `train.eval_every` evaluates (the smoke set, a few metrics; see twostep.evaluation.training); unset = the
+    # defaults, so configs saved before this section existed still resume without a config change
+    evaluation: TrainEvalConfig | None = None
 
     def validate(self) -> None:
         require(list(self.student.sigmas) == list(self.teacher_data.student_sigmas), "student.sigmas",
@@ -161,6 +165,20 @@ def compose_preview(title: str, prompts: list[str], teacher: list, student: list
     return grid, {"header": (0, 0, grid.width, header), "rows": rows}
 
 
+@torch.no_grad()
+def teacher_latents(student: Student, noise: torch.Tensor, cond, steps: int, shift: float, device) -> torch.Tensor:
+    """The frozen base's ``steps``-step Turbo-schedule latents (every adapter off) from ``noise`` ``(N, C, h, w)``
+    and conditioning ``cond``, one sample at a time (the smallest activations), on CPU."""
+    sigmas = flow.turbo_sigmas(steps, shift)
+    finals = []
+    with student.teacher() as teacher:
+        for i in range(noise.shape[0]):
+            x, c = noise[i:i + 1].to(device), cond[i:i + 1].to(device)
+            final = flow.euler_sample(lambda x_, s, _: teacher.velocity(x_, s.to(device), c), x, sigmas)
+            finals.append(final.cpu())
+    return torch.cat(finals)
+
+
 def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data_cfg: ZImageDataConfig | None = None,
                    count: int = 4, seed: int = 0):
     """``write(student, path)``: a labelled grid of the first prompts (see :func:`compose_preview`), the teacher's
@@ -177,20 +195,9 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data
     sampled_teacher: list = []
     steps = data_cfg.teacher_steps
 
-    @torch.no_grad()
-    def teacher_latents(student: Student) -> torch.Tensor:
-        sigmas = flow.turbo_sigmas(steps, data_cfg.shift)
-        finals = []
-        with student.teacher() as teacher:
-            for i in range(count):  # one at a time, as student.sample: the smallest activations
-                x, c = noise[i:i + 1].to(device), cond[i:i + 1].to(device)
-                final = flow.euler_sample(lambda x_, s, _: teacher.velocity(x_, s.to(device), c), x, sigmas)
-                finals.append(final.cpu())
-        return torch.cat(finals)
-
     def write(student: Student, path: str, title: str | None = None) -> dict:
         latents = student.sample(noise.to(device), cond.to(device), batch_size=1)["final"]
-        first = teacher_latents(student) if not sampled_teacher else None
+        first = teacher_latents(student, noise, cond, steps, data_cfg.shift, device) if not sampled_teacher else None
         sampled_teacher.append(True)
         if not is_main_process():  # FSDP2: every rank samples (the forward is a collective); rank 0 draws
             return {}
@@ -254,6 +261,14 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     data = None if online else TeacherData(cfg.data_dir, expected=expected)  # online: built on the student below
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, TEXT_DIR), expected=expected["text"])
     plan.warn_small_cache(expected["num_samples"], cfg.train.batch_size, plan.MIN_REAL_SAMPLES)  # before loading
+    evaluator = None
+    # rank 0 scores; under FSDP2 every rank samples with it (the student's forward is a collective)
+    sharded = cfg.student.form == "full" and world_size() > 1
+    if cfg.train.eval_every and (is_main_process() or sharded):  # checks its prompts now: a bad file refuses the run
+        from ...evaluation.training import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(cfg.evaluation or TrainEvalConfig(), teacher.folder, teacher.latent_shape,
+                                      cfg.teacher_data, device)
     barrier()
     start_run(cfg, out_dir, overwrite)
     inputs = {"teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
@@ -261,12 +276,14 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     write_meta(out_dir, {"kind": "zimage-student", "status": "training", **inputs})  # `export --checkpoint` reads it
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if evaluator is not None:
+        evaluator.setup()  # the text encoder comes and goes before the student takes the memory
     student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
     if online:
         data = online_teacher_data(student, cfg, teacher, embeds, device)
     trainer = Trainer(cfg, student, disc, data, embeds, None, out_dir,
                       sample_fn=preview_writer(teacher.folder, embeds, teacher.latent_shape, device, cfg.teacher_data),
-                      device=device)
+                      eval_fn=evaluator, device=device)
     resume_trainer(trainer, checkpoint)
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
