@@ -238,8 +238,8 @@ def test_fsdp2_adversarial_recipe_with_gradient_accumulation_trains_previews_and
 
 
 def test_zimage_full_student_under_fsdp2_exports_from_its_sharded_checkpoint(tmp_path):
-    """The real path with full per-step copies on 2 processes: `export --checkpoint latest` gathers the sharded
-    EMA weights whole and writes the same merged transformers as the export of the finished run's weights."""
+    """The real path with full per-step copies on 2 processes (with evaluation during training): `export
+    --checkpoint latest` gathers the sharded EMA weights whole and writes the same merged transformers as the export of the finished run's weights."""
     from twostep.cli import DEFAULT_ZIMAGE_CONFIG
     from twostep.testing import tiny_zimage_pipeline
 
@@ -251,9 +251,11 @@ def test_zimage_full_student_under_fsdp2_exports_from_its_sharded_checkpoint(tmp
                  "teacher_data.previews=0"]) == 0
     proc = torchrun(2, "train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", data, "--out", run, "student.form=full",
                     "train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "train.sample_every=100",
-                    "train.bf16=false", "model.dtype=float32", "discriminator.blocks=[0,1]", "discriminator.hidden=16")
+                    "train.bf16=false", "model.dtype=float32", "discriminator.blocks=[0,1]", "discriminator.hidden=16",
+                    "train.eval_every=2", "evaluation.count=2", "evaluation.clip=none", "evaluation.dino=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(os.listdir(os.path.join(run, "checkpoints", "step_000002", "sharded"))) == 2
+    assert "eval/psnr" in _log(run)[-1]  # the smoke set sampled on both ranks, scored by rank 0
     outs = {}
     for name, extra in (("finished", []), ("checkpoint", ["--checkpoint", "latest"])):
         outs[name] = str(tmp_path / name)
