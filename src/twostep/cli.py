@@ -548,6 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every rank (rank 0 writes the last files), then close the process group. A gloo
+    process that exits with its group open can abort at interpreter shutdown, failing the whole job."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -563,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*Matrix is singular.*")
     try:
         args.func(args)
+        _leave_process_group()
     except Preempted as err:
         print(f"twostep: {err}", file=sys.stderr)
         return err.exit_code

@@ -72,14 +72,14 @@ def any_rank(flag: bool) -> bool:
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each scalar averaged over the ranks (equal slices of the global batch: the global batch's mean)."""
-    if not is_distributed() or not values:
+    """Each scalar averaged over the ranks that logged it (equal slices of the global batch: the global batch's
+    mean). A rank's logs may lack a term its slice gave no value for, so the dicts are gathered, not reduced."""
+    if not is_distributed():
         return values
-    keys = sorted(values)
-    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(stacked)
-    stacked /= dist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, stacked.tolist())}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: float(v) for k, v in values.items()})
+    keys = list(values) + sorted({k for logs in gathered for k in logs} - set(values))
+    return {k: sum(logs[k] for logs in gathered if k in logs) / sum(k in logs for logs in gathered) for k in keys}
 
 
 def broadcast_text(text: str | None) -> str:
