@@ -65,3 +65,21 @@ def test_full_size_components_have_the_published_sizes():
         text = sum(p.numel() for p in Qwen3Model(Qwen3Config(**module.QWEN3_4B)).parameters())
         vae = sum(p.numel() for p in AutoencoderKL(**module.ZIMAGE_VAE).parameters())
     assert round(text / 1e9, 2) == 4.02 and round(vae / 1e6) == 84, (text, vae)
+
+
+def test_cuda_smoke_runs_every_real_path_stage_and_reports_a_failure(tmp_path):
+    """benchmarks/cuda_smoke.py (run on a GPU machine) passes on CPU, and a failing stage is reported as such."""
+    spec = importlib.util.spec_from_file_location("cuda_smoke", SCRIPT.parent / "cuda_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert smoke.main(["--out", str(tmp_path / "ok")]) == 0
+    record = json.loads((tmp_path / "ok" / "cuda_smoke.json").read_text())
+    assert record["passed"] and list(record["stages"])[-1] == "evaluate"
+    assert "eval/psnr" in record["train_last_log"] and "student" in record["evaluate"]
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n")
+    record["stages"]["export"]["exit"] = 2
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(record))
+    assert smoke.main(["--record", str(broken), "--results", str(doc)]) == 0
+    assert "**A stage failed**" in doc.read_text() and "export FAILED" in doc.read_text()
