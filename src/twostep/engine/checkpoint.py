@@ -57,13 +57,18 @@ class NonFiniteError(TwostepError):
 # --------------------------------------------------------------------------- weights
 
 
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating tensor holding NaN or inf (None when all are finite)."""
+    return next((n for n, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
 def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Refuse to write ``what`` when any floating tensor holds NaN or inf (names the first one)."""
-    for name, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise NonFiniteError(f"refusing to save {what}: tensor '{name}' holds {bad} non-finite values; nothing "
-                                 "was written")
+    name = first_nonfinite(tensors)
+    if name is not None:
+        bad = int((~torch.isfinite(tensors[name])).sum())
+        raise NonFiniteError(f"refusing to save {what}: tensor '{name}' holds {bad} non-finite values; nothing "
+                             "was written")
 
 
 def save_weights(module: nn.Module, path: str, metadata: dict[str, str] | None = None) -> None:
@@ -170,8 +175,10 @@ def split_state(state: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, tor
     return walk(state, ""), tensors, sharded
 
 
-def join_state(skeleton: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
-    """Inverse of :func:`split_state`; a reference to a tensor that is not there is a :class:`CheckpointError`."""
+def join_state(skeleton: Any, tensors: dict[str, torch.Tensor], where: str,
+               sharded: dict[str, torch.Tensor] | None = None) -> Any:
+    """Inverse of :func:`split_state`; a reference to a tensor that is not there is a :class:`CheckpointError`.
+    Sharded tensors come back as :class:`ShardedRef`, or from ``sharded`` (whole tensors by name) when given."""
 
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
@@ -181,7 +188,12 @@ def join_state(skeleton: Any, tensors: dict[str, torch.Tensor], where: str) -> A
                                           f"{TENSORS} lacks")
                 return tensors[node[_TENSOR]]
             if set(node) == {_SHARDED} and isinstance(node[_SHARDED], str):
-                return ShardedRef(node[_SHARDED])
+                if sharded is None:
+                    return ShardedRef(node[_SHARDED])
+                if node[_SHARDED] not in sharded:
+                    raise CheckpointError(f"{where}: {STATE_JSON} refers to tensor {node[_SHARDED]!r} that "
+                                          f"{SHARDED_DIR}/ lacks")
+                return sharded[node[_SHARDED]]
             if set(node) == {_TUPLE}:
                 return tuple(walk(v) for v in node[_TUPLE])
             if set(node) == {_MAP}:
@@ -237,9 +249,8 @@ def _save_with_shards(folder: str, skeleton: Any, tensors: dict[str, torch.Tenso
     from .distributed import any_rank, barrier, broadcast_text, local_part
 
     main = is_main_process()
-    bad = next((name for name, value in sharded.items() if value.is_floating_point()
-                and not bool(torch.isfinite(local_part(value)).all())), None)
-    if any_rank(bad is not None or (main and _first_nonfinite(tensors) is not None)):
+    bad = first_nonfinite({name: local_part(value) for name, value in sharded.items()})
+    if any_rank(bad is not None or (main and first_nonfinite(tensors) is not None)):
         raise NonFiniteError(f"refusing to save {what} {folder}: a tensor holds non-finite values"
                              + (f" ('{bad}' on this rank)" if bad else "") + "; nothing was written")
     with atomic_dir(folder) if main else nullcontext(None) as tmp:
@@ -251,10 +262,6 @@ def _save_with_shards(folder: str, skeleton: Any, tensors: dict[str, torch.Tenso
             shard_files = sorted(f"{SHARDED_DIR}/{name}" for name in os.listdir(os.path.join(tmp, SHARDED_DIR)))
             _write_rest(tmp, skeleton, tensors, tuple(shard_files))
     barrier()  # renamed into place before any rank goes on (and prunes or resumes from it)
-
-
-def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
-    return next((n for n, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
 def load_sharded(folder: str, targets: dict[str, torch.Tensor]) -> None:
@@ -336,12 +343,14 @@ def load_state(folder: str, verify: bool = True) -> dict[str, Any]:
     unless ``verify=False``, for a folder :func:`verify_state` has just passed)."""
     if verify:
         verify_state(folder)
-    skeleton = read_state_json(folder)
+    return join_state(read_state_json(folder), _read_tensors(folder), folder)
+
+
+def _read_tensors(folder: str) -> dict[str, torch.Tensor]:
     try:
-        tensors = load_file(os.path.join(folder, TENSORS))
+        return load_file(os.path.join(folder, TENSORS))
     except Exception as err:  # noqa: BLE001 - a checksummed file that still fails to parse: report, never crash
         raise CheckpointError(f"checkpoint {folder}: {TENSORS} is unreadable ({err})".splitlines()[0]) from err
-    return join_state(skeleton, tensors, folder)
 
 
 def load_whole_state(folder: str, verify: bool = True) -> dict[str, Any]:
@@ -349,44 +358,17 @@ def load_whole_state(folder: str, verify: bool = True) -> dict[str, Any]:
     checkpoint, inspection): the sizes come from the shards' safetensors headers."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    state = load_state(folder, verify=verify)
-    refs: list[ShardedRef] = []
-
-    def collect(node: Any) -> None:
-        if isinstance(node, ShardedRef):
-            refs.append(node)
-        elif isinstance(node, dict):
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                collect(value)
-
-    collect(state)
-    if not refs:
-        return state
+    if verify:
+        verify_state(folder)
+    if not os.path.isdir(os.path.join(folder, SHARDED_DIR)):
+        return load_state(folder, verify=False)
     try:
         metadata = HuggingFaceStorageReader(os.path.join(folder, SHARDED_DIR)).read_metadata().state_dict_metadata
     except Exception as err:  # noqa: BLE001 - a checksummed shard that still fails to parse: report, never crash
         raise CheckpointError(f"checkpoint {folder}: {SHARDED_DIR}/ is unreadable ({err})".splitlines()[0]) from err
-    missing = [str(r) for r in refs if str(r) not in metadata]
-    if missing:
-        raise CheckpointError(f"checkpoint {folder}: {SHARDED_DIR}/ lacks tensor {missing[0]!r}")
-    whole = {str(r): torch.zeros(metadata[str(r)].size, dtype=metadata[str(r)].properties.dtype) for r in refs}
+    whole = {name: torch.zeros(meta.size, dtype=meta.properties.dtype) for name, meta in metadata.items()}
     load_sharded(folder, whole)
-
-    def swap(node: Any) -> Any:
-        if isinstance(node, ShardedRef):
-            return whole[str(node)]
-        if isinstance(node, dict):
-            return {k: swap(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [swap(v) for v in node]
-        if isinstance(node, tuple):
-            return tuple(swap(v) for v in node)
-        return node
-
-    return swap(state)
+    return join_state(read_state_json(folder), _read_tensors(folder), folder, sharded=whole)
 
 
 def old_format_error(path: str) -> CheckpointError:

@@ -91,14 +91,13 @@ def broadcast_text(text: str | None) -> str:
     return holder[0]
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def shard_backbone(backbone: torch.nn.Module, param_dtype: str, reduce_dtype: str) -> None:
     """FSDP2 in place: ``fully_shard`` on every transformer block, then on the transformer (the root: it holds the
     embedders and the final layer). The root is the transformer, not the backbone wrapper, because the backbone's
     ``velocity`` and ``features`` call the transformer's ``forward``, where FSDP2 gathers the parameters."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .teacher_data import DTYPES
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     transformer = backbone.transformer

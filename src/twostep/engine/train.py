@@ -49,9 +49,8 @@ from .preemption import Preempted, StopOnSignal
 from .discriminator import Discriminator
 from .recipe import RecipeConfig, adv_ramp, discriminator_loss, generator_loss
 from .student import Student
-from .teacher_data import TeacherData
-from .distributed import DTYPES as FSDP_DTYPES, any_rank, full_tensor, is_sharded, like_layout, local_part, \
-    mean_over_ranks
+from .teacher_data import DTYPES, TeacherData
+from .distributed import any_rank, full_tensor, is_sharded, like_layout, local_part, mean_over_ranks
 
 Tensor = torch.Tensor
 
@@ -110,7 +109,7 @@ class DistillTrainConfig:
         require(self.batch_size % self.grad_accum_steps == 0, "batch_size",
                 f"{self.batch_size} must be a multiple of train.grad_accum_steps ({self.grad_accum_steps})")
         for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
-            require(getattr(self, key) in FSDP_DTYPES, key, f"must be one of {', '.join(FSDP_DTYPES)}")
+            require(getattr(self, key) in DTYPES, key, f"must be one of {', '.join(DTYPES)}")
 
 
 class RunConfig(Protocol):
