@@ -271,6 +271,22 @@ def test_evaluate_writes_report_html_md_and_metrics_with_every_metric(world, cap
         assert diff.max() <= 1, f"sample {i}"
     assert not torch.equal(shard["student"], shard["teacher"])
 
+    # the teacher and naive columns are the stock pipeline without any adapter: 8 steps, and the student's 2 sigmas
+    from diffusers import ZImagePipeline
+
+    from twostep.model_card import pipeline_sigmas
+
+    plain = ZImagePipeline.from_pretrained(world["pipe"])
+    plain.set_progress_bar_config(disable=True)
+    naive_sigmas = pipeline_sigmas([1.0, 0.75], 3.0)
+    for column, kwargs in (("teacher", {"num_inference_steps": 8}), ("naive", {"sigmas": naive_sigmas})):
+        for i, prompt in enumerate(PROMPTS[:2]):
+            image = plain(prompt, height=RES, width=RES, guidance_scale=0.0,
+                          generator=torch.Generator("cpu").manual_seed(i), **kwargs).images[0]
+            diff = np.abs(np.asarray(image, dtype=np.int16) - shard[column][i].permute(1, 2, 0).numpy())
+            assert diff.max() <= 1, f"{column} sample {i}"
+    assert not torch.equal(shard["naive"], shard["student"])
+
 
 def test_evaluate_resumes_by_shard_and_skips_a_missing_preference_model(world, monkeypatch, capsys):
     """Interrupted after one shard, the rerun makes only the missing ones (and remakes a damaged one); the result
@@ -315,6 +331,30 @@ def test_evaluate_resumes_by_shard_and_skips_a_missing_preference_model(world, m
     calls.clear()
     assert main(command) == 0 and calls == []  # complete: metrics and report only
     capsys.readouterr()
+
+    # the same folder with another setting is refused, in one line, before anything is loaded or written
+    before = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if n.endswith(".safetensors")}
+    assert main([*command, "seed=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "seed=0" in err and "\n" not in err
+    manifest = json.load(open(out / "manifest.json"))
+    manifest["shards"]["shard-00000.safetensors"] = "forged"  # an untrusted manifest: refused, not a crash
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(command) == 2 and "not a twostep evaluation manifest" in capsys.readouterr().err
+    assert before == {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if n.endswith(".safetensors")}
+
+
+def test_a_failing_training_evaluation_is_reported_and_training_goes_on(capsys):
+    from twostep.evaluation.training import TrainingEvaluator
+
+    evaluator = TrainingEvaluator.__new__(TrainingEvaluator)  # only __call__'s guard is under test
+
+    def out_of_memory(student):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    evaluator._evaluate = out_of_memory
+    assert evaluator(student=None) == {}
+    assert "this evaluation failed (RuntimeError: CUDA out of memory" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["unknown builtin", "no model", "bad resolution", "missing clip", "bad key",

@@ -154,7 +154,7 @@ def write_report(plan, manifest: dict, result: dict) -> str:
     from .run import METRICS, sample_images
 
     out = plan.out
-    shown = list(range(min(plan.cfg.grids, len(plan.prompts), plan.num_samples)))  # sample p: prompt p, first seed
+    shown = list(range(min(plan.cfg.grids or len(plan.prompts), len(plan.prompts), plan.num_samples)))  # p: prompt p
     worst = result["worst_prompts"]
     wanted = sorted(set(shown) | {w["sample"] for w in worst})
     images = sample_images(plan, manifest, wanted)
@@ -169,8 +169,10 @@ def write_report(plan, manifest: dict, result: dict) -> str:
     student, teacher = result["samplers"]["student"], result["samplers"]["teacher"]
     speed = (f"Speed: the student's {student['steps']} steps take {student['seconds_per_image']:.3f} s per image, the "
              f"teacher's {teacher['steps']} steps {teacher['seconds_per_image']:.3f} s: "
-             f"{result['speedup']:.2f}x faster (denoising loop, median per image, measured in this process on "
-             f"{result['device']}; the VAE decode adds {student['decode_seconds_per_image']:.3f} s to each)."
+             f"{result['speedup']:.2f}x faster (denoising loop, median per image, timed while the shards were "
+             f"sampled, on {result['provenance_device']}, all in one pipeline: the student's time includes its "
+             f"per-step adapter switch, the teacher rows run with the adapters disabled; the VAE decode adds "
+             f"{student['decode_seconds_per_image']:.3f} s to each)."
              if result.get("speedup") else "")
     intro = (f"Student `{plan.student.path}` ({plan.student.kind}, {plan.student.num_steps} steps, sigmas "
              f"{plan.student.sigmas}); teacher `{plan.teacher_id}` ({plan.cfg.teacher_steps} steps). Prompts "

@@ -61,7 +61,7 @@ class EvaluateConfig:
     shard_size: int = 16  # samples per shard: the unit a rerun resumes from
     dtype: str = "auto"  # pipeline dtype: auto = bfloat16 on a GPU, float32 on CPU
     device: str = "auto"
-    grids: int = 16  # prompts shown side by side in the report
+    grids: int = 0  # prompts shown side by side in the report (0 = every prompt)
     worst: int = 8  # prompts listed as the student's worst (lowest paired PSNR to the teacher)
     kid_subset_size: int = 1000
     kid_subsets: int = 100
@@ -78,7 +78,7 @@ class EvaluateConfig:
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                 "must be auto, float32, bfloat16 or float16")
         require(check_device_name(self.device), "device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        require(self.grids >= 0, "grids", "must be >= 0")
+        require(self.grids >= 0, "grids", "must be >= 0 (0 = every prompt)")
         require(self.worst >= 0, "worst", "must be >= 0")
         require(self.kid_subset_size >= 2, "kid_subset_size", "must be at least 2")
         require(self.kid_subsets >= 1, "kid_subsets", "must be at least 1")
@@ -144,7 +144,8 @@ def _read_manifest(out: str) -> dict | None:
     manifest = read_json_file(path, what="evaluation manifest", hint=f"delete {out} and evaluate again")
     if not (isinstance(manifest, dict) and manifest.get("kind") == KIND and isinstance(manifest.get("provenance"),
                                                                                     dict)
-            and isinstance(manifest.get("shards"), dict)):
+            and isinstance(manifest.get("shards"), dict)
+            and all(isinstance(entry, dict) for entry in manifest["shards"].values())):
         raise TwostepError(f"{path} is not a twostep evaluation manifest; use another --out")
     return manifest
 
@@ -208,7 +209,7 @@ def prepare(model: str, teacher: str | None, prompts: str, out: str, cfg: Evalua
                   "prompts_sha256": prompts_sha256(prompt_list), "num_prompts": len(prompt_list),
                   "samples_per_prompt": cfg.samples_per_prompt, "resolution": resolution, "seed": cfg.seed,
                   "teacher_steps": cfg.teacher_steps, "student_sigmas": student.sigmas, "shift": student.shift,
-                  "shard_size": cfg.shard_size, "dtype": cfg.dtype}
+                  "shard_size": cfg.shard_size, **_resolved_precision(cfg)}
     _check_out(out, provenance)
     return Plan(cfg, out, teacher_id, prompt_list, prompts_path, student, resolved.folder, resolved.latent_shape, resolution,
                 real_files, skipped, provenance)
@@ -237,6 +238,15 @@ def noise_for(sample: int, seed: int, shape: tuple[int, int, int]) -> Tensor:
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + sample))
 
 
+def _resolved_precision(cfg) -> dict:
+    """What the samples depend on beyond the config's words: the device kind and dtype ``auto`` resolves to (a
+    folder begun on CPU in float32 is not finished on a GPU in bf16, nor are its latencies pooled)."""
+    from ..utils import resolve_device
+
+    device = resolve_device(cfg.device)
+    return {"dtype": str(_pick_dtype(cfg.dtype, device)).replace("torch.", ""), "device": device.type}
+
+
 def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     from ..worlds.zimage.pipeline_io import torch_dtype
 
@@ -260,7 +270,7 @@ def sample_shards(plan: Plan) -> dict:
     ranges = _shard_ranges(plan)
     todo = [k for k in range(len(ranges)) if not _finished(out, manifest, shard_name(k))]
     if not todo:
-        if not manifest["complete"]:  # stopped between the last shard and this flag
+        if not manifest.get("complete"):  # stopped between the last shard and this flag
             manifest["complete"] = True
             write_text(os.path.join(out, MANIFEST), json.dumps(manifest, indent=2) + "\n")
         return manifest
@@ -478,7 +488,7 @@ def score(plan: Plan, manifest: dict) -> dict:
     return {"samplers": rows, "per_sample": per_sample,
             "speedup": rows["teacher"]["seconds_per_image"] / rows["student"]["seconds_per_image"]
             if rows["student"]["seconds_per_image"] else None,
-            "device": str(device)}
+            "device": str(device), "provenance_device": f"{plan.provenance['device']}, {plan.provenance['dtype']}"}
 
 
 def worst_prompts(plan: Plan, result: dict) -> list[dict]:

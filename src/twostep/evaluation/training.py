@@ -1,5 +1,5 @@
-"""Evaluation during training on the real path (``train.eval_every``): a small ``twostep evaluate`` on the EMA
-weights, logged by the trainer as ``eval/*`` to ``train_log.jsonl`` and TensorBoard.
+"""Evaluation during training on the real path (``train.eval_every``): a few of ``twostep evaluate``'s metrics on
+the EMA weights, logged by the trainer as ``eval/*`` to ``train_log.jsonl`` and TensorBoard.
 
 The smoke set (16 prompts), fixed noise; the student's 2-step images against the teacher's 8-step images from the
 same noise (sampled once, at the first evaluation, by the frozen base with its adapters off):
@@ -7,7 +7,12 @@ same noise (sampled once, at the first evaluation, by the frozen base with its a
 - ``eval/psnr``, ``eval/ssim``, ``eval/sharpness_ratio``: need no model, always there;
 - ``eval/clip_score`` (CLIP) and ``eval/kid_dino``, ``eval/fd_dino`` (DINOv2, to the teacher's images): only when the
   metric model loads. A model that cannot be loaded is reported once, at the start, and its metrics are left out;
-  a metric that fails later is reported once and left out from then on. Nothing here stops or blocks the run.
+  a metric that fails later is reported once and left out from then on; an evaluation that fails as a whole (out
+  of memory while sampling, say) is reported and skipped. Nothing here stops the run.
+
+Not numerically a ``twostep evaluate``: the noise is one batch drawn from ``seed`` (evaluate draws sample i from
+``seed + i``) and the images come from the training backbone's own Euler loop, not the diffusers pipeline; the
+values are a trend to watch during training.
 
 The prompts are encoded once, before the student is built (the text encoder is loaded, used and freed); the VAE
 and metric models are loaded per evaluation and freed, so none of them stays resident during training.
@@ -109,8 +114,20 @@ class TrainingEvaluator:
             _warn(f"{name} failed ({reason[:200]}); left out from now on")
             self.failed.add(name)
 
-    @torch.no_grad()
     def __call__(self, student) -> dict[str, float]:
+        """The metrics, or none this time when anything fails (out of memory while sampling or decoding, say): the
+        failure is reported and training goes on."""
+        try:
+            return self._evaluate(student)
+        except Exception as err:  # noqa: BLE001 - an evaluation must never stop the training run
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            _warn(f"this evaluation failed ({type(err).__name__}: {reason[:200]}); training goes on without it")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return {}
+
+    @torch.no_grad()
+    def _evaluate(self, student) -> dict[str, float]:
         from ..worlds.zimage.pipeline_io import load_vae
         from ..worlds.zimage.train import teacher_latents
 
