@@ -287,6 +287,15 @@ def test_evaluate_writes_report_html_md_and_metrics_with_every_metric(world, cap
             assert diff.max() <= 1, f"{column} sample {i}"
     assert not torch.equal(shard["naive"], shard["student"])
 
+    # PickScore's processor is a separate repository: a missing one skips the preference score, nothing else
+    models = [a for a in _models(world) if not a.startswith("models.preference_processor")]
+    assert main(["evaluate", "--model", world["export"], "--teacher", world["pipe"], "--prompts", world["prompts"],
+                 "--out", str(out), "--real", world["real"], "shard_size=2", *models,
+                 "models.preference_processor=nobody/no-such-processor"]) == 0
+    again = json.load(open(out / "metrics.json"))
+    assert "nobody/no-such-processor" in again["skipped"]["preference"]
+    assert again["samplers"]["student"]["psnr"] == rows["student"]["psnr"]
+
 
 def test_evaluate_resumes_by_shard_and_skips_a_missing_preference_model(world, monkeypatch, capsys):
     """Interrupted after one shard, the rerun makes only the missing ones (and remakes a damaged one); the result

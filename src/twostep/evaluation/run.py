@@ -203,6 +203,8 @@ def prepare(model: str, teacher: str | None, prompts: str, out: str, cfg: Evalua
     else:
         try:
             check_available("preference", cfg.models.preference)
+            if cfg.models.preference_processor:  # PickScore's processor lives in another repository
+                check_available("preference", cfg.models.preference_processor)
         except MetricModelUnavailable as err:
             skipped["preference"] = str(err)
     provenance = {"teacher_fingerprint": resolved.fingerprint, "student_sha256": student.identity,
