@@ -287,6 +287,12 @@ def test_evaluate_writes_report_html_md_and_metrics_with_every_metric(world, cap
             assert diff.max() <= 1, f"{column} sample {i}"
     assert not torch.equal(shard["naive"], shard["student"])
 
+    # on the chain's own images: blurring the student's samples lowers its sharpness score below the unblurred one
+    student = shard["student"]
+    blurred = torch.nn.functional.avg_pool2d(student.float(), 3, stride=1, padding=1,
+                                             count_include_pad=False).round().to(torch.uint8)
+    assert M.sharpness_ratio(blurred, shard["teacher"]) < 0.8 * M.sharpness_ratio(student, shard["teacher"])
+
     # PickScore's processor is a separate repository: a missing one skips the preference score, nothing else
     models = [a for a in _models(world) if not a.startswith("models.preference_processor")]
     assert main(["evaluate", "--model", world["export"], "--teacher", world["pipe"], "--prompts", world["prompts"],
