@@ -168,6 +168,9 @@ def test_the_adversarial_recipe_trains_under_ddp_and_resumes(teacher, tmp_path):
                     "--allow-config-change")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(open(tmp_path / "r" / "train_log.jsonl").read().splitlines()[-1])["step"] == 3
+    # rank 0 checks the checkpoint (reading it once) and every rank takes its refusal: no rank waits for the others
+    proc = torchrun(2, "train", "--out", str(tmp_path / "r"), "--resume", "latest", "student.lora_rank=8")
+    assert proc.returncode != 0 and proc.stderr.count("'student.lora_rank' (4 in step_000003, 8 now)") == 2
 
 
 # --------------------------------------------------------------------------- FSDP2 (student.form: full)

@@ -246,7 +246,7 @@ def _save_with_shards(folder: str, skeleton: Any, tensors: dict[str, torch.Tenso
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     from ..utils import is_main_process
-    from .distributed import any_rank, barrier, broadcast_text, local_part
+    from .distributed import any_rank, barrier, broadcast_object, local_part
 
     main = is_main_process()
     bad = first_nonfinite({name: local_part(value) for name, value in sharded.items()})
@@ -254,7 +254,7 @@ def _save_with_shards(folder: str, skeleton: Any, tensors: dict[str, torch.Tenso
         raise NonFiniteError(f"refusing to save {what} {folder}: a tensor holds non-finite values"
                              + (f" ('{bad}' on this rank)" if bad else "") + "; nothing was written")
     with atomic_dir(folder) if main else nullcontext(None) as tmp:
-        tmp = broadcast_text(tmp)
+        tmp = broadcast_object(tmp)
         dcp.save(sharded, storage_writer=HuggingFaceStorageWriter(os.path.join(tmp, SHARDED_DIR),
                                                                   save_distributed=True))
         barrier()  # every rank's shard file is complete

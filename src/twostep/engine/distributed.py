@@ -82,11 +82,11 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: sum(logs[k] for logs in gathered if k in logs) / sum(k in logs for logs in gathered) for k in keys}
 
 
-def broadcast_text(text: str | None) -> str:
-    """Rank 0's ``text`` on every rank."""
+def broadcast_object(value):
+    """Rank 0's ``value`` (plain data: strings, numbers, tuples) on every rank."""
     if not is_distributed():
-        return text
-    holder = [text]
+        return value
+    holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
 

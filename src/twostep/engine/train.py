@@ -655,9 +655,31 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
                    identity_keys=IDENTITY_KEYS, operational_keys=OPERATIONAL_KEYS) -> str | None:
     """Checks only, writes nothing: the verified checkpoint to resume from (None for a fresh run), after
     comparing its config with ``cfg`` (:func:`check_config_change`). ``--resume latest`` falls back past an
-    incomplete or corrupt newest checkpoint and says so."""
+    incomplete or corrupt newest checkpoint and says so. Under torchrun rank 0 checks (reading every file of a
+    sharded checkpoint once, not once per process) and the other ranks take its answer."""
+    from .distributed import broadcast_object, is_distributed
+
     if not resume:
         return None
+    args = (cfg, run_dir, resume, allow_config_change, identity_keys, operational_keys)
+    if not is_distributed():
+        return _verified_resume(*args)
+    outcome, error = None, None
+    if is_main_process():
+        try:
+            outcome = ("checkpoint", _verified_resume(*args))
+        except TwostepError as err:
+            outcome, error = ("error", str(err)), err
+    kind, value = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise TwostepError(value)
+    return value
+
+
+def _verified_resume(cfg: RunConfig, run_dir: str, resume: str, allow_config_change: bool, identity_keys,
+                     operational_keys) -> str:
     if os.path.isfile(run_dir):
         raise TwostepError(f"--resume: {run_dir} is a file, not a run folder")
     root = os.path.join(run_dir, "checkpoints")
