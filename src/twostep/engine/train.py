@@ -572,18 +572,13 @@ class Trainer:
                                         "command, without --overwrite)")
                     if self.problems and main:
                         bar.write(f"step {self.step}: update skipped ({'; '.join(self.problems)})")
-                    if self._stop_requested():  # the grace period is short: no evaluation or preview grid first
-                        if every_rank:
-                            self.save_checkpoint()
-                        raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
-                                        f"saved in {self.last_checkpoint}; continue exactly with `--resume latest` "
-                                        "(the same command, without --overwrite)")
-                    if every_rank and self.eval_fn is not None and tc.eval_every and (
+                    stopping = self._stop_requested()  # the grace period is short: no evaluation or preview
+                    if not stopping and every_rank and self.eval_fn is not None and tc.eval_every and (
                             self.step % tc.eval_every == 0 or self.step == tc.steps):
                         with self.ema.applied():
                             logs.update({f"eval/{k}": v for k, v in self.eval_fn(self.student).items()})
-                    if (self.step % tc.log_every == 0 or self.step == tc.steps or self.problems
-                            or any(k.startswith("eval/") for k in logs)):
+                    if (self.step % tc.log_every == 0 or self.step == tc.steps or self.problems or stopping
+                            or any(k.startswith("eval/") for k in logs)):  # a stop logs the step it saves
                         record = {"step": self.step, "elapsed_s": round(self.elapsed, 2),
                                   "g_lr": self.sched_g.get_last_lr()[0], **{k: round(v, 6) for k, v in logs.items()}}
                         if self.problems:
@@ -595,6 +590,12 @@ class Trainer:
                                 writer.add_scalar(k, v, self.step)
                         bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
                                         acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
+                    if stopping:
+                        if every_rank:
+                            self.save_checkpoint()
+                        raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
+                                        f"saved in {self.last_checkpoint}; continue exactly with `--resume latest` "
+                                        "(the same command, without --overwrite)")
                     if every_rank and self.sample_fn is not None and (self.step % tc.sample_every == 0
                                                                       or self.step == tc.steps):
                         with self.ema.applied():
