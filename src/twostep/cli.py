@@ -193,6 +193,9 @@ def _recorded_inputs(run_dir: str) -> dict:
     return read_json_object(path, what="run record") if os.path.isfile(path) else {}
 
 
+DEFAULT_RUN_DIRS = ("runs/student", "runs/zimage/student")  # where `train` writes without --out (toy, Z-Image)
+
+
 def _resolve_auto_resume(args) -> None:
     """``--resume auto`` (one command for a first submission and every requeue): ``latest`` when the run folder has
     a checkpoint; otherwise a fresh run, which may replace a run folder that an earlier attempt left without any
@@ -200,7 +203,7 @@ def _resolve_auto_resume(args) -> None:
     from .engine.checkpoint import list_checkpoints
     from .engine.train import RUN_FILES
 
-    out = args.out or next((d for d in ("runs/student", "runs/zimage/student")
+    out = args.out or next((d for d in DEFAULT_RUN_DIRS
                             if list_checkpoints(os.path.join(d, "checkpoints"))), None)
     if out and list_checkpoints(os.path.join(out, "checkpoints")):
         args.resume = "latest"
@@ -218,7 +221,7 @@ def cmd_train(args) -> None:
     if args.resume == "auto":
         _resolve_auto_resume(args)
     if args.resume and not args.out:  # the default run folder of whichever kind of run is there
-        args.out = next((d for d in ("runs/student", "runs/zimage/student")
+        args.out = next((d for d in DEFAULT_RUN_DIRS
                          if os.path.isfile(os.path.join(d, "config.yaml"))), "runs/student")
     config = _resume_config(args.config, args.out) if args.resume else None
     if config is None and not args.config and args.data and os.path.isfile(os.path.join(args.data, DATA_RECORD)):

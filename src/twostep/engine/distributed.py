@@ -52,6 +52,11 @@ def rank_device(device: torch.device) -> torch.device:
     return device
 
 
+def shards_student(form: str) -> bool:
+    """FSDP2 applies: full per-step copies under torchrun (LoRA trains with DDP, one process unsharded)."""
+    return form == "full" and world_size() > 1
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

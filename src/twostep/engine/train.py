@@ -243,11 +243,11 @@ class Trainer:
         # under torchrun each rank takes its slice of the global batch `train.batch_size` and draws the recipe's
         # noise from its own stream (seeded per step). LoRA: DDP averages the gradients of the adapters and the
         # heads. full: FSDP2 shards each step copy and the teacher per block (the heads stay under DDP)
-        from .distributed import init_process_group, world_size
+        from .distributed import init_process_group, shards_student, world_size
 
         self.world, self.rank = world_size(), int(os.environ.get("RANK", "0"))
         self.accum = tc.grad_accum_steps
-        self.sharded = self.world > 1 and student.cfg.form == "full"
+        self.sharded = shards_student(student.cfg.form)
         if self.world > 1:
             init_process_group()
             if tc.batch_size % (self.world * self.accum):

@@ -72,6 +72,14 @@ def _to_arrays(images: Tensor) -> list:
     return [img.permute(1, 2, 0).cpu().numpy() for img in images]
 
 
+def _pixel_batches(processor, images: Tensor, batch_size: int, device):
+    """The model's own preprocessing of uint8 ``(N, 3, H, W)`` images, ``batch_size`` at a time, on ``device``."""
+    for start in range(0, len(images), batch_size):
+        with _quiet_transformers():
+            pixels = processor(images=_to_arrays(images[start:start + batch_size]), return_tensors="pt")
+        yield pixels["pixel_values"].to(device)
+
+
 def _embeds(output) -> Tensor:
     """transformers 4 returns the projected embeddings as a tensor, transformers 5 inside ``pooler_output``."""
     return output if isinstance(output, Tensor) else output.pooler_output
@@ -92,13 +100,8 @@ class ClipModel:
 
     @torch.no_grad()
     def image_embeds(self, images: Tensor, batch_size: int = 16) -> Tensor:
-        out = []
-        for start in range(0, len(images), batch_size):
-            with _quiet_transformers():
-                pixels = self.image_processor(images=_to_arrays(images[start:start + batch_size]),
-                                              return_tensors="pt")["pixel_values"]
-            out.append(_embeds(self.model.get_image_features(pixel_values=pixels.to(self.device))).float().cpu())
-        return torch.cat(out)
+        return torch.cat([_embeds(self.model.get_image_features(pixel_values=pixels)).float().cpu()
+                          for pixels in _pixel_batches(self.image_processor, images, batch_size, self.device)])
 
     @torch.no_grad()
     def text_embeds(self, prompts: list[str], batch_size: int = 16) -> Tensor:
@@ -131,10 +134,5 @@ class DinoModel:
 
     @torch.no_grad()
     def features(self, images: Tensor, batch_size: int = 16) -> Tensor:
-        out = []
-        for start in range(0, len(images), batch_size):
-            with _quiet_transformers():
-                pixels = self.image_processor(images=_to_arrays(images[start:start + batch_size]),
-                                              return_tensors="pt")["pixel_values"]
-            out.append(self.model(pixel_values=pixels.to(self.device)).pooler_output.float().cpu())
-        return torch.cat(out)
+        return torch.cat([self.model(pixel_values=pixels).pooler_output.float().cpu()
+                          for pixels in _pixel_batches(self.image_processor, images, batch_size, self.device)])

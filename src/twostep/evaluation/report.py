@@ -148,7 +148,7 @@ def _grid_name(sample: int) -> str:
 # --------------------------------------------------------------------------- the report
 
 
-def write_report(plan, manifest: dict, result: dict) -> str:
+def write_report(plan, result: dict) -> str:
     """``metrics.json``, the grids, ``report.md`` and ``report.html`` in ``plan.out``; returns the HTML's path."""
     from ..reports import save_image
     from .run import METRICS, sample_images
@@ -157,10 +157,9 @@ def write_report(plan, manifest: dict, result: dict) -> str:
     shown = list(range(min(plan.cfg.grids or len(plan.prompts), len(plan.prompts), plan.num_samples)))  # p: prompt p
     worst = result["worst_prompts"]
     wanted = sorted(set(shown) | {w["sample"] for w in worst})
-    images = sample_images(plan, manifest, wanted)
     labels = plan.labels(short=True)
-    for s in wanted:
-        save_image(comparison_grid(plan.prompts[s % len(plan.prompts)], images[s], labels),
+    for s, images in sample_images(plan, wanted):
+        save_image(comparison_grid(plan.prompts[s % len(plan.prompts)], images, labels),
                    os.path.join(out, _grid_name(s)))
     result["grids"] = {str(s): _grid_name(s) for s in wanted}
     write_text(os.path.join(out, METRICS), json.dumps(result, indent=2, ensure_ascii=False) + "\n")

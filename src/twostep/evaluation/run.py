@@ -345,16 +345,16 @@ def read_shards(plan: Plan, manifest: dict):
         yield load_file(path)
 
 
-def sample_images(plan: Plan, manifest: dict, samples: list[int]) -> dict[int, dict[str, Tensor]]:
-    """``{sample: {sampler: uint8 (3, H, W)}}`` for the listed samples (the report's grids)."""
-    wanted, found = set(samples), {}
+def sample_images(plan: Plan, samples: list[int]):
+    """Yield ``(sample, {sampler: uint8 (3, H, W)})`` for the listed samples (the report's grids), one shard in
+    memory at a time."""
+    wanted = set(samples)
     size = plan.cfg.shard_size
     for k in sorted({s // size for s in wanted}):
         tensors = load_file(os.path.join(plan.out, shard_name(k)))
         for row, s in enumerate(tensors["sample"].tolist()):
             if s in wanted:
-                found[s] = {name: tensors[name][row] for name in SAMPLERS}
-    return found
+                yield s, {name: tensors[name][row] for name in SAMPLERS}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -537,4 +537,4 @@ def run_evaluation(model: str, teacher: str | None, prompts: str, out: str, cfg:
         "skipped": dict(plan.skipped), "sources": METRIC_SOURCES, "config": to_dict(cfg),
         "real_images": len(plan.real), "wall_s": {"sampling_this_run": round(sampling_s, 1),
                                                   "metrics": round(time.perf_counter() - started, 1)}})
-    return write_report(plan, manifest, result)
+    return write_report(plan, result)

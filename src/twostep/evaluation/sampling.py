@@ -201,13 +201,10 @@ class Samplers:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> tuple[Tensor, float]:
         """``(uint8 (N, 3, H, W), seconds)``: the VAE decode ``ZImagePipeline`` does."""
-        import numpy as np
-
-        from ..worlds.zimage.pipeline_io import decode_latents
+        from ..worlds.zimage.pipeline_io import decode_to_uint8
 
         sync(self.device)
         start = time.perf_counter()
-        images = decode_latents(self.pipe.vae, latents)
+        images = decode_to_uint8(self.pipe.vae, latents)
         sync(self.device)
-        seconds = time.perf_counter() - start
-        return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous(), seconds
+        return images, time.perf_counter() - start

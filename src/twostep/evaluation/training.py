@@ -96,12 +96,10 @@ class TrainingEvaluator:
                 self.models[kind] = None
 
     def _images(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        import numpy as np
+        """uint8 ``(N, 3, H, W)``, decoded one at a time (the smallest activations)."""
+        from ..worlds.zimage.pipeline_io import decode_to_uint8
 
-        from ..worlds.zimage.pipeline_io import decode_latents
-
-        arrays = [np.asarray(decode_latents(vae, latents[i:i + 1])[0]) for i in range(len(latents))]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return torch.cat([decode_to_uint8(vae, latents[i:i + 1]) for i in range(len(latents))])
 
     def _guarded(self, name: str, compute, out: dict) -> None:
         """Run one metric group; a failure is reported once and that group is skipped from then on."""

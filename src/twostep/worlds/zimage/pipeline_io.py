@@ -194,11 +194,16 @@ def load_vae(folder: str, device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: Tensor) -> list:
-    """PIL images from Z-Image latents ``(B, 16, h, w)``, exactly as ``ZImagePipeline`` decodes them."""
-    from PIL import Image
-
+def decode_to_uint8(vae, latents: Tensor) -> Tensor:
+    """uint8 images ``(B, 3, H, W)`` on the CPU from Z-Image latents ``(B, 16, h, w)``, exactly as
+    ``ZImagePipeline`` decodes them."""
     z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     pixels = vae.decode(z, return_dict=False)[0]
-    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p) for p in pixels]
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def decode_latents(vae, latents: Tensor) -> list:
+    """PIL images from Z-Image latents ``(B, 16, h, w)`` (:func:`decode_to_uint8`)."""
+    from PIL import Image
+
+    return [Image.fromarray(p) for p in decode_to_uint8(vae, latents).permute(0, 2, 3, 1).numpy()]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ...backbones.zimage import ZImageBackbone
 from ...config import load_config, require
 from ...engine import flow
-from ...engine.distributed import barrier, init_process_group, rank_device, world_size
+from ...engine.distributed import barrier, init_process_group, rank_device, shards_student
 from ...engine.discriminator import Discriminator, DiscriminatorConfig
 from ...engine.recipe import RecipeConfig
 from ...engine.student import Student, StudentConfig
@@ -263,8 +263,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     plan.warn_small_cache(expected["num_samples"], cfg.train.batch_size, plan.MIN_REAL_SAMPLES)  # before loading
     evaluator = None
     # rank 0 scores; under FSDP2 every rank samples with it (the student's forward is a collective)
-    sharded = cfg.student.form == "full" and world_size() > 1
-    if cfg.train.eval_every and (is_main_process() or sharded):  # checks its prompts now: a bad file refuses the run
+    if cfg.train.eval_every and (is_main_process() or shards_student(cfg.student.form)):  # checks its prompts now: a bad file refuses the run
         from ...evaluation.training import TrainingEvaluator
 
         evaluator = TrainingEvaluator(cfg.evaluation or TrainEvalConfig(), teacher.folder, teacher.latent_shape,
