@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -25,7 +24,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
-from twostep.cli import DEFAULT_ZIMAGE_CONFIG, main as twostep
+from twostep.cli import DEFAULT_ZIMAGE_CONFIG
+from twostep.cli import main as twostep
 from twostep.testing import save_tiny_clip, save_tiny_dinov2, tiny_zimage_pipeline
 
 PROMPTS = ["a red cat on a sofa", "a photo of a small house", "the city at night", "a blue tree in the sky"]
@@ -105,7 +105,7 @@ def passed(record: dict) -> bool:
 
 
 def write_results(record: dict, path: str) -> int:
-    from twostep.reports import update_section
+    from twostep.core.reports import update_section
 
     stages = ", ".join(f"{name} {'ok' if s['exit'] == 0 else 'FAILED'} ({s['seconds']:.1f} s)"
                        for name, s in record["stages"].items())

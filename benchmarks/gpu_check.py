@@ -38,13 +38,13 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch
 
 from twostep.engine import flow
-from twostep.backbones.base import Conditioning
-from twostep.backbones.zimage import ZIMAGE_TURBO_CONFIG, ZImageBackbone
+from twostep.engine.backbone import Conditioning
 from twostep.engine.discriminator import Discriminator
-from twostep.plan import PlanRequest, plan_memory
 from twostep.engine.recipe import RecipeConfig, discriminator_loss, generator_loss
-from twostep.worlds.zimage.train import ZImageDistillConfig
 from twostep.engine.student import Student
+from twostep.families.zimage.adapter import ZIMAGE_TURBO_CONFIG, ZImageBackbone
+from twostep.real.plan import PlanRequest, plan_memory
+from twostep.real.train import ZImageDistillConfig
 from twostep.testing import tiny_transformer_config
 
 CAPTION_TOKENS = 128  # a typical prompt's length (the planner's 512 is the maximum)
@@ -255,8 +255,8 @@ def full_size_pipeline(run: Run, transformer_config: dict):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
+    from twostep.families.zimage.text import build_local_tokenizer
     from twostep.testing import TINY_WORDS
-    from twostep.text import build_local_tokenizer
 
     words = TINY_WORDS + E2E_PROMPT.replace(",", " ").split()
     previous = torch.get_default_dtype()
@@ -278,7 +278,7 @@ def measure_end_to_end(run: Run, pipe, px: int, repeats: int) -> None:
     """What a user waits for: ``pipe(prompt)`` with text encoding, 2 (student schedule, explicit sigmas) vs 8
     (teacher) transformer steps and VAE decode to a PIL image, medians after warm-up; plus the shared parts
     (text encoder, VAE decode) timed alone."""
-    from twostep.model_card import pipeline_sigmas
+    from twostep.families.zimage.model_card import pipeline_sigmas
 
     result = {"resolution": px, "repeats": repeats}
     calls = {2: {"sigmas": pipeline_sigmas([1.0, 0.75], 3.0)}, 8: {"num_inference_steps": 8}}
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     print(f"wrote {run.path} ({run.elapsed():.0f}s)", flush=True)
     if args.results:
-        from twostep.reports import update_section
+        from twostep.core.reports import update_section
 
         command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
         update_section(args.results, "gpu-check" + ("-tiny" if args.tiny else ""), results_section(run.record, command))

@@ -24,11 +24,17 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch
 
-from twostep.config import load_config
-from twostep.distill import DistillConfig, build_student, load_teacher_data, make_teacher_data, online_teacher_data
+from twostep.core.config import load_config
+from twostep.core.packaged_configs import packaged_config
 from twostep.engine.train import Trainer
-from twostep.packaged_configs import packaged_config
-from twostep.shipped import shipped_teacher_dir
+from twostep.offline.distill import (
+    DistillConfig,
+    build_student,
+    load_teacher_data,
+    make_teacher_data,
+    online_teacher_data,
+)
+from twostep.offline.shipped import shipped_teacher_dir
 
 
 def step_times(args) -> dict:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(result, command.strip())
     print(text)
     if args.results:
-        from twostep.reports import update_section
+        from twostep.core.reports import update_section
 
         update_section(args.results, "online-cost", text)
         print(f"updated {args.results}")

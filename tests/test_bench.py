@@ -4,7 +4,7 @@ import json
 import math
 import os
 
-from twostep.bench import ARMS, ABLATIONS, reading
+from twostep.bench import ABLATIONS, ARMS, reading
 from twostep.cli import main
 
 
@@ -39,8 +39,8 @@ def test_reading_compares_against_the_spread():
 
 def test_arms_are_relative_to_the_papers_recipe_and_defaults_are_the_config():
     from twostep.bench import DEFAULTS, FULL, PAPER, arm_overrides
-    from twostep.config import load_config
-    from twostep.distill import DistillConfig
+    from twostep.core.config import load_config
+    from twostep.offline.distill import DistillConfig
 
     paper = load_config(DistillConfig, None, arm_overrides(FULL))
     assert (paper.student.params, paper.recipe.step1_loss, paper.recipe.final_reg_weight) == ("decoupled",

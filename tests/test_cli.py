@@ -56,7 +56,7 @@ def test_teacher_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
     """Stop after step 2 (a checkpoint), resume, and end with the same weights as one uninterrupted run."""
     from safetensors.torch import load_file
 
-    import twostep.teacher as teacher_mod
+    import twostep.offline.teacher as teacher_mod
 
     full = str(tmp_path / "full")
     assert main(["train-teacher", "--out", full, *TINY]) == 0
@@ -113,8 +113,8 @@ def test_missing_model_and_wrong_shape_checkpoint(teacher_run, tmp_path, capsys)
     assert "train-teacher" in one_line_error(capsys)
     other = tmp_path / "other.yaml"
     other.write_text("model:\n  dim: 48\n  n_heads: 2\n  n_layers: 2\n  axes_dims: [8, 8, 8]\n")
-    from twostep.errors import TwostepError
-    from twostep.teacher import load_teacher
+    from twostep.core.errors import TwostepError
+    from twostep.offline.teacher import load_teacher
 
     with pytest.raises(TwostepError, match="does not fit this model.*shape"):
         load_teacher(teacher_run, config_path=str(other))

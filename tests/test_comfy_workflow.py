@@ -35,11 +35,21 @@ import re
 import pytest
 import torch
 
-from twostep.comfy_workflow import (CLIP_TYPE, DEFAULT_TEXT_ENCODER, DEFAULT_UNET, DEFAULT_VAE, MODEL_FOLDERS,
-                                    build_workflow, card_text, comfy_simple_sigmas, draw_workflow, layout,
-                                    workflow_for_export)
 from twostep.engine.flow import turbo_sigmas
-from twostep.model_card import EXAMPLE_PROMPT
+from twostep.families.zimage.comfy_workflow import (
+    CLIP_TYPE,
+    DEFAULT_TEXT_ENCODER,
+    DEFAULT_UNET,
+    DEFAULT_VAE,
+    MODEL_FOLDERS,
+    build_workflow,
+    card_text,
+    comfy_simple_sigmas,
+    draw_workflow,
+    layout,
+    workflow_for_export,
+)
+from twostep.families.zimage.model_card import EXAMPLE_PROMPT
 
 MAX_RESOLUTION = 16384  # nodes.py
 KSAMPLER_NAMES = [  # comfy/samplers.py
@@ -210,7 +220,7 @@ def _order(graph) -> list[str]:
     return order
 
 
-# ComfyUI's schedule, re-derived with its own arithmetic (float32 torch), not with twostep.comfy_workflow's
+# ComfyUI's schedule, re-derived with its own arithmetic (float32 torch), not with twostep.families.zimage.comfy_workflow's
 def comfy_flow_sigma_table(shift, multiplier=1.0, timesteps=1000):
     """``ModelSamplingDiscreteFlow.set_parameters``: ``sigma((arange(1, T + 1) / T) · multiplier)`` with
     ``sigma(t) = time_snr_shift(shift, t / multiplier)``; ModelSamplingAuraFlow passes ``multiplier=1.0``."""

@@ -2,9 +2,9 @@ import os
 
 import pytest
 
-from twostep.config import ConfigError, load_config, save_config, to_dict
-from twostep.errors import TwostepError
-from twostep.teacher import TeacherConfig
+from twostep.core.config import ConfigError, load_config, save_config, to_dict
+from twostep.core.errors import TwostepError
+from twostep.offline.teacher import TeacherConfig
 
 
 def test_defaults_yaml_and_dotted_overrides(tmp_path):
@@ -47,7 +47,7 @@ def test_bad_files(tmp_path):
 
 
 def test_shipped_configs_load_and_agree():
-    from twostep.distill import DistillConfig
+    from twostep.offline.distill import DistillConfig
 
     teacher = load_config(TeacherConfig, "configs/toy_teacher.yaml")
     assert teacher == TeacherConfig(), "toy_teacher.yaml and the code defaults must not drift apart"
@@ -58,7 +58,7 @@ def test_shipped_configs_load_and_agree():
 
 def test_demo_yaml_equals_engine_defaults():
     """configs/toy_demo.yaml spells out the defaults; the two must not drift apart."""
-    from twostep.distill import DistillConfig
+    from twostep.offline.distill import DistillConfig
 
     demo = load_config(DistillConfig, "configs/toy_demo.yaml")
     defaults = DistillConfig()
@@ -68,7 +68,7 @@ def test_demo_yaml_equals_engine_defaults():
 
 def test_zimage_yaml_equals_the_real_paths_defaults():
     """configs/zimage_turbo_2step_lora.yaml spells out ZImageDistillConfig's defaults (gpu_check and plan use them)."""
-    from twostep.worlds.zimage.train import ZImageDistillConfig, is_real_config
+    from twostep.real.train import ZImageDistillConfig, is_real_config
 
     shipped = load_config(ZImageDistillConfig, "configs/zimage_turbo_2step_lora.yaml")
     assert to_dict(shipped) == to_dict(ZImageDistillConfig())
@@ -77,7 +77,7 @@ def test_zimage_yaml_equals_the_real_paths_defaults():
 
 def test_packaged_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     from twostep.cli import main
-    from twostep.packaged_configs import packaged_configs, resolve_config
+    from twostep.core.packaged_configs import packaged_configs, resolve_config
 
     monkeypatch.chdir(tmp_path)  # outside the checkout
     names = packaged_configs()

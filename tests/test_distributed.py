@@ -73,9 +73,14 @@ def test_online_batches_are_the_cached_trajectories(teacher, tmp_path):
     """Sample i online = sample i of the cache (same seed, same prompt): the frozen base with adapters off."""
     import torch
 
-    from twostep.config import load_config
-    from twostep.distill import DistillConfig, build_student, load_teacher_data, make_teacher_data, \
-        online_teacher_data
+    from twostep.core.config import load_config
+    from twostep.offline.distill import (
+        DistillConfig,
+        build_student,
+        load_teacher_data,
+        make_teacher_data,
+        online_teacher_data,
+    )
 
     cfg = load_config(DistillConfig, None, TEACHER + DATA + ["student.lora_rank=4", "discriminator.blocks=[0,1]"])
     make_teacher_data(teacher, cfg, str(tmp_path / "cache"))

@@ -6,16 +6,15 @@ import os
 import pytest
 import torch
 
-from twostep.engine import flow
 from twostep.cli import main
-from twostep.config import load_config
-from twostep.distill import build_student, load_teacher_data, make_teacher_data
-from twostep.errors import TwostepError
+from twostep.core.config import load_config
+from twostep.core.errors import TwostepError
+from twostep.engine import flow
 from twostep.engine.recipe import generator_loss
-from twostep.teacher import load_teacher
 from twostep.engine.teacher_data import TeacherData
-from twostep.distill import DistillConfig
 from twostep.engine.train import Trainer
+from twostep.offline.distill import DistillConfig, build_student, load_teacher_data, make_teacher_data
+from twostep.offline.teacher import load_teacher
 
 TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.model.axes_dims=[4,6,6]",
            "teacher.model.n_layers=4", "teacher.text.hidden_size=8", "teacher.train.steps=3",
@@ -280,9 +279,9 @@ def test_merged_student_matches_the_trained_one(world, extra):
 
 def test_student_evaluation_uses_the_real_teacher(world, tmp_path):
     """Regression: the teacher rows must come from the untouched teacher, not the LoRA-carrying base."""
-    from twostep.distill import evaluate_student, load_student
-    from twostep.sampling import generate, make_noise
-    from twostep.worlds.digits.data import balanced_labels
+    from twostep.offline.digits.data import balanced_labels
+    from twostep.offline.distill import evaluate_student, load_student
+    from twostep.offline.sampling import generate, make_noise
 
     run = str(tmp_path / "student")
     assert main(["train", "--teacher", world["teacher"], "--data", world["data"], "--out", run, *TEACHER, *DISTILL,
@@ -339,10 +338,10 @@ def _crash_at_step(monkeypatch, step: int):
 
 def test_periodic_eval_references_come_from_the_clean_teacher(world):
     """The student's base carries its LoRA layers: the periodic evaluation's teacher rows must not."""
-    from twostep.distill import build_student, quick_eval
-    from twostep.evaluate import build_evaluator, eval_set
-    from twostep.sampling import generate
-    from twostep.teacher import load_teacher
+    from twostep.offline.distill import build_student, quick_eval
+    from twostep.offline.evaluate import build_evaluator, eval_set
+    from twostep.offline.sampling import generate
+    from twostep.offline.teacher import load_teacher
 
     student, _, base = build_student(world["teacher"], world["cfg"])
     with torch.no_grad():
@@ -360,7 +359,7 @@ def test_periodic_eval_references_come_from_the_clean_teacher(world):
 
 def test_train_warns_when_the_batch_exceeds_the_cache(world, tmp_path, capsys, monkeypatch):
     """48 cached samples, batch 64: a warning line on stdout before the run starts (the toy has no minimum)."""
-    import twostep.distill as distill
+    import twostep.offline.distill as distill
 
     def stop(*args, **kwargs):
         raise TwostepError("stopped before the run starts")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from twostep.cli import DEFAULT_ZIMAGE_CONFIG, main
-from twostep.evaluation import metrics as M
+from twostep.real.evaluation import metrics as M
 from twostep.testing import save_tiny_clip, save_tiny_dinov2
 
 RES = 32  # tiny VAE downsamples 2x: latents (16, 16, 16)
@@ -140,7 +140,7 @@ def test_paired_metrics_on_known_images():
 
 def _sharp_images(n, seed):
     """Sharp patterns of the detail world (stripes, checkerboards, edges), 16 -> 32 px, as uint8."""
-    from twostep.worlds.detail.data import NUM_CLASSES, generate
+    from twostep.offline.detail.data import NUM_CLASSES, generate
 
     images = generate(torch.arange(n) % NUM_CLASSES, torch.Generator().manual_seed(seed))
     images = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")
@@ -159,7 +159,7 @@ def _blur(images, passes=2):
 def test_blur_orders_sharpness_fd_and_kid_teacher_above_blurred_teacher(world):
     """The bar: against a reference set of teacher-like images, the sharp set scores better than the same set
     blurred on sharpness, on FD (DINOv2 and CLIP features) and on KID."""
-    from twostep.evaluation.feature_models import ClipModel, DinoModel
+    from twostep.real.evaluation.feature_models import ClipModel, DinoModel
 
     teacher, reference = _sharp_images(60, seed=1), _sharp_images(60, seed=2)
     blurred = _blur(teacher)
@@ -177,7 +177,7 @@ def test_clip_score_agrees_with_torchmetrics_clipscore(world):
     API, which torchmetrics 1.9 reads)."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    from twostep.evaluation.feature_models import ClipModel
+    from twostep.real.evaluation.feature_models import ClipModel
 
     ours = ClipModel(world["clip"])
 
@@ -208,7 +208,7 @@ def test_clip_score_agrees_with_torchmetrics_clipscore(world):
 
 
 def test_missing_metric_model_is_one_error_naming_it(tmp_path):
-    from twostep.evaluation.feature_models import ClipModel, MetricModelUnavailable, check_available
+    from twostep.real.evaluation.feature_models import ClipModel, MetricModelUnavailable, check_available
 
     with pytest.raises(MetricModelUnavailable, match="'nobody/no-such-clip'"):
         check_available("CLIP", "nobody/no-such-clip")
@@ -217,8 +217,8 @@ def test_missing_metric_model_is_one_error_naming_it(tmp_path):
 
 
 def test_builtin_prompt_sets_ship_with_their_source_and_licence():
-    from twostep.evaluation.prompt_sets import FOLDER, resolve_prompt_file
-    from twostep.prompts import read_prompts
+    from twostep.core.prompts import read_prompts
+    from twostep.real.evaluation.prompt_sets import FOLDER, resolve_prompt_file
 
     smoke, parti = read_prompts(resolve_prompt_file("builtin:smoke")), read_prompts(resolve_prompt_file("builtin:parti"))
     assert len(smoke) == 16 == len(set(smoke)) and len(parti) == 204
@@ -237,7 +237,7 @@ TO_TEACHER = {"psnr", "ssim", "fd_dino", "kid_dino", "fd_clip", "kid_clip"}
 
 
 def test_evaluate_writes_report_html_md_and_metrics_with_every_metric(world, capsys):
-    from twostep.pipeline import generate_images, load_two_step_pipeline
+    from twostep.real.pipeline import generate_images, load_two_step_pipeline
 
     out = world["root"] / "eval_export"
     assert main(["evaluate", "--model", world["export"], "--teacher", world["pipe"], "--prompts", world["prompts"],
@@ -274,7 +274,7 @@ def test_evaluate_writes_report_html_md_and_metrics_with_every_metric(world, cap
     # the teacher and naive columns are the stock pipeline without any adapter: 8 steps, and the student's 2 sigmas
     from diffusers import ZImagePipeline
 
-    from twostep.model_card import pipeline_sigmas
+    from twostep.families.zimage.model_card import pipeline_sigmas
 
     plain = ZImagePipeline.from_pretrained(world["pipe"])
     plain.set_progress_bar_config(disable=True)
@@ -306,7 +306,7 @@ def test_evaluate_writes_report_html_md_and_metrics_with_every_metric(world, cap
 def test_evaluate_resumes_by_shard_and_skips_a_missing_preference_model(world, monkeypatch, capsys):
     """Interrupted after one shard, the rerun makes only the missing ones (and remakes a damaged one); the result
     is the uninterrupted run's. A preference model that cannot load is reported and skipped."""
-    from twostep.evaluation.sampling import Samplers
+    from twostep.real.evaluation.sampling import Samplers
 
     calls = []
     original = Samplers.sample
@@ -360,7 +360,7 @@ def test_evaluate_resumes_by_shard_and_skips_a_missing_preference_model(world, m
 
 
 def test_a_failing_training_evaluation_is_reported_and_training_goes_on(capsys):
-    from twostep.evaluation.training import TrainingEvaluator
+    from twostep.real.evaluation.training import TrainingEvaluator
 
     evaluator = TrainingEvaluator.__new__(TrainingEvaluator)  # only __call__'s guard is under test
 

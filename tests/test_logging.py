@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from twostep.utils import PlainProgress, progress
+from twostep.core.utils import PlainProgress, progress
 
 
 @pytest.fixture
@@ -95,8 +95,8 @@ def diffusers_log(caplog):
 
 @pytest.fixture(scope="module")
 def tiny_student():
-    from twostep.backbones.zimage import ZImageBackbone
     from twostep.engine.student import Student, StudentConfig
+    from twostep.families.zimage.adapter import ZImageBackbone
     from twostep.testing import tiny_transformer_config
 
     backbone = ZImageBackbone.from_config(tiny_transformer_config(cap_feat_dim=8, in_channels=1), seed=0)

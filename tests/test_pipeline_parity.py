@@ -5,8 +5,9 @@ import torch
 from diffusers import ZImagePipeline
 
 from twostep.engine import flow
-from twostep.backbones import Conditioning, ZImageBackbone
-from twostep.text import encode_prompts
+from twostep.engine.backbone import Conditioning
+from twostep.families.zimage.adapter import ZImageBackbone
+from twostep.families.zimage.text import encode_prompts
 
 PROMPTS = ["a red cat on the sofa", "a photo of a small house in the city at night"]
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from twostep.errors import TwostepError
-from twostep.plan import GIB, PlanRequest, add_plan_arguments, cmd_plan, format_plan, plan_memory
+from twostep.core.errors import TwostepError
+from twostep.real.plan import GIB, PlanRequest, add_plan_arguments, cmd_plan, format_plan, plan_memory
 from twostep.testing import tiny_transformer_config
 
 ZIMAGE_PARAMS = 6.155e9  # Z-Image-Turbo's published size (DESIGN §1)
@@ -69,8 +69,8 @@ def test_full_mode_shards_optimizer_state():
 
 
 def test_lora_count_matches_peft_on_a_tiny_folder(tiny_folder):
-    from twostep.backbones.zimage import ZImageBackbone
     from twostep.engine.student import Student, StudentConfig
+    from twostep.families.zimage.adapter import ZImageBackbone
 
     plan = plan_memory(PlanRequest(model=str(tiny_folder), mode="lora", resolution=128, batch=1, lora_rank=4))
     student = Student(ZImageBackbone.from_pretrained(str(tiny_folder), dtype=None), StudentConfig(lora_rank=4))
@@ -136,9 +136,9 @@ def _component(out: str, name: str) -> float:
 
 
 def test_plan_defaults_come_from_the_packaged_config(capsys):
-    from twostep.config import load_config
-    from twostep.packaged_configs import resolve_config
-    from twostep.worlds.zimage.train import ZImageDistillConfig
+    from twostep.core.config import load_config
+    from twostep.core.packaged_configs import resolve_config
+    from twostep.real.train import ZImageDistillConfig
 
     cfg = load_config(ZImageDistillConfig, resolve_config("zimage_turbo_2step_lora"))
     out = _plan(capsys)
@@ -206,8 +206,8 @@ def test_docs_plan_blocks_are_reproduced(capsys):
 
 def test_disk_estimate_and_config_errors(tmp_path, capsys):
     from twostep.cli import main
-    from twostep.plan import cache_bytes_per_sample
-    from twostep.worlds.zimage.data import ZImageDataConfig
+    from twostep.real.plan import cache_bytes_per_sample
+    from twostep.real.teacher_data import ZImageDataConfig
 
     per_sample = cache_bytes_per_sample(1024, ZImageDataConfig())
     out = _plan(capsys, "--num-prompts", "1000", "teacher_data.samples_per_prompt=2")

@@ -54,8 +54,8 @@ def chain(tmp_path_factory):
 
 def _student(run):
     """The trained student (EMA weights) and the conditioning of PROMPTS, built by our own code."""
-    from twostep.worlds.zimage.text_cache import PromptEmbeds
-    from twostep.worlds.zimage.train import build_real_student, load_real_run
+    from twostep.real.text_cache import PromptEmbeds
+    from twostep.real.train import build_real_student, load_real_run
 
     cfg, meta, state = load_real_run(run)
     embeds = PromptEmbeds(os.path.join(cfg.data_dir, "text"))
@@ -107,7 +107,7 @@ def test_teacher_cache_is_the_pipelines_own_8_step_trajectory(chain):
 def test_text_cache_matches_the_pipelines_prompt_encoding(chain):
     from diffusers import ZImagePipeline
 
-    from twostep.worlds.zimage.text_cache import PromptEmbeds
+    from twostep.real.text_cache import PromptEmbeds
 
     pipe = ZImagePipeline.from_pretrained(chain["pipe"])
     embeds = PromptEmbeds(os.path.join(chain["data"], "text"))
@@ -128,7 +128,7 @@ def test_training_ran_and_moved_every_step_adapter(chain):
 def test_stock_pipeline_with_the_step_switch_equals_our_2_step_sampler(chain):
     from diffusers import ZImagePipeline
 
-    from twostep.backbones.base import Conditioning
+    from twostep.engine.backbone import Conditioning
 
     info = json.load(open(os.path.join(chain["diffusers"], "twostep.json")))
     assert info["num_steps"] == 2 and info["default_schedule"]
@@ -159,8 +159,8 @@ def test_stock_pipeline_with_the_step_switch_equals_our_2_step_sampler(chain):
 
 
 def test_lora_export_round_trips_into_the_student(chain):
-    from twostep.export import apply_step_loras, load_step_loras
-    from twostep.worlds.zimage.train import build_real_student, load_real_run
+    from twostep.real.export import apply_step_loras, load_step_loras
+    from twostep.real.train import build_real_student, load_real_run
 
     student, embeds = _student(chain["run"])
     cfg, meta, _ = load_real_run(chain["run"])
@@ -216,8 +216,8 @@ def test_comfyui_export_ships_a_workflow_for_its_own_files_and_schedule(chain):
 
 
 def test_merged_export_is_one_plain_transformer_per_step(chain):
-    from twostep.backbones.zimage import ZImageBackbone
     from twostep.engine.student import MergedStudent
+    from twostep.families.zimage.adapter import ZImageBackbone
 
     student, embeds = _student(chain["run"])
     steps = [ZImageBackbone.from_pretrained(os.path.join(chain["merged"], f"transformer_step{k}"), dtype=torch.float32)
@@ -259,8 +259,8 @@ def _error(capsys, argv) -> str:
 
 
 def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, capsys, monkeypatch):
-    import twostep.worlds.zimage.data as real_data
-    import twostep.worlds.zimage.train as real_train
+    import twostep.real.teacher_data as real_data
+    import twostep.real.train as real_train
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
@@ -310,7 +310,7 @@ def test_bad_inputs_fail_in_one_line_before_any_model_loads(chain, tmp_path, cap
 
 def test_bf16_base_with_autocast_trains_fp32_adapters(chain, tmp_path):
     """The real configuration's precision: frozen bf16 base, bf16 autocast, fp32 LoRA adapters and heads."""
-    from twostep.worlds.zimage.train import build_real_student, load_real_run
+    from twostep.real.train import build_real_student, load_real_run
 
     run = str(tmp_path / "bf16")
     args = [a for a in TRAIN if not a.startswith(("model.dtype", "train.bf16", "train.steps"))]
@@ -341,7 +341,7 @@ def test_export_refuses_what_stock_samplers_cannot_reproduce(chain, tmp_path, ca
 
 
 def test_text_cache_resumes_by_shard_and_reads_across_shards(tmp_path):
-    from twostep.worlds.zimage.text_cache import PromptEmbeds, encode_prompt_cache
+    from twostep.real.text_cache import PromptEmbeds, encode_prompt_cache
 
     pipe_dir = str(tmp_path / "pipe")
     tiny_zimage_pipeline(seed=0).save_pretrained(pipe_dir)
@@ -388,7 +388,7 @@ def _run_snippet(code: str, chain, tmp_path, monkeypatch, folder: str) -> dict:
 
 @pytest.mark.parametrize("fmt", ["diffusers", "lora", "merged"])
 def test_every_exports_card_carries_usage_code_that_runs_both_steps(chain, tmp_path, monkeypatch, fmt):
-    from twostep.pipeline import generate_images, load_two_step_pipeline
+    from twostep.real.pipeline import generate_images, load_two_step_pipeline
 
     card = open(os.path.join(chain[fmt], "README.md"), encoding="utf-8").read()
     assert card.startswith("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n") and "\n---\n" in card
@@ -434,7 +434,7 @@ def test_lora_files_say_which_step_and_schedule_they_are(chain):
 
 
 def test_the_docs_show_the_code_the_cards_carry():
-    from twostep.model_card import usage_snippet
+    from twostep.families.zimage.model_card import usage_snippet
 
     info = {"num_steps": 2, "student_sigmas": [1.0, 0.75], "shift": 3.0, "resolution": 1024,
             "base_model": "Tongyi-MAI/Z-Image-Turbo"}
@@ -480,12 +480,11 @@ def test_train_checks_the_vae_its_previews_need_before_anything(chain, tmp_path,
 def test_online_mode_on_the_real_path(chain, tmp_path):
     """teacher-data in online mode stores only the text cache; training computes trajectories equal to the
     cache's (same seed and prompt) from the frozen base with its adapters off."""
-    from twostep.config import load_config
+    from twostep.core.config import load_config
     from twostep.engine.teacher_data import TeacherData
-    from twostep.worlds.zimage.text_cache import PromptEmbeds
-    from twostep.worlds.zimage.train import (ZImageDistillConfig, build_real_student, load_real_run,
-                                             online_teacher_data)
-    from twostep.worlds.zimage.data import resolve_teacher
+    from twostep.real.teacher_data import resolve_teacher
+    from twostep.real.text_cache import PromptEmbeds
+    from twostep.real.train import ZImageDistillConfig, build_real_student, load_real_run, online_teacher_data
 
     data = tmp_path / "online"
     assert main(["teacher-data", "--teacher", chain["pipe"], "--prompts", chain["prompts"], "--resolution",
@@ -529,7 +528,7 @@ def test_every_python_snippet_in_the_docs_runs_or_is_the_card_code(tmp_path, mon
     format) or runs as shown here."""
     import glob
 
-    from twostep.model_card import usage_snippet
+    from twostep.families.zimage.model_card import usage_snippet
 
     info = {"num_steps": 2, "student_sigmas": [1.0, 0.75], "shift": 3.0, "resolution": 1024,
             "base_model": "Tongyi-MAI/Z-Image-Turbo"}

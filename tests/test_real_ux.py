@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from twostep.cli import DEFAULT_ZIMAGE_CONFIG, main
-from twostep.errors import TwostepError
+from twostep.core.errors import TwostepError
 from twostep.testing import tiny_zimage_pipeline
 
 RES = 32  # tiny VAE downsamples 2x: latents (16, 16, 16), images 32x32
@@ -44,8 +44,8 @@ def _tensor_bytes(path: str) -> int:
 
 
 def test_cache_bytes_per_sample_is_the_real_shard_size(cache):
-    from twostep.plan import cache_bytes_per_sample
-    from twostep.worlds.zimage.data import ZImageDataConfig
+    from twostep.real.plan import cache_bytes_per_sample
+    from twostep.real.teacher_data import ZImageDataConfig
 
     manifest = json.load(open(os.path.join(cache["data"], "manifest.json")))
     prov = manifest["provenance"]
@@ -71,7 +71,7 @@ def test_cache_bytes_per_sample_is_the_real_shard_size(cache):
 
 
 def _train_until_the_model_loads(cache, tmp_path, monkeypatch, capsys, *extra) -> str:
-    import twostep.worlds.zimage.train as real_train
+    import twostep.real.train as real_train
 
     def stop(*args, **kwargs):
         raise TwostepError("stopped before the model loads")
@@ -88,19 +88,19 @@ def _train_until_the_model_loads(cache, tmp_path, monkeypatch, capsys, *extra) -
 def test_train_warns_when_the_batch_exceeds_the_cache(cache, tmp_path, monkeypatch, capsys):
     out = _train_until_the_model_loads(cache, tmp_path, monkeypatch, capsys, "train.batch_size=8")
     assert "twostep: warning: train.batch_size 8 exceeds the 6 cached samples" in out
-    monkeypatch.setattr("twostep.plan.MIN_REAL_SAMPLES", 6)  # only the batch is the problem below
+    monkeypatch.setattr("twostep.engine.teacher_data.MIN_REAL_SAMPLES", 6)  # only the batch is the problem below
     out = _train_until_the_model_loads(cache, tmp_path, monkeypatch, capsys, "train.batch_size=6")
     assert "warning" not in out
 
 
 def test_train_warns_when_the_cache_is_below_a_real_runs_minimum(cache, tmp_path, monkeypatch, capsys):
-    from twostep.plan import MIN_REAL_SAMPLES
+    from twostep.engine.teacher_data import MIN_REAL_SAMPLES
 
     assert MIN_REAL_SAMPLES == 1000  # the number docs/sizing.md states
     out = _train_until_the_model_loads(cache, tmp_path, monkeypatch, capsys, "train.batch_size=2")
     assert f"twostep: warning: the teacher-data cache holds 6 samples, fewer than the {MIN_REAL_SAMPLES:,}" in out
     assert "exceeds" not in out
-    monkeypatch.setattr("twostep.plan.MIN_REAL_SAMPLES", 6)
+    monkeypatch.setattr("twostep.engine.teacher_data.MIN_REAL_SAMPLES", 6)
     assert "warning" not in _train_until_the_model_loads(cache, tmp_path, monkeypatch, capsys, "train.batch_size=2")
 
 
@@ -115,10 +115,10 @@ def test_preview_grid_rows_are_prompt_teacher_student(cache, tmp_path):
     from diffusers import ZImagePipeline
     from PIL import Image
 
-    from twostep.config import load_config
-    from twostep.packaged_configs import resolve_config
-    from twostep.worlds.zimage.text_cache import PromptEmbeds
-    from twostep.worlds.zimage.train import ZImageDistillConfig, build_real_student, preview_writer
+    from twostep.core.config import load_config
+    from twostep.core.packaged_configs import resolve_config
+    from twostep.real.text_cache import PromptEmbeds
+    from twostep.real.train import ZImageDistillConfig, build_real_student, preview_writer
 
     cfg = load_config(ZImageDistillConfig, resolve_config(DEFAULT_ZIMAGE_CONFIG),
                       [*SMALL, f"model.path={cache['pipe']}"])
@@ -177,7 +177,8 @@ def test_preview_grid_rows_are_prompt_teacher_student(cache, tmp_path):
 def test_long_prompts_are_wrapped_and_cut_to_the_row():
     from PIL import ImageFont
 
-    from twostep.worlds.zimage.train import _step_label, _wrap
+    from twostep.real.preview import _step_label
+    from twostep.real.preview import wrap_text as _wrap
 
     font = ImageFont.load_default(size=12)
     text = "a very long prompt about " + "a lighthouse on a cliff at dawn, " * 20 + "and a supercalifragilistic" * 4

@@ -3,13 +3,13 @@ the discriminator warm-up and the adversarial ramp, wrong-prompt fakes, and the 
 
 import pytest
 import torch
-
 from test_engine import make_cfg, make_trainer, perturb_lora, world  # noqa: F401  (world is a fixture)
+
+from twostep.core.config import ConfigError
 from twostep.engine import flow
-from twostep.backbones.zimage import ZImageBackbone
-from twostep.config import ConfigError
 from twostep.engine.discriminator import Discriminator, wrong_prompt_pairs
-from twostep.engine.recipe import (adv_ramp, discriminator_loss, generator_loss, implied_clean, student_outputs)
+from twostep.engine.recipe import adv_ramp, discriminator_loss, generator_loss, implied_clean, student_outputs
+from twostep.families.zimage.adapter import ZImageBackbone
 
 LADD = ["recipe.student_inputs=teacher_renoised", "recipe.step1_loss=adversarial", "recipe.final_reg_weight=0",
         "recipe.end_to_end=false"]

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from twostep.cli import main
-from twostep.config import load_config
-from twostep.distill import DistillConfig, make_teacher_data
+from twostep.core.config import load_config
 from twostep.engine import checkpoint as ckpt
 from twostep.engine.preemption import EXIT_CODE
+from twostep.offline.distill import DistillConfig, make_teacher_data
 
 TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.model.axes_dims=[4,6,6]",
            "teacher.model.n_layers=4", "teacher.text.hidden_size=8", "teacher.train.steps=3",
@@ -294,7 +294,7 @@ sys.exit(main({["train", "--out", str(run), *world["args"]]!r}))
 
 
 def test_teacher_sigterm_and_resume_end_with_the_same_weights(tmp_path, monkeypatch, capsys):
-    import twostep.teacher as teacher_mod
+    import twostep.offline.teacher as teacher_mod
 
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert main(["train-teacher", "--out", str(full), *TEACHER_RUN]) == 0
@@ -449,7 +449,7 @@ def test_resume_takes_the_runs_config_and_lists_allowed_changes(world, tmp_path,
 
 
 def test_a_refused_teacher_resume_changes_nothing(tmp_path, monkeypatch, capsys):
-    import twostep.teacher as teacher_mod
+    import twostep.offline.teacher as teacher_mod
 
     run = tmp_path / "teacher"
     real_update, calls = teacher_mod.ema_update, []
@@ -533,7 +533,7 @@ def test_stale_temporaries_are_only_twosteps_own(tmp_path):
 
 
 def test_a_fresh_teacher_run_never_continues_or_drops_an_unfinished_one(tmp_path, monkeypatch, capsys):
-    import twostep.teacher as teacher_mod
+    import twostep.offline.teacher as teacher_mod
 
     run = tmp_path / "teacher"
     real_update, calls = teacher_mod.ema_update, []

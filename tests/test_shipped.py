@@ -8,11 +8,11 @@ import shutil
 import pytest
 
 from twostep.cli import main
-from twostep.config import load_config, to_dict
-from twostep.errors import TwostepError
-from twostep.shipped import PROVENANCE, WORLDS, folder_sha256s, matching_shipped_teacher, shipped_teacher_dir, \
-    verify_shipped
-from twostep.teacher import load_teacher
+from twostep.core.config import load_config, to_dict
+from twostep.core.errors import TwostepError
+from twostep.offline.ship import matching_shipped_teacher
+from twostep.offline.shipped import PROVENANCE, WORLDS, folder_sha256s, shipped_teacher_dir, verify_shipped
+from twostep.offline.teacher import load_teacher
 
 FD_TOLERANCE = 0.10  # a retrained digits teacher's 8-step FD is within ±10% (relative) of the shipped one's
 TINY = ["model.dim=32", "model.n_heads=2", "model.axes_dims=[4,6,6]", "model.n_layers=2", "text.hidden_size=8",
@@ -31,8 +31,8 @@ def test_shipped_teacher_checksums_and_loads_into_its_config(world):
         assert prov.get(key) is not None, key
     teacher = load_teacher(folder)  # builds the backbone from config.yaml, loads the weights strictly
     # equal, except keys added after it was trained that do not change what training computes
-    from twostep.shipped import config_difference
-    from twostep.teacher import OPERATIONAL_KEYS
+    from twostep.offline.shipped import config_difference
+    from twostep.offline.teacher import OPERATIONAL_KEYS
 
     assert set(config_difference(to_dict(teacher.config), prov["config"])) <= set(OPERATIONAL_KEYS)
     assert prov["seed"] == teacher.config.seed and prov["steps"] == teacher.config.train.steps
@@ -44,7 +44,7 @@ def test_shipped_teacher_checksums_and_loads_into_its_config(world):
 
 
 def test_the_demo_config_starts_from_the_shipped_digits_teacher():
-    from twostep.distill import DistillConfig
+    from twostep.offline.distill import DistillConfig
 
     teacher_cfg = to_dict(load_config(DistillConfig, "configs/toy_demo.yaml").teacher)
     assert matching_shipped_teacher(teacher_cfg) == (shipped_teacher_dir("digits"), "")
@@ -113,8 +113,8 @@ def test_train_teacher_records_provenance_and_ship_teacher_rebuilds_a_folder(tmp
 @pytest.mark.slow
 def test_retraining_the_digits_teacher_reproduces_its_8_step_fd(tmp_path):
     """`make bench`: retrain from the shipped config (~10 min on 2 cores); 8-step FD within FD_TOLERANCE."""
-    from twostep.evaluate import evaluate_teacher_steps
-    from twostep.teacher import TeacherConfig, train_teacher
+    from twostep.offline.evaluate import evaluate_teacher_steps
+    from twostep.offline.teacher import TeacherConfig, train_teacher
 
     folder = shipped_teacher_dir("digits")
     shipped_fd = json.load(open(os.path.join(folder, "eval.json")))["steps"]["8"]["fd_real"]

@@ -2,11 +2,17 @@ import numpy as np
 import pytest
 import torch
 
-from twostep.backbones import Conditioning
-from twostep.text import build_local_tokenizer, build_tiny_qwen3, encode_prompts, load_prompt_embeds, \
-    save_prompt_embeds, words_of
-from twostep.worlds.digits.data import balanced_labels, class_prompts, load_digit_splits
-from twostep.worlds.digits.evaluator import Evaluator, frechet_distance, per_prompt_diversity
+from twostep.engine.backbone import Conditioning
+from twostep.families.zimage.text import (
+    build_local_tokenizer,
+    build_tiny_qwen3,
+    encode_prompts,
+    load_prompt_embeds,
+    save_prompt_embeds,
+    words_of,
+)
+from twostep.offline.digits.data import balanced_labels, class_prompts, load_digit_splits
+from twostep.offline.digits.evaluator import Evaluator, frechet_distance, per_prompt_diversity
 
 
 @pytest.fixture(scope="module")

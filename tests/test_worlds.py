@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 
-from twostep.config import load_config, to_dict
-from twostep.teacher import TeacherConfig
-from twostep.distill import DistillConfig
-from twostep.worlds import DetailWorld, DigitsWorld, get_world
-from twostep.worlds.detail.data import CLASS_NAMES, NUM_CLASSES, gaussian_blur, generate
-from twostep.worlds.detail.evaluator import DetailEvaluator, edge_width, high_band_energy
+from twostep.core.config import load_config, to_dict
+from twostep.offline.detail.data import CLASS_NAMES, NUM_CLASSES, gaussian_blur, generate
+from twostep.offline.detail.evaluator import DetailEvaluator, edge_width, high_band_energy
+from twostep.offline.distill import DistillConfig
+from twostep.offline.teacher import TeacherConfig
+from twostep.offline.worlds import DetailWorld, DigitsWorld, get_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

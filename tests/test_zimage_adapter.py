@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 
+from twostep.core.errors import TwostepError
 from twostep.engine import flow
-from twostep.backbones import ZIMAGE_TURBO_CONFIG, Conditioning, ZImageBackbone
-from twostep.errors import TwostepError
+from twostep.engine.backbone import Conditioning
+from twostep.families.zimage.adapter import ZIMAGE_TURBO_CONFIG, ZImageBackbone
 from twostep.testing import tiny_transformer_config
 
 

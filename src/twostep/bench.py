@@ -16,15 +16,29 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from .config import load_config, require, to_dict
-from .distill import (DistillConfig, evaluate_student, gap_closure, load_student, make_teacher_data,
-                      teacher_references, train_student)
-from .errors import TwostepError
-from .evaluate import build_evaluator, eval_set
-from .reports import save_figure, update_section
-from .shipped import matching_shipped_teacher
-from .teacher import load_teacher, platform_summary, train_teacher
-from .utils import ensure_writable_dir, progress, read_json_object, read_jsonl_file, write_text
+from twostep.core.config import load_config, require, to_dict
+from twostep.core.errors import TwostepError
+from twostep.core.reports import save_figure, update_section
+from twostep.core.utils import (
+    ensure_writable_dir,
+    platform_summary,
+    progress,
+    read_json_object,
+    read_jsonl_file,
+    write_text,
+)
+from twostep.offline.distill import (
+    DistillConfig,
+    evaluate_student,
+    gap_closure,
+    load_student,
+    make_teacher_data,
+    teacher_references,
+    train_student,
+)
+from twostep.offline.evaluate import build_evaluator, eval_set
+from twostep.offline.ship import matching_shipped_teacher
+from twostep.offline.teacher import load_teacher, train_teacher
 
 # The recipe as the paper states it, set explicitly so the ablations mean the same thing whatever the defaults
 # in configs/ become (they are chosen by this bench: the "defaults" arm). Includes the discriminator fixes of the
@@ -297,10 +311,10 @@ def save_tensor_grid(images, path: str) -> None:
 
 def calibration_rows(reference_images: dict, evaluator, teacher_steps: int, num_classes: int) -> dict:
     """The teacher's own samples blurred by a known amount: the metrics must order these correctly."""
-    from .worlds.detail.data import gaussian_blur
-    from .worlds.digits.evaluator import frechet_distance
-
     import torch
+
+    from twostep.offline.detail.data import gaussian_blur
+    from twostep.offline.digits.evaluator import frechet_distance
 
     reference = reference_images[f"teacher_{teacher_steps}"]
     labels = torch.arange(len(reference)) % num_classes
@@ -320,8 +334,8 @@ def samples_grid(out: str, arm_images: dict, reference_images: dict, teacher) ->
     """Teacher 8-step, naive 2-step and each arm's final samples (seed 0), same noise: OUT/samples.png."""
     import torch
 
-    from .demo import comparison_grid
-    from .reports import save_image
+    from twostep.core.reports import save_image
+    from twostep.demo import comparison_grid
 
     blocks = {name.replace("_", " "): imgs for name, imgs in reference_images.items()}
     blocks.update(arm_images)

@@ -13,11 +13,11 @@ import shlex
 import sys
 import warnings
 
-from .engine.preemption import Preempted
-from .errors import TwostepError
-from .utils import is_main_process
+from twostep.core.errors import TwostepError
+from twostep.core.utils import is_main_process
+from twostep.engine.preemption import Preempted
 
-# packaged configs (src/twostep/configs, `twostep configs`): found by name from any folder
+# packaged configs (offline/configs and families/*/configs, `twostep configs`): found by name from any folder
 DEFAULT_TEACHER_CONFIG = "toy_teacher"
 DEFAULT_DEMO_CONFIG = "toy_demo"
 DEFAULT_ZIMAGE_CONFIG = "zimage_turbo_2step_lora"
@@ -51,7 +51,7 @@ def _positive_int(text: str) -> int:
 
 def _config_path(path: str | None, default: str = DEFAULT_TEACHER_CONFIG) -> str:
     """The given config (a YAML path, or a packaged config's name), else the packaged default."""
-    from .packaged_configs import resolve_config
+    from twostep.core.packaged_configs import resolve_config
 
     return resolve_config(path or default)
 
@@ -69,8 +69,8 @@ def _command_line(args) -> str:
 
 
 def cmd_train_teacher(args) -> None:
-    from .config import load_config
-    from .teacher import TeacherConfig, train_teacher
+    from twostep.core.config import load_config
+    from twostep.offline.teacher import TeacherConfig, train_teacher
 
     config = _resume_config(args.config, args.out) if args.resume else _config_path(args.config)
     cfg = load_config(TeacherConfig, config, args.overrides)
@@ -80,7 +80,7 @@ def cmd_train_teacher(args) -> None:
 
 
 def cmd_ship_teacher(args) -> None:
-    from .shipped import SHIPPED_ROOT, ship_teacher
+    from twostep.offline.ship import SHIPPED_ROOT, ship_teacher
 
     prov = ship_teacher(args.run, args.world, out=args.out, command=args.command, steps=args.steps)
     fd = prov["eval_8_step_fd"]
@@ -89,12 +89,12 @@ def cmd_ship_teacher(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .reports import image_format, image_grid, save_image
-    from .sampling import generate, make_noise
-    from .teacher import load_teacher
-    from .utils import check_output_file
-
     import torch
+
+    from twostep.core.reports import image_format, image_grid, save_image
+    from twostep.core.utils import check_output_file
+    from twostep.offline.sampling import generate, make_noise
+    from twostep.offline.teacher import load_teacher
 
     check_output_file(args.out, what="grid image")
     image_format(args.out)
@@ -108,10 +108,10 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate_teacher_steps, format_table
-    from .reports import check_markdown_target
-    from .teacher import load_teacher
-    from .utils import check_output_file, write_text
+    from twostep.core.reports import check_markdown_target
+    from twostep.core.utils import check_output_file, write_text
+    from twostep.offline.evaluate import evaluate_teacher_steps, format_table
+    from twostep.offline.teacher import load_teacher
 
     out = args.out or os.path.join(args.model, "eval.json")
     check_output_file(out, what="metrics file")
@@ -124,19 +124,18 @@ def cmd_eval(args) -> None:
     print(format_table(result))
     print(f"wrote {out}")
     if args.results:
-        from .results import write_teacher_section
+        from twostep.offline.results import write_teacher_section
 
         write_teacher_section(args.results, result, teacher)
         print(f"updated {args.results}")
 
 
 def cmd_teacher_data(args) -> None:
-    from .config import load_config
+    from twostep.core.config import load_config
 
     if args.prompts:
         return _real_teacher_data(args)
-    from .distill import make_teacher_data
-    from .distill import DistillConfig
+    from twostep.offline.distill import DistillConfig, make_teacher_data
 
     cfg = load_config(DistillConfig, _config_path(args.config, DEFAULT_DEMO_CONFIG), args.overrides)
     out = args.out or "runs/teacher_data"
@@ -150,10 +149,10 @@ def cmd_teacher_data(args) -> None:
 def _real_teacher_data(args) -> None:
     import yaml
 
-    from .config import load_config, to_dict
-    from .worlds.zimage.data import make_real_teacher_data
-    from .worlds.zimage.train import ZImageDistillConfig
-    from .utils import write_text
+    from twostep.core.config import load_config, to_dict
+    from twostep.core.utils import write_text
+    from twostep.real.teacher_data import make_real_teacher_data
+    from twostep.real.train import ZImageDistillConfig
 
     update = {"teacher_data": {"prompts": os.path.abspath(args.prompts)}}
     if args.teacher:  # local folders recorded absolute: train and export may run from elsewhere
@@ -187,7 +186,7 @@ def _resume_config(config: str | None, run_dir: str | None) -> str | None:
 
 def _recorded_inputs(run_dir: str) -> dict:
     """The teacher and data folders a toy run recorded in its ``meta.json`` (empty when there is none)."""
-    from .utils import read_json_object
+    from twostep.core.utils import read_json_object
 
     path = os.path.join(run_dir, "meta.json")
     return read_json_object(path, what="run record") if os.path.isfile(path) else {}
@@ -200,8 +199,8 @@ def _resolve_auto_resume(args) -> None:
     """``--resume auto`` (one command for a first submission and every requeue): ``latest`` when the run folder has
     a checkpoint; otherwise a fresh run, which may replace a run folder that an earlier attempt left without any
     checkpoint (nothing in it can be continued)."""
-    from .engine.checkpoint import list_checkpoints
-    from .engine.train import RUN_FILES
+    from twostep.engine.checkpoint import list_checkpoints
+    from twostep.engine.run_folder import RUN_FILES
 
     out = args.out or next((d for d in DEFAULT_RUN_DIRS
                             if list_checkpoints(os.path.join(d, "checkpoints"))), None)
@@ -216,7 +215,7 @@ def _resolve_auto_resume(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .config import load_config
+    from twostep.core.config import load_config
 
     if args.resume == "auto":
         _resolve_auto_resume(args)
@@ -227,12 +226,11 @@ def cmd_train(args) -> None:
     if config is None and not args.config and args.data and os.path.isfile(os.path.join(args.data, DATA_RECORD)):
         config = _config_path(DEFAULT_ZIMAGE_CONFIG)  # a Z-Image teacher-data folder: the real path's recipe
     config = config or _config_path(args.config, DEFAULT_DEMO_CONFIG)
-    from .worlds.zimage.train import is_real_config
+    from twostep.real.train import is_real_config
 
     if is_real_config(config):
         return _real_train(args, config)
-    from .distill import train_student
-    from .distill import DistillConfig
+    from twostep.offline.distill import DistillConfig, train_student
 
     cfg = load_config(DistillConfig, config, args.overrides)
     out = args.out or "runs/student"
@@ -247,8 +245,8 @@ def cmd_train(args) -> None:
 
 
 def _real_train(args, config: str) -> None:
-    from .config import load_config, read_yaml
-    from .worlds.zimage.train import ZImageDistillConfig, train_zimage_student
+    from twostep.core.config import load_config, read_yaml
+    from twostep.real.train import ZImageDistillConfig, train_zimage_student
 
     data_dir = os.path.abspath(args.data or load_config(ZImageDistillConfig, config).data_dir)
     update = {"data_dir": data_dir}
@@ -268,7 +266,7 @@ def _real_train(args, config: str) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_run
+    from twostep.real.export import export_run
 
     out = args.out or os.path.join(args.run, f"export_{args.format}")
     paths = export_run(args.run, out, args.format, dtype=args.dtype, overwrite=args.overwrite, samples=args.samples,
@@ -277,11 +275,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .pipeline import check_generate_prompts, generate_images, load_two_step_pipeline, read_export_info
-    from .prompts import check_prompt_sizes, read_prompts
-    from .reports import image_format
-    from .utils import check_output_dir, check_output_file, resolve_device, write_text
-    from .worlds.zimage.pipeline_io import check_resolution
+    from twostep.core.prompts import check_prompt_sizes, read_prompts
+    from twostep.core.reports import image_format
+    from twostep.core.utils import check_output_dir, check_output_file, resolve_device, write_text
+    from twostep.families.zimage.pipeline_io import check_resolution
+    from twostep.real.pipeline import check_generate_prompts, generate_images, load_two_step_pipeline, read_export_info
 
     single = args.prompt is not None
     if single == bool(args.prompts):
@@ -321,8 +319,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .config import load_config
-    from .evaluation.run import EvaluateConfig, run_evaluation
+    from twostep.core.config import load_config
+    from twostep.real.evaluation.run import EvaluateConfig, run_evaluation
 
     update = {}
     if args.resolution:
@@ -336,7 +334,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_configs(args) -> None:
-    from .packaged_configs import describe, packaged_configs
+    from twostep.core.packaged_configs import describe, packaged_configs
 
     configs = packaged_configs()
     width = max(len(name) for name in configs)
@@ -346,19 +344,19 @@ def cmd_configs(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .plan import cmd_plan as run_plan
+    from twostep.real.plan import cmd_plan as run_plan
 
     run_plan(args)
 
 
 def cmd_bench(args) -> None:
-    from .bench import WORLD_BENCHES, bench_images, bench_section, run_bench, write_bench_section
+    from twostep.bench import WORLD_BENCHES, bench_images, bench_section, run_bench, write_bench_section
 
     if args.world not in WORLD_BENCHES:
         raise TwostepError(f"--world {args.world}: known worlds are {', '.join(WORLD_BENCHES)}")
     config = _config_path(args.config, WORLD_BENCHES[args.world].config)
     if args.results:
-        from .reports import check_markdown_target
+        from twostep.core.reports import check_markdown_target
 
         check_markdown_target(args.results)
     report = run_bench(args.out, config, args.overrides, quick=args.quick, seeds=args.seeds, arms=args.arm,
@@ -371,9 +369,8 @@ def cmd_bench(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
-
-    from .bench import WORLD_BENCHES
+    from twostep.bench import WORLD_BENCHES
+    from twostep.demo import run_demo
 
     if args.world not in WORLD_BENCHES:
         raise TwostepError(f"--world {args.world}: known worlds are {', '.join(WORLD_BENCHES)}")
@@ -381,7 +378,7 @@ def cmd_demo(args) -> None:
         raise TwostepError("--results writes the digits world's sections; the detail world's results come from "
                            "`twostep bench --world detail --results docs/results.md`")
     if args.results:
-        from .reports import check_markdown_target
+        from twostep.core.reports import check_markdown_target
 
         check_markdown_target(args.results)
     out = args.out or ("runs/demo" if args.world == "digits" else f"runs/demo_{args.world}")
@@ -516,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("plan", help="estimated GPU memory of a training configuration")
-    from .plan import add_plan_arguments
+    from twostep.real.plan import add_plan_arguments
 
     add_plan_arguments(p)
     p.set_defaults(func=cmd_plan)

@@ -19,16 +19,23 @@ import shutil
 
 import torch
 
-from .config import load_config, read_yaml, to_dict
-from .distill import (STUDENT_WEIGHTS, DistillConfig, evaluate_student, load_student, make_teacher_data,
-                      train_student)
-from .engine.teacher_data import CacheMismatch
-from .evaluate import build_evaluator, evaluate_teacher_steps
-from .reports import image_grid, save_figure, save_image
-from .results import distill_bars, metrics_table, write_distill_section, write_teacher_section
-from .shipped import matching_shipped_teacher, read_provenance
-from .teacher import load_teacher, platform_summary, train_teacher
-from .utils import ensure_writable_dir, read_json_object, read_jsonl_file, write_text
+from twostep.core.config import load_config, read_yaml, to_dict
+from twostep.core.reports import image_grid, save_figure, save_image
+from twostep.core.utils import ensure_writable_dir, platform_summary, read_json_object, read_jsonl_file, write_text
+from twostep.engine.teacher_data import CacheMismatch
+from twostep.offline.distill import (
+    STUDENT_WEIGHTS,
+    DistillConfig,
+    evaluate_student,
+    load_student,
+    make_teacher_data,
+    train_student,
+)
+from twostep.offline.evaluate import build_evaluator, evaluate_teacher_steps
+from twostep.offline.results import distill_bars, metrics_table, write_distill_section, write_teacher_section
+from twostep.offline.ship import matching_shipped_teacher
+from twostep.offline.shipped import read_provenance
+from twostep.offline.teacher import load_teacher, train_teacher
 
 EVAL_STEPS = [1, 2, 4, 8, 16]
 

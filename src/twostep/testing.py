@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .text import build_local_tokenizer, build_tiny_qwen3
+from twostep.families.zimage.text import build_local_tokenizer, build_tiny_qwen3
 
 TINY_WORDS = ["a", "an", "the", "cat", "dog", "red", "blue", "photo", "of", "on", "sofa", "painting", "city",
               "night", "small", "house", "tree", "sky", "in", "and"]

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import TwostepError
-from ..utils import atomic_dir, atomic_path, file_sha256
+from twostep.core.errors import TwostepError
+from twostep.core.utils import atomic_dir, atomic_path, file_sha256
 
 FORMAT = "twostep-training-state"
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ class ShardedRef(str):
 def split_state(state: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A nested state (dicts, lists, tuples, tensors, scalars) -> (JSON-able skeleton, flat whole tensors by path,
     flat sharded tensors (``DTensor``) by path)."""
-    from .distributed import is_sharded
+    from twostep.engine.distributed import is_sharded
 
     tensors: dict[str, torch.Tensor] = {}
     sharded: dict[str, torch.Tensor] = {}
@@ -245,8 +245,8 @@ def _save_with_shards(folder: str, skeleton: Any, tensors: dict[str, torch.Tenso
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    from ..utils import is_main_process
-    from .distributed import any_rank, barrier, broadcast_object, local_part
+    from twostep.core.utils import is_main_process
+    from twostep.engine.distributed import any_rank, barrier, broadcast_object, local_part
 
     main = is_main_process()
     bad = first_nonfinite({name: local_part(value) for name, value in sharded.items()})

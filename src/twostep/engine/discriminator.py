@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..backbones.base import Conditioning
-from ..config import require
-from . import flow
+from twostep.core.config import require
+from twostep.engine import flow
+from twostep.engine.backbone import Conditioning
 
 Tensor = torch.Tensor
 # feature_fn(x_noisy, sigma, cond, blocks) -> list of (B, dim, h, w)

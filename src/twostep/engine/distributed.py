@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..utils import rank
+from twostep.core.utils import rank
 
 
 def world_size() -> int:
@@ -102,7 +102,7 @@ def shard_backbone(backbone: torch.nn.Module, param_dtype: str, reduce_dtype: st
     ``velocity`` and ``features`` call the transformer's ``forward``, where FSDP2 gathers the parameters."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from .teacher_data import DTYPES
+    from twostep.core.dtypes import DTYPES
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     transformer = backbone.transformer

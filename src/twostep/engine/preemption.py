@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from ..errors import TwostepError
+from twostep.core.errors import TwostepError
 
 EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the run saved its state and `--resume` continues it exactly
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

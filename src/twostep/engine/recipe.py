@@ -44,12 +44,21 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from ..backbones.base import Conditioning
-from ..config import require
-from . import flow
-from .discriminator import (Discriminator, approx_r1_penalty, d_fake_loss, d_loss, g_loss, perturb, r1_penalty,
-                            twice_differentiable_attention, wrong_prompt_pairs)
-from .student import Student
+from twostep.core.config import require
+from twostep.engine import flow
+from twostep.engine.backbone import Conditioning
+from twostep.engine.discriminator import (
+    Discriminator,
+    approx_r1_penalty,
+    d_fake_loss,
+    d_loss,
+    g_loss,
+    perturb,
+    r1_penalty,
+    twice_differentiable_attention,
+    wrong_prompt_pairs,
+)
+from twostep.engine.student import Student
 
 Tensor = torch.Tensor
 

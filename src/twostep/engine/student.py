@@ -25,10 +25,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..backbones.base import Conditioning
-from ..backbones.zimage import ZImageBackbone
-from ..config import require
-from . import flow
+from twostep.core.config import require
+from twostep.engine import flow
+from twostep.engine.backbone import Backbone, Conditioning
 
 Tensor = torch.Tensor
 
@@ -120,7 +119,7 @@ class KStepSampler:
 class Student(KStepSampler, nn.Module):
     """``velocity(k, x, sigma, cond)`` with parameter set ``k``; ``teacher()`` gives the frozen base view."""
 
-    def __init__(self, teacher: ZImageBackbone, cfg: StudentConfig):
+    def __init__(self, teacher: Backbone, cfg: StudentConfig):
         super().__init__()
         self.cfg = cfg
         self.num_sets = cfg.num_steps if cfg.params == "decoupled" else 1
@@ -170,7 +169,7 @@ class Student(KStepSampler, nn.Module):
             return {name: list(params) for name, params in self._lora_params.items()}
         return {f"step{k}": list(c.parameters()) for k, c in enumerate(self.copies)}
 
-    def _select(self, step: int) -> ZImageBackbone:
+    def _select(self, step: int) -> Backbone:
         index = self.set_index(step)
         if self.cfg.form == "full":
             return self.copies[index]
@@ -234,7 +233,7 @@ class Student(KStepSampler, nn.Module):
     def shard(self, param_dtype: str = "float32", reduce_dtype: str = "float32") -> None:
         """FSDP2 under torchrun (``form: full``): each step copy and the frozen teacher, sharded per transformer
         block. Call before any optimizer is built: the parameters become sharded ``DTensor``s."""
-        from .distributed import shard_backbone
+        from twostep.engine.distributed import shard_backbone
 
         if self.cfg.form != "full":
             raise ValueError("only student.form=full is sharded (LoRA trains with DDP over the adapters)")
@@ -263,7 +262,7 @@ class MergedStudent(KStepSampler, nn.Module):
     """Deployable form: one plain backbone per step (LoRA merged into a copy of the base). Same outputs as the
     :class:`Student` it came from, at exactly the teacher's cost per step."""
 
-    def __init__(self, backbones: list[ZImageBackbone], cfg: StudentConfig):
+    def __init__(self, backbones: list[Backbone], cfg: StudentConfig):
         super().__init__()
         self.cfg = cfg
         self.backbones = nn.ModuleList(backbones)
@@ -274,7 +273,6 @@ class MergedStudent(KStepSampler, nn.Module):
 
 def merge_student(student: Student) -> MergedStudent:
     """Per-step plain transformers: ``W + delta_k`` for every LoRA layer (``full``: the copies themselves)."""
-    from diffusers import ZImageTransformer2DModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     cfg = student.cfg
@@ -292,7 +290,11 @@ def merge_student(student: Student) -> MergedStudent:
                     state[key] = state[key] + module.get_delta_weight(name).to(state[key].dtype)
         # assign=True: the parameters become the merged tensors, in the student's dtype and device (a
         # `.to(dtype)` on a diffusers model logs a keep-in-float32 warning, even when it changes nothing)
-        plain = ZImageTransformer2DModel.from_config(transformer.config)
+        plain = type(transformer).from_config(transformer.config)  # the same diffusers class, without adapters
         plain.load_state_dict(state, assign=True)
-        merged_sets.append(ZImageBackbone(plain.eval().requires_grad_(False)))
+        merged_sets.append(type(student.base)(plain.eval().requires_grad_(False)))
     return MergedStudent([merged_sets[student.set_index(k)] for k in range(cfg.num_steps)], cfg)
+def trainable_state(student: Student) -> dict[str, Tensor]:
+    """Only what the student trains (LoRA adapters, or the per-step copies); sharded under FSDP2."""
+    names = {id(p) for params in student.parameter_groups().values() for p in params}
+    return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}

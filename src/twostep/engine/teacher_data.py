@@ -27,18 +27,26 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import require, require_seed
-from ..errors import TwostepError
-from ..utils import atomic_path, ensure_writable_dir, file_sha256, is_main_process, progress, rank, read_json_file, \
-    write_text
-from . import flow
-from .checkpoint import remove_stale_temporaries
-from .preemption import Preempted, StopOnSignal
+from twostep.core.config import require, require_seed
+from twostep.core.dtypes import DTYPES
+from twostep.core.errors import TwostepError
+from twostep.core.utils import (
+    atomic_path,
+    ensure_writable_dir,
+    file_sha256,
+    is_main_process,
+    progress,
+    rank,
+    read_json_file,
+    write_text,
+)
+from twostep.engine import flow
+from twostep.engine.checkpoint import remove_stale_temporaries
+from twostep.engine.preemption import Preempted, StopOnSignal
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -316,7 +324,7 @@ def generate_teacher_data(cfg: TeacherDataConfig, source: TeacherSource, out_dir
     SIGTERM / SIGINT stop it at the next batch boundary: finished shards stay (the manifest lists them), the shard
     in progress is dropped, and :class:`~twostep.engine.preemption.Preempted` is raised; rerunning the same command
     generates only the missing shards, byte-identical to an uninterrupted run."""
-    from .distributed import barrier, init_process_group, my_items, world_size
+    from twostep.engine.distributed import barrier, init_process_group, my_items, world_size
 
     init_process_group()
     provenance = cache_provenance(cfg, source)
@@ -507,3 +515,32 @@ class TeacherData:
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+# Fewest cached teacher samples for a real run (docs/sizing.md): below this the discriminator sees every real many
+# times (2,000 steps x batch 4 draw 8,000) and can tell reals from fakes by remembering the teacher set. A rule
+# of thumb, not a measurement on Z-Image.
+MIN_REAL_SAMPLES = 1000
+
+
+def cache_size_warnings(samples: int, batch_size: int, minimum: int | None = None) -> list[str]:
+    """Warnings (without the ``twostep: warning:`` prefix) for a teacher-data cache too small for the run: a batch
+    larger than the cache (batches are drawn with replacement, so they repeat samples), and, with ``minimum``,
+    fewer samples than a real run needs (docs/sizing.md)."""
+    out = []
+    if batch_size > samples:
+        out.append(f"train.batch_size {batch_size} exceeds the {samples} cached samples: every batch repeats samples; "
+                   "generate more teacher data or lower train.batch_size")
+    if minimum is not None and samples < minimum:
+        out.append(f"the teacher-data cache holds {samples} samples, fewer than the {minimum:,} a real run needs: the "
+                   "discriminator sees each one many times and can memorise the teacher set; fine for a smoke "
+                   "test (docs/sizing.md)")
+    return out
+
+
+def warn_small_cache(samples: int, batch_size: int, minimum: int | None = None) -> list[str]:
+    """Print :func:`cache_size_warnings` as ``twostep: warning: ...`` lines on stdout; returns them."""
+    messages = cache_size_warnings(samples, batch_size, minimum)
+    for message in messages:
+        print(f"twostep: warning: {message}", flush=True)
+    return messages

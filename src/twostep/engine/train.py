@@ -1,6 +1,8 @@
-"""Distillation loop: optimizers, D:G schedule, warm-ups, clipping, EMA, logging, sample grids, checkpoints.
+"""The distillation loop: the D:G schedule, warm-ups, micro-batches, and when to log, sample, evaluate and save.
 
-The method lives in ``recipe.py``; this file only schedules it. Rank-aware: logs, bars and files on rank 0; under
+The method lives in ``recipe.py``; this file only schedules it. Around it: ``train_config.py`` (the ``train``
+section), ``callbacks.py`` (optimisers, clipping, the non-finite guard, EMA), ``train_log.py`` (the JSONL and
+TensorBoard log) and ``run_folder.py`` (run folders, checkpoint scheduling, resume). Rank-aware: logs, bars and files on rank 0; under
 torchrun the student's trainable parameters and the heads train with DDP on slices of the global batch.
 
 Two warm-ups protect the student from a discriminator that has not learnt anything yet: ``train.d_warmup_steps``
@@ -26,184 +28,39 @@ step whose loss or gradient is non-finite applies no update (logged with the ter
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..config import require, save_config, to_dict
-from ..errors import TwostepError
-from ..utils import check_output_dir, check_replaceable_dir, ensure_writable_dir, is_main_process, progress, \
-    trim_jsonl, write_text
-from .checkpoint import CheckpointError, ShardedRef, checkpoint_dir, drop_later_checkpoints, find_resumable, \
-    load_sharded, load_state, prune_checkpoints, read_state_json, remove_stale_temporaries, rng_state, save_state, save_tensors, \
-    set_rng_state, verify_state
-from .preemption import Preempted, StopOnSignal
-from .discriminator import Discriminator
-from .recipe import RecipeConfig, adv_ramp, discriminator_loss, generator_loss
-from .student import Student
-from .teacher_data import DTYPES, TeacherData
-from .distributed import any_rank, full_tensor, is_sharded, like_layout, local_part, mean_over_ranks
+from twostep.core.config import to_dict
+from twostep.core.errors import TwostepError
+from twostep.core.utils import is_main_process, progress
+from twostep.engine.callbacks import EMA, NonFiniteTraining, clip_and_step, grad_norm, make_optimizers
+from twostep.engine.checkpoint import (
+    CheckpointError,
+    ShardedRef,
+    drop_later_checkpoints,
+    load_sharded,
+    load_state,
+    rng_state,
+    save_tensors,
+    set_rng_state,
+)
+from twostep.engine.discriminator import Discriminator
+from twostep.engine.distributed import any_rank, full_tensor, like_layout, mean_over_ranks
+from twostep.engine.preemption import Preempted, StopOnSignal
+from twostep.engine.recipe import adv_ramp, discriminator_loss, generator_loss
+from twostep.engine.run_folder import is_due, write_checkpoint
+from twostep.engine.student import Student, trainable_state
+from twostep.engine.teacher_data import TeacherData
+from twostep.engine.train_config import RunConfig
+from twostep.engine.train_log import TrainLog, step_record
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class DistillTrainConfig:
-    steps: int = 250  # generator updates
-    batch_size: int = 64  # the global batch of one update, over every process and micro-batch
-    grad_accum_steps: int = 1  # micro-batches per update (each process splits its slice of the batch this way)
-    g_lr: float = 2e-4
-    d_lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
-    weight_decay: float = 0.0
-    d_steps_per_g: int = 1
-    warmup_steps: int = 20  # learning-rate warm-up (both optimizers)
-    # discriminator-only updates before the first generator update (not counted in `steps`; resume-safe)
-    d_warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.99
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    log_every: int = 10
-    sample_every: int = 100
-    eval_every: int = 100  # 0 = no periodic evaluation
-    checkpoint_every: int = 100
-    keep_last: int = 2  # newest checkpoints kept
-    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = none)
-    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
-    seed: int = 0
-    threads: int = 0
-    # FSDP2 (student.form: full under torchrun): the dtype blocks compute in once gathered, and of the gradient
-    # reduce-scatter (float32 and float32: no mixed precision)
-    fsdp_param_dtype: str = "float32"
-    fsdp_reduce_dtype: str = "float32"
-
-    def validate(self) -> None:
-        require(self.steps >= 1, "steps", "must be at least 1")
-        require(self.batch_size >= 2, "batch_size", "must be at least 2")
-        require(math.isfinite(self.g_lr) and self.g_lr > 0, "g_lr", "must be a positive number")
-        require(math.isfinite(self.d_lr) and self.d_lr > 0, "d_lr", "must be a positive number")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
-        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        require(self.d_steps_per_g >= 1, "d_steps_per_g", "must be at least 1")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (0 = no learning-rate warm-up)")
-        require(self.d_warmup_steps >= 0, "d_warmup_steps", "must be >= 0 (0 = no discriminator warm-up)")
-        require(math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",
-                "must be a positive number (the largest gradient norm applied)")
-        require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-        for key in ("log_every", "sample_every", "checkpoint_every", "keep_last", "max_bad_steps"):
-            require(getattr(self, key) >= 1, key, "must be at least 1")
-        require(self.keep_every >= 0, "keep_every", "must be >= 0 (0 keeps only the newest keep_last)")
-        require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 turns periodic evaluation off)")
-        require(self.seed >= 0, "seed", "must be >= 0")
-        require(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default)")
-        require(self.grad_accum_steps >= 1, "grad_accum_steps", "must be at least 1 (1 = no accumulation)")
-        require(self.batch_size % self.grad_accum_steps == 0, "batch_size",
-                f"{self.batch_size} must be a multiple of train.grad_accum_steps ({self.grad_accum_steps})")
-        for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
-            require(getattr(self, key) in DTYPES, key, f"must be one of {', '.join(DTYPES)}")
-
-
-class RunConfig(Protocol):
-    """What the loop reads of a run's config: ``train`` and ``recipe`` (``to_dict`` saves the whole of it).
-
-    A world's wiring supplies the full dataclass: ``distill.DistillConfig`` for the offline worlds,
-    ``worlds.zimage.train.ZImageDistillConfig`` for the real path.
-    """
-
-    train: DistillTrainConfig
-    recipe: RecipeConfig
-
-
-class EMA:
-    """Exponential moving average of each step's parameter set (kept apart per group)."""
-
-    def __init__(self, groups: dict[str, list[nn.Parameter]], decay: float, before_write=None):
-        self.decay = decay
-        self.groups = groups
-        # FSDP2: drop gathered copies before the parameters are written (else the next forward would use them)
-        self.before_write = before_write or (lambda: None)
-        self.shadow = {name: [p.detach().clone().float() for p in params] for name, params in groups.items()}
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, params in self.groups.items():
-            for s, p in zip(self.shadow[name], params):
-                s.lerp_(p.detach().float(), 1 - decay)
-
-    @contextmanager
-    def applied(self):
-        """Temporarily load the EMA weights into the live parameters."""
-        backup = {name: [p.detach().clone() for p in params] for name, params in self.groups.items()}
-        self.before_write()
-        with torch.no_grad():
-            for name, params in self.groups.items():
-                for s, p in zip(self.shadow[name], params):
-                    p.copy_(s)
-        try:
-            yield
-        finally:
-            self.before_write()
-            with torch.no_grad():
-                for name, params in self.groups.items():
-                    for b, p in zip(backup[name], params):
-                        p.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {name: [s.clone() for s in shadow] for name, shadow in self.shadow.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name in self.shadow:
-            for s, v in zip(self.shadow[name], state[name]):
-                s.copy_(v)
-
-
-def grad_norm(params) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads and is_sharded(grads[0]):  # FSDP2: each rank holds a shard; the squares are summed over the ranks
-        import torch.distributed as dist
-
-        squares = torch.stack([local_part(g).detach().float().pow(2).sum() for g in grads]).sum()
-        dist.all_reduce(squares)
-        return float(squares.sqrt())
-    norms = [g.detach().float().norm() for g in grads]
-    return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-def first_nonfinite_grad(named_params) -> str | None:
-    """Name of the first parameter whose gradient (this rank's shard of it) holds NaN or inf (None when all are
-    finite)."""
-    for name, p in named_params:
-        if p.grad is not None and not bool(torch.isfinite(local_part(p.grad)).all()):
-            return name
-    return None
-
-
-def nonfinite_loss(logs: dict[str, float]) -> str | None:
-    """The first logged loss term that is NaN or inf, as ``"term=value"`` (None when all are finite)."""
-    for key, value in logs.items():
-        if not key.startswith("grad_norm/") and not math.isfinite(value):
-            return f"{key}={value}"
-    return None
-
-
-def trainable_state(student: Student) -> dict[str, Tensor]:
-    """Only what the student trains (LoRA adapters, or the per-step copies); sharded under FSDP2."""
-    names = {id(p) for params in student.parameter_groups().values() for p in params}
-    return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}
-
-
-class NonFiniteTraining(TwostepError):
-    """``train.max_bad_steps`` consecutive steps had a non-finite loss or gradient."""
 
 
 class _LossModule(nn.Module):
@@ -243,7 +100,7 @@ class Trainer:
         # under torchrun each rank takes its slice of the global batch `train.batch_size` and draws the recipe's
         # noise from its own stream (seeded per step). LoRA: DDP averages the gradients of the adapters and the
         # heads. full: FSDP2 shards each step copy and the teacher per block (the heads stay under DDP)
-        from .distributed import init_process_group, shards_student, world_size
+        from twostep.engine.distributed import init_process_group, shards_student, world_size
 
         self.world, self.rank = world_size(), int(os.environ.get("RANK", "0"))
         self.accum = tc.grad_accum_steps
@@ -258,13 +115,7 @@ class Trainer:
         self.groups = student.parameter_groups()
         names = {id(p): n for n, p in student.named_parameters()}
         self.named_groups = {g: [(names[id(p)], p) for p in ps] for g, ps in self.groups.items()}
-        self.opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in self.groups.items()], lr=tc.g_lr,
-                                       betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        self.opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.d_lr, betas=tuple(tc.betas),
-                                       weight_decay=tc.weight_decay)
-        warm = lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))  # noqa: E731
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, warm)
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, warm)
+        self.opt_g, self.opt_d, self.sched_g, self.sched_d = make_optimizers(tc, self.groups, disc)
         self.ema = EMA(self.groups, tc.ema_decay, before_write=student.reshard if self.sharded else None)
         self.generator = torch.Generator().manual_seed(tc.seed)  # batch indices: the same stream on every rank
         # noise: a run started under torchrun draws each rank's noise from its own stream, reseeded at every step
@@ -351,16 +202,11 @@ class Trainer:
         self.d_warmup_done, self.bad_steps = state["d_warmup_done"], state["bad_steps"]
 
     def save_checkpoint(self) -> str:
-        """``RUN/checkpoints/step_XXXXXX/`` (checksummed, atomic; refused when any tensor is non-finite), then
-        retention (``train.keep_last`` / ``train.keep_every``). Rank 0 calls it; under FSDP2 every rank does (each
-        writes its shards)."""
-        root = os.path.join(self.run_dir, "checkpoints")
-        path = checkpoint_dir(root, self.step)
-        save_state(path, self.state_dict(), what=f"checkpoint at step {self.step}")
-        if is_main_process():
-            prune_checkpoints(root, self.cfg.train.keep_last, self.cfg.train.keep_every, current=self.step)
-        self.last_checkpoint = path
-        return path
+        """This step's full state as a checkpoint (:func:`~twostep.engine.run_folder.write_checkpoint`)."""
+        tc = self.cfg.train
+        self.last_checkpoint = write_checkpoint(self.run_dir, self.step, self.state_dict(), tc.keep_last,
+                                                tc.keep_every)
+        return self.last_checkpoint
 
     # ------------------------------------------------------------------ one iteration
 
@@ -416,20 +262,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.train.bf16 else nullcontext()
 
     def _apply(self, optimizer, named_params, logs: dict[str, float], norm: float, what: str) -> bool:
-        """Clip and step ``optimizer`` unless a loss term or the gradient is non-finite: then the gradient is
-        dropped, nothing is applied, and the reason is added to :attr:`problems`. Returns whether it applied."""
-        problem = nonfinite_loss(logs)
-        if problem is None and not math.isfinite(norm):
-            problem = f"gradient of '{first_nonfinite_grad(named_params)}' is non-finite"
-        if self.world > 1 and any_rank(problem is not None) and problem is None:  # every rank skips, or none
-            problem = "another process's loss is non-finite"
+        """:func:`~twostep.engine.callbacks.clip_and_step`; a skipped update is added to :attr:`problems`. Returns
+        whether it applied."""
+        problem = clip_and_step(optimizer, named_params, logs, norm, self.cfg.train.grad_clip, self.world > 1)
         if problem is not None:
-            optimizer.zero_grad(set_to_none=True)
             self.problems.append(f"{what}: {problem}")
-            return False
-        nn.utils.clip_grad_norm_([p for _, p in named_params], self.cfg.train.grad_clip)
-        optimizer.step()
-        return True
+        return problem is None
 
     def d_step(self, updates: int | None = None) -> dict[str, float]:
         """``updates`` (default ``d_steps_per_g``) discriminator updates; the student only runs under no_grad."""
@@ -543,230 +381,45 @@ class Trainer:
         tc = self.cfg.train
         main = is_main_process()
         every_rank = main or self.sharded  # FSDP2: the student's forward is a collective, so all ranks run it
-        writer = None
-        if main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.step or None)
-            except ImportError:
-                writer = None
-        log_path = os.path.join(self.run_dir, "train_log.jsonl")
-        if main:  # a fresh run starts a new log; a resumed one drops records written after its checkpoint
-            trim_jsonl(log_path, lambda record: record.get("step", 0) <= self.step, report=print)
         bar = progress(range(self.step, tc.steps), total=tc.steps, initial=self.step, desc="distill")
         started = time.perf_counter() - self.elapsed
-        try:
-            with StopOnSignal("training") as stop, \
-                    open(log_path, "a", encoding="utf-8") if main else open(os.devnull, "w") as log:
-                self.stop = stop
-                for _ in bar:
-                    logs = self.train_step()
-                    self.elapsed = time.perf_counter() - started
-                    if logs is None:  # stopped inside the discriminator warm-up
-                        if every_rank:
-                            self.save_checkpoint()
-                        raise Preempted(f"stopped by {stop.signal_name} during the discriminator warm-up "
-                                        f"({self.d_warmup_done} of {tc.d_warmup_steps} updates); state saved in "
-                                        f"{self.last_checkpoint}; continue exactly with `--resume latest` (the same "
-                                        "command, without --overwrite)")
-                    if self.problems and main:
-                        bar.write(f"step {self.step}: update skipped ({'; '.join(self.problems)})")
-                    stopping = self._stop_requested()  # the grace period is short: no evaluation or preview
-                    if not stopping and every_rank and self.eval_fn is not None and tc.eval_every and (
-                            self.step % tc.eval_every == 0 or self.step == tc.steps):
-                        with self.ema.applied():
-                            logs.update({f"eval/{k}": v for k, v in self.eval_fn(self.student).items()})
-                    if (self.step % tc.log_every == 0 or self.step == tc.steps or self.problems or stopping
-                            or any(k.startswith("eval/") for k in logs)):  # a stop logs the step it saves
-                        record = {"step": self.step, "elapsed_s": round(self.elapsed, 2),
-                                  "g_lr": self.sched_g.get_last_lr()[0], **{k: round(v, 6) for k, v in logs.items()}}
-                        if self.problems:
-                            record["skipped"] = list(self.problems)
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                        if writer is not None:
-                            for k, v in logs.items():
-                                writer.add_scalar(k, v, self.step)
-                        bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
-                                        acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
-                    if stopping:
-                        if every_rank:
-                            self.save_checkpoint()
-                        raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
-                                        f"saved in {self.last_checkpoint}; continue exactly with `--resume latest` "
-                                        "(the same command, without --overwrite)")
-                    if every_rank and self.sample_fn is not None and (self.step % tc.sample_every == 0
-                                                                      or self.step == tc.steps):
-                        with self.ema.applied():
-                            self.sample_fn(self.student, os.path.join(self.run_dir, "samples",
-                                                                      f"step_{self.step:06d}.png"))
-                    if every_rank and (self.step % tc.checkpoint_every == 0 or self.step == tc.steps):
+        with StopOnSignal("training") as stop, TrainLog(self.run_dir, self.step, enabled=main) as log:
+            self.stop = stop
+            for _ in bar:
+                logs = self.train_step()
+                self.elapsed = time.perf_counter() - started
+                if logs is None:  # stopped inside the discriminator warm-up
+                    if every_rank:
                         self.save_checkpoint()
-        finally:
-            if writer is not None:
-                writer.close()
-
-
-# --------------------------------------------------------------------------- run folders and resume
-
-# Config keys that define what a checkpoint's tensors are (or the teacher and data they were fitted to): a resume
-# that changes one is refused. A trailing "." covers a whole section.
-IDENTITY_KEYS = ("student.sigmas", "student.params", "student.form", "student.lora_rank", "student.lora_targets",
-                 "discriminator.blocks", "discriminator.hidden", "teacher.", "teacher_data.", "model.path")
-# Keys that do not change what a run computes: a resume may change them freely.
-OPERATIONAL_KEYS = ("train.threads", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                    "train.keep_every", "train.max_bad_steps")
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _matches(key: str, patterns) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
-
-
-def check_config_change(saved: dict, new: dict, where: str, allow_change: bool, identity_keys=IDENTITY_KEYS,
-                        operational_keys=OPERATIONAL_KEYS) -> list[str]:
-    """Compare a checkpoint's config with the one a resume would use. Identity keys that differ are refused;
-    other differences are refused unless ``allow_change`` (``--allow-config-change``). Returns the changes
-    accepted, as ``"key: old -> new"``."""
-    old, cur = _flatten(saved), _flatten(new)
-    changed = [k for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)]
-    fixed = [f"'{k}' ({old.get(k)!r} in {where}, {cur.get(k)!r} now)" for k in changed if _matches(k, identity_keys)]
-    if fixed:
-        raise TwostepError(f"--resume: config key {', '.join(fixed)} differs; "
-                           + ("it defines" if len(fixed) == 1 else "they define") + " the checkpoint's tensors (or the "
-                           "teacher and data they fit), so the run cannot continue; start a new run in another --out")
-    notable = [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in changed if not _matches(k, operational_keys)]
-    if notable and not allow_change:
-        raise TwostepError(f"--resume: the config differs from {where} in " + ", ".join(notable)
-                           + "; add --allow-config-change to continue with the new values")
-    return notable
-
-
-def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
-                   identity_keys=IDENTITY_KEYS, operational_keys=OPERATIONAL_KEYS) -> str | None:
-    """Checks only, writes nothing: the verified checkpoint to resume from (None for a fresh run), after
-    comparing its config with ``cfg`` (:func:`check_config_change`). ``--resume latest`` falls back past an
-    incomplete or corrupt newest checkpoint and says so. Under torchrun rank 0 checks (reading every file of a
-    sharded checkpoint once, not once per process) and the other ranks take its answer."""
-    from .distributed import broadcast_object, is_distributed
-
-    if not resume:
-        return None
-    args = (cfg, run_dir, resume, allow_config_change, identity_keys, operational_keys)
-    if not is_distributed():
-        return _verified_resume(*args)
-    outcome, error = None, None
-    if is_main_process():
-        try:
-            outcome = ("checkpoint", _verified_resume(*args))
-        except TwostepError as err:
-            outcome, error = ("error", str(err)), err
-    kind, value = broadcast_object(outcome)
-    if error is not None:
-        raise error
-    if kind == "error":
-        raise TwostepError(value)
-    return value
-
-
-def _verified_resume(cfg: RunConfig, run_dir: str, resume: str, allow_config_change: bool, identity_keys,
-                     operational_keys) -> str:
-    if os.path.isfile(run_dir):
-        raise TwostepError(f"--resume: {run_dir} is a file, not a run folder")
-    root = os.path.join(run_dir, "checkpoints")
-    if resume == "latest":
-        checkpoint = find_resumable(root, report=lambda message: print(f"twostep: {message}"))
-        if checkpoint is None:
-            raise TwostepError(f"--resume latest: no checkpoint in {root}; start without --resume")
-    else:
-        checkpoint = resume
-        verify_state(checkpoint)
-    saved = read_state_json(checkpoint).get("config")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {checkpoint} records no config")
-    changes = check_config_change(saved, to_dict(cfg), os.path.basename(checkpoint), allow_config_change,
-                                  identity_keys=identity_keys, operational_keys=operational_keys)
-    for change in changes:
-        print(f"twostep: resuming with a changed config: {change}")
-    return checkpoint
-
-
-RUN_FILES = ("config.yaml", "train_log.jsonl", "checkpoints", "student.safetensors", "meta.json", "replaced.txt")
-
-
-def check_fresh_run_dir(run_dir: str, overwrite: bool, protected: tuple[str, ...] = ()) -> None:
-    """Checks only, for a run started without ``--resume``: its folder must be new or empty, unless ``overwrite``
-    (which never replaces the working folder or a ``protected`` one, e.g. the teacher or the data, or a parent)."""
-    check_output_dir(run_dir, what="training run folder")
-    if overwrite:
-        check_replaceable_dir(run_dir, True, "training run folder", protected=protected)
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir) or overwrite:
-        return
-    if any(os.path.exists(os.path.join(run_dir, name)) for name in RUN_FILES):
-        raise TwostepError(f"{run_dir} already holds a training run; continue it with --resume latest (add "
-                           "train.steps=N --allow-config-change to extend it), choose another --out, or pass "
-                           "--overwrite to replace it")
-    raise TwostepError(f"training run folder {run_dir} is not empty and is not a run; choose another --out, or pass "
-                       "--overwrite to replace its contents")
-
-
-def start_run(cfg: RunConfig, run_dir: str, overwrite: bool = False) -> str | None:
-    """After every check passed: create the run folder, save the resolved config, remove what killed writes left.
-
-    With ``overwrite``, a non-empty folder is first moved aside to ``RUN.replaced-TIME`` (returned): the caller
-    deletes it with :func:`discard_replaced` once the new run has finished, so a failed new run loses nothing."""
-    backup = None
-    if overwrite and os.path.isdir(run_dir) and os.listdir(run_dir) and is_main_process():
-        backup = f"{os.path.normpath(run_dir)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(run_dir, backup)
-        print(f"twostep: the previous contents of {run_dir} were moved to {backup}; they are deleted when this run "
-              "finishes")
-    ensure_writable_dir(run_dir, what="training run folder")
-    if backup:  # recorded, so that a preempted and resumed run still deletes it when it finishes
-        write_text(os.path.join(run_dir, REPLACED), os.path.abspath(backup) + "\n")
-    if is_main_process():
-        for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
-            for path in remove_stale_temporaries(folder):
-                print(f"twostep: removed {path}, left by an interrupted write")
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    return backup
-
-
-REPLACED = "replaced.txt"  # the folder an --overwrite run moved aside, deleted when the run finishes
-
-
-def discard_replaced(run_dir: str) -> None:
-    """Delete what ``--overwrite`` moved aside (recorded in ``RUN/replaced.txt``), once the new run has finished."""
-    record = os.path.join(run_dir, REPLACED)
-    if is_main_process() and os.path.isfile(record):
-        backup = open(record, encoding="utf-8").read().strip()
-        if backup.startswith(os.path.normpath(os.path.abspath(run_dir)) + ".replaced-"):  # only ever that folder
-            shutil.rmtree(backup, ignore_errors=True)
-        os.remove(record)
-
-
-def check_run_dir(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
-                  overwrite: bool = False, protected: tuple[str, ...] = ()) -> str | None:
-    """Every check on the run folder before a run writes anything: :func:`prepare_resume` with ``--resume``,
-    else :func:`check_fresh_run_dir`. Returns the checkpoint to resume from (or None)."""
-    if overwrite and resume:
-        raise TwostepError("--overwrite replaces a run; it cannot be combined with --resume")
-    if allow_config_change and not resume:
-        raise TwostepError("--allow-config-change only applies with --resume")
-    if resume:
-        return prepare_resume(cfg, run_dir, resume, allow_config_change)
-    check_fresh_run_dir(run_dir, overwrite, protected)
-    return None
+                    raise Preempted(f"stopped by {stop.signal_name} during the discriminator warm-up "
+                                    f"({self.d_warmup_done} of {tc.d_warmup_steps} updates); state saved in "
+                                    f"{self.last_checkpoint}; continue exactly with `--resume latest` (the same "
+                                    "command, without --overwrite)")
+                if self.problems and main:
+                    bar.write(f"step {self.step}: update skipped ({'; '.join(self.problems)})")
+                stopping = self._stop_requested()  # the grace period is short: no evaluation or preview
+                evaluated = (not stopping and every_rank and self.eval_fn is not None
+                             and is_due(self.step, tc.eval_every, tc.steps))
+                if evaluated:
+                    with self.ema.applied():
+                        logs.update({f"eval/{k}": v for k, v in self.eval_fn(self.student).items()})
+                if is_due(self.step, tc.log_every, tc.steps) or self.problems or stopping or evaluated:
+                    # a stop logs the step it saves
+                    log.write(step_record(self.step, self.elapsed, self.sched_g.get_last_lr()[0], logs,
+                                          self.problems), logs)
+                    bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
+                                    acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
+                if stopping:
+                    if every_rank:
+                        self.save_checkpoint()
+                    raise Preempted(f"stopped by {stop.signal_name} at step {self.step} of {tc.steps}; state "
+                                    f"saved in {self.last_checkpoint}; continue exactly with `--resume latest` "
+                                    "(the same command, without --overwrite)")
+                if every_rank and self.sample_fn is not None and is_due(self.step, tc.sample_every, tc.steps):
+                    with self.ema.applied():
+                        self.sample_fn(self.student, os.path.join(self.run_dir, "samples", f"step_{self.step:06d}.png"))
+                if every_rank and is_due(self.step, tc.checkpoint_every, tc.steps):
+                    self.save_checkpoint()
 
 
 def resume_trainer(trainer: Trainer, checkpoint: str | None) -> None:
@@ -787,35 +440,3 @@ def save_student_weights(trainer: Trainer, path: str) -> dict[str, Tensor]:
     if is_main_process():
         save_tensors(state, path, what="student weights")
     return state
-
-
-def checkpoint_student_weights(run_dir: str, checkpoint: str) -> tuple[str, dict[str, Tensor]]:
-    """``(folder, EMA weights of the trainable parameters by name)`` from a checkpoint (``latest`` or a folder),
-    what :func:`save_student_weights` would have written at its step; an FSDP2 checkpoint's shards are gathered
-    whole in this process."""
-    from .checkpoint import load_whole_state
-
-    if checkpoint == "latest":
-        root = os.path.join(run_dir, "checkpoints")
-        folder = find_resumable(root, report=lambda message: print(f"twostep: {message}"))
-        if folder is None:
-            raise TwostepError(f"--checkpoint latest: no checkpoint in {root}")
-    else:
-        folder = checkpoint
-    state = load_whole_state(folder)
-    names, ema = state.get("ema_names"), state.get("ema")
-    if not isinstance(names, dict) or not isinstance(ema, dict) or set(names) != set(ema):
-        raise CheckpointError(f"checkpoint {folder} does not record its EMA weights' names (written by an older "
-                              "twostep); export the finished run's student.safetensors instead")
-    weights = {}
-    for group, group_names in names.items():
-        if len(group_names) != len(ema[group]):
-            raise CheckpointError(f"checkpoint {folder}: EMA group {group!r} has {len(ema[group])} tensors for "
-                                  f"{len(group_names)} names")
-        weights.update({name: value.float() for name, value in zip(group_names, ema[group])})
-    return folder, weights
-
-
-def write_meta(run_dir: str, meta: dict) -> None:
-    if is_main_process():
-        write_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=2) + "\n")
