@@ -3,7 +3,8 @@
 Layers, lowest first: ``core`` (config, errors, files, prompts) < ``engine`` (the method; knows no model and no
 world) < ``families`` (one folder per model family) < ``real`` (the real-model path over any family) and
 ``offline`` (the toy worlds), which do not import each other < the commands at the top level. Function-level
-imports count: a lazy import still ties two modules together.
+imports count: a lazy import still ties two modules together. A family's folder is private to it: everything
+else reaches a family through ``families/registry.py`` and the ``ModelFamily`` interface (``families/base.py``).
 """
 
 from __future__ import annotations
@@ -116,12 +117,62 @@ def test_the_engine_imports_no_family_world_or_command():
     assert outside == []
 
 
+def family_private_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of ``twostep.families.<name>`` from outside that family's folder. Allowed: the registry (which
+    picks a family) and ``twostep.testing`` (the tests' one door to every family's tiny models)."""
+    bad = []
+    for module, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            parts = dep.split(".")
+            if len(parts) < 3 or parts[1] != "families" or parts[2] in ("base", "folders", "registry", "qwen3_text"):
+                continue
+            own = ".".join(parts[:3])
+            if module != own and not module.startswith(own + ".") and module not in (
+                    "twostep.families.registry", "twostep.testing"):
+                bad.append(f"{module} imports {dep}")
+    return bad
+
+
+def named_classes(path: pathlib.Path, names: set[str]) -> set[str]:
+    """Which of ``names`` the code of ``path`` uses as identifiers or imports (docstrings and comments do not
+    count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Name) and node.id in names:
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute) and node.attr in names:
+            found.add(node.attr)
+        elif isinstance(node, ast.alias) and node.name.split(".")[-1] in names:
+            found.add(node.name.split(".")[-1])
+    return found
+
+
+def test_only_a_family_and_the_registry_import_a_family():
+    assert family_private_imports(read_graph()) == []
+
+
+def test_nothing_outside_a_family_names_its_diffusers_classes():
+    from twostep.families.registry import all_families
+
+    outside = []
+    for family in all_families():
+        names = {*family.pipeline_classes, family.transformer_class} - {""}
+        assert names, f"{family} declares no pipeline or transformer class"
+        own = PACKAGE / "families" / family.name
+        for path in sorted(PACKAGE.rglob("*.py")):
+            if own not in path.parents:
+                outside += [f"{path.relative_to(PACKAGE)} names {n}" for n in sorted(named_classes(path, names))]
+    assert outside == []
+
+
 @pytest.mark.parametrize("source, problem", [
     ({"a.py": "from twostep.b import x", "b.py": "def f():\n    from twostep import a"}, "cycle"),
     ({"engine/__init__.py": "", "engine/m.py": "from twostep.offline import w", "offline/__init__.py": "",
       "offline/w.py": ""}, "up"),
     ({"real/__init__.py": "", "real/m.py": "from twostep.offline.w import x", "offline/__init__.py": "",
       "offline/w.py": ""}, "up"),
+    ({"families/__init__.py": "", "families/a/__init__.py": "", "families/a/m.py": "",
+      "real/__init__.py": "", "real/m.py": "from twostep.families.a.m import x"}, "family"),
 ])
 def test_the_checks_fail_on_a_bad_graph(tmp_path, source, problem):
     package = tmp_path / "twostep"
@@ -131,5 +182,13 @@ def test_the_checks_fail_on_a_bad_graph(tmp_path, source, problem):
     graph = read_graph(package)
     if problem == "cycle":
         assert cycles(graph) == [["twostep.a", "twostep.b"]]
+    elif problem == "family":
+        assert family_private_imports(graph) == ["twostep.real.m imports twostep.families.a.m"]
     else:
         assert upward_imports(graph)
+
+
+def test_the_class_check_sees_code_not_prose(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('"""Uses ``FooPipeline``."""\nfrom diffusers import FooPipeline\nx = diffusers.FooModel  # FooPipeline\n')
+    assert named_classes(path, {"FooPipeline", "FooModel", "Other"}) == {"FooPipeline", "FooModel"}

@@ -56,6 +56,19 @@ def _config_path(path: str | None, default: str = DEFAULT_TEACHER_CONFIG) -> str
     return resolve_config(path or default)
 
 
+def _family_config(teacher: str | None) -> str:
+    """The packaged recipe of the teacher's model family: read from a local pipeline folder's own files, or a
+    release's hub id; Z-Image's when neither tells (the folder's checks report what is wrong with it later)."""
+    from twostep.families.registry import all_families, detect_family
+
+    if teacher and os.path.isdir(teacher):
+        try:
+            return detect_family(teacher).default_config
+        except TwostepError:
+            return DEFAULT_ZIMAGE_CONFIG
+    return next((f.default_config for f in all_families() if teacher == f.default_model), DEFAULT_ZIMAGE_CONFIG)
+
+
 def _local_path(path: str) -> str:
     """Absolute when it names something on disk (recorded in run files read from elsewhere); a hub id as it is."""
     return os.path.abspath(path) if os.path.exists(path) else path
@@ -159,14 +172,17 @@ def _real_teacher_data(args) -> None:
         update["model"] = {"path": _local_path(args.teacher)}
     if args.resolution:
         update["teacher_data"]["resolution"] = args.resolution
-    cfg = load_config(ZImageDistillConfig, _config_path(args.config, DEFAULT_ZIMAGE_CONFIG), args.overrides, update)
+    recipe = args.config or _family_config(args.teacher)
+    cfg = load_config(ZImageDistillConfig, _config_path(recipe), args.overrides, update)
     out = args.out or cfg.data_dir
     manifest = make_real_teacher_data(cfg.teacher_data, cfg.model.path, out, dtype=cfg.model.dtype,
                                       device=cfg.model.device)
 
     if not is_main_process():  # torchrun: rank 0 writes the record and reports
         return
-    record = {"model": {"path": cfg.model.path}, "teacher_data": to_dict(cfg.teacher_data)}
+    # `train --data OUT` reads this: the teacher, the cache settings and the recipe they were made for
+    record = {"recipe": _local_path(recipe) if os.path.isfile(recipe) else recipe, "model": {"path": cfg.model.path},
+              "teacher_data": to_dict(cfg.teacher_data)}
     write_text(os.path.join(out, DATA_RECORD), yaml.safe_dump(record, sort_keys=False))
     if manifest.get("mode") == "online":
         print(f"teacher data (online mode): the text cache of {manifest['provenance']['num_prompts']} prompts -> "
@@ -224,7 +240,7 @@ def cmd_train(args) -> None:
                          if os.path.isfile(os.path.join(d, "config.yaml"))), "runs/student")
     config = _resume_config(args.config, args.out) if args.resume else None
     if config is None and not args.config and args.data and os.path.isfile(os.path.join(args.data, DATA_RECORD)):
-        config = _config_path(DEFAULT_ZIMAGE_CONFIG)  # a Z-Image teacher-data folder: the real path's recipe
+        config = _config_path(_recorded_recipe(args.data))  # a real teacher-data folder: the recipe it was made for
     config = config or _config_path(args.config, DEFAULT_DEMO_CONFIG)
     from twostep.real.train import is_real_config
 
@@ -242,6 +258,14 @@ def cmd_train(args) -> None:
                          resume=args.resume, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
     if is_main_process():
         print(f"student trained ({meta['steps']} steps, {meta['train_wall_s']:.0f}s) -> {out}")
+
+
+def _recorded_recipe(data_dir: str) -> str:
+    """The recipe a real teacher-data folder was made for (its record; Z-Image's for folders made before)."""
+    from twostep.core.config import read_yaml
+
+    recipe = (read_yaml(os.path.join(data_dir, DATA_RECORD)) or {}).get("recipe")
+    return recipe if isinstance(recipe, str) and recipe else DEFAULT_ZIMAGE_CONFIG
 
 
 def _real_train(args, config: str) -> None:
@@ -278,7 +302,7 @@ def cmd_generate(args) -> None:
     from twostep.core.prompts import check_prompt_sizes, read_prompts
     from twostep.core.reports import image_format
     from twostep.core.utils import check_output_dir, check_output_file, resolve_device, write_text
-    from twostep.families.zimage.pipeline_io import check_resolution
+    from twostep.families.registry import detect_family
     from twostep.real.pipeline import check_generate_prompts, generate_images, load_two_step_pipeline, read_export_info
 
     single = args.prompt is not None
@@ -293,7 +317,8 @@ def cmd_generate(args) -> None:
     args.out = args.out or ("image.png" if single else "images")
     info = read_export_info(args.model)
     resolution = args.resolution or info.get("resolution") or 1024
-    check_resolution(args.model, resolution, key="--resolution" if args.resolution else "the export's resolution")
+    key = "--resolution" if args.resolution else "the export's resolution"
+    detect_family(args.model).check_resolution(args.model, resolution, key=key)
     if single:
         check_output_file(args.out, what="image")
         image_format(args.out)
@@ -301,7 +326,7 @@ def cmd_generate(args) -> None:
         check_output_dir(args.out, what="image folder")
     device = resolve_device(args.device)
     check_generate_prompts(args.model, prompts, None if single else args.prompts)
-    pipe, switch = load_two_step_pipeline(args.model, device=device)
+    pipe, switch = load_two_step_pipeline(args.model, device=device, resolution=resolution)
     images = generate_images(pipe, switch, prompts, seed=args.seed, resolution=resolution)
     if single:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

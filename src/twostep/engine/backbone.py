@@ -76,3 +76,10 @@ class Backbone(Protocol):
     def features(self, x: Tensor, sigma: Tensor, cond: Conditioning, blocks: Sequence[int]) -> list[Tensor]:
         """Image-token hidden states after each of ``blocks``, as ``(B, dim, H/p, W/p)`` maps."""
         ...
+
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer's blocks, each one FSDP2 unit (``engine/distributed.shard_backbone``)."""
+        ...
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        ...

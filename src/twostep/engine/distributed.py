@@ -106,9 +106,8 @@ def shard_backbone(backbone: torch.nn.Module, param_dtype: str, reduce_dtype: st
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     transformer = backbone.transformer
-    for blocks in (transformer.noise_refiner, transformer.context_refiner, transformer.layers):
-        for block in blocks:
-            fully_shard(block, mp_policy=policy)
+    for block in backbone.shard_units():  # the adapter knows its transformer's blocks
+        fully_shard(block, mp_policy=policy)
     fully_shard(transformer, mp_policy=policy)
 
 

@@ -41,10 +41,12 @@ def shift_sigma(s: Tensor | float, shift: float) -> Tensor | float:
 
 
 def turbo_sigmas(num_steps: int, shift: float = 3.0) -> Tensor:
-    """The Z-Image(-Turbo) sampling schedule: ``num_steps + 1`` sigmas from 1 down to a final 0.
+    """The shifted flow-matching sampling schedule: ``num_steps + 1`` sigmas from 1 down to a final 0.
 
     Same as ``ZImagePipeline`` with ``FlowMatchEulerDiscreteScheduler(shift, use_dynamic_shifting=False)``:
-    ``s = linspace(1, 1/N, N)``, ``sigma_i = shift_sigma(s_i)``, then 0 appended.
+    ``s = linspace(1, 1/N, N)``, ``sigma_i = shift_sigma(s_i)``, then 0 appended. Pipelines that shift by the
+    image size (FLUX.2's ``compute_empirical_mu``) run the same rule with ``shift = exp(mu)``: the family computes
+    the shift, this function the schedule.
     N=8 gives ``[1, .9545, .9, .8333, .75, .6429, .5, .3, 0]``; N=2 gives ``[1, .75, 0]``.
 
     Returns: ``(N + 1,)`` float32.

@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from twostep.core.config import require
+from twostep.core.errors import TwostepError
 from twostep.engine import flow
 from twostep.engine.backbone import Backbone, Conditioning
 
@@ -55,6 +56,14 @@ class StudentConfig:
     @property
     def num_steps(self) -> int:
         return len(self.sigmas)
+
+
+def lora_target_names(transformer: nn.Module, suffixes: list[str]) -> list[str]:
+    """Full names of the ``nn.Linear`` modules whose name is one of ``suffixes`` or ends in ``.suffix`` (peft's
+    rule, restricted to linears: a suffix may also name a container elsewhere, e.g. FLUX.2's ``attn.to_out`` is a
+    linear in single-stream blocks and a ModuleList in double-stream ones)."""
+    return [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)
+            and any(name == s or name.endswith("." + s) for s in suffixes)]
 
 
 class KStepSampler:
@@ -129,7 +138,11 @@ class Student(KStepSampler, nn.Module):
             from peft import LoraConfig
 
             self.base = teacher
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+            targets = lora_target_names(teacher.transformer, cfg.lora_targets)
+            if not targets:
+                raise TwostepError(f"config key 'student.lora_targets' {list(cfg.lora_targets)} matches no linear "
+                                   "layer of the transformer")
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
                               init_lora_weights=True)
             with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point
                 warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")

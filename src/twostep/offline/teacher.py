@@ -41,7 +41,7 @@ from twostep.core.utils import (
     write_text,
 )
 from twostep.engine import flow
-from twostep.engine.backbone import Conditioning
+from twostep.engine.backbone import Backbone, Conditioning
 from twostep.engine.callbacks import first_nonfinite_grad
 from twostep.engine.checkpoint import (
     checkpoint_dir,
@@ -58,7 +58,7 @@ from twostep.engine.checkpoint import (
 )
 from twostep.engine.preemption import Preempted, StopOnSignal
 from twostep.engine.run_folder import prepare_resume
-from twostep.families.zimage.adapter import TinyZImageConfig, ZImageBackbone
+from twostep.families.registry import TOY_FAMILY, family_named
 from twostep.offline.digits.world import (
     PROMPT_CACHE,
     ToyDataConfig,
@@ -67,6 +67,9 @@ from twostep.offline.digits.world import (
     load_prompt_table,
 )
 from twostep.offline.worlds import get_world
+
+_TOY = family_named(TOY_FAMILY)  # the toy teacher is a tiny model of a real family (same classes as its release)
+ToyModelConfig = _TOY.tiny_config_class
 
 WEIGHTS = "teacher.safetensors"
 CHECKPOINTS = "checkpoints"
@@ -145,7 +148,7 @@ class EvalConfig:
 class TeacherConfig:
     world: str = "digits"  # digits | detail (src/twostep/offline)
     seed: int = 0
-    model: TinyZImageConfig = field(default_factory=TinyZImageConfig)
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
     text: ToyTextConfig = field(default_factory=ToyTextConfig)
     data: ToyDataConfig = field(default_factory=ToyDataConfig)
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
@@ -165,7 +168,7 @@ class TeacherConfig:
 class Teacher:
     """A loaded teacher run: frozen backbone + the cached prompt table (row = class of its world)."""
 
-    backbone: ZImageBackbone
+    backbone: Backbone
     prompts: list[str]
     prompt_table: Conditioning
     config: TeacherConfig
@@ -187,9 +190,9 @@ class Teacher:
         return self.config.build_world()
 
 
-def build_backbone(cfg: TeacherConfig, cap_feat_dim: int) -> ZImageBackbone:
+def build_backbone(cfg: TeacherConfig, cap_feat_dim: int) -> Backbone:
     in_channels = cfg.build_world().image_shape[0]
-    return ZImageBackbone.from_config(cfg.model.to_diffusers(in_channels=in_channels, cap_feat_dim=cap_feat_dim),
+    return _TOY.backbone_class.from_config(cfg.model.to_diffusers(in_channels=in_channels, cap_feat_dim=cap_feat_dim),
                                       seed=cfg.seed)
 
 

@@ -1,19 +1,19 @@
-"""``twostep export RUN --format diffusers | lora | comfyui | merged``: a trained Z-Image student where people
-generate images.
+"""``twostep export RUN --format diffusers | lora | comfyui | merged``: a trained student where people generate
+images. The key names, the ComfyUI graph and the model card come from the teacher's model family.
 
 Student step ``k`` (1-based in every file name) has its own LoRA (``shared``: the same one for both steps).
 The LoRA scale ``alpha / rank`` is baked into ``lora_B``, so each file works at strength 1 with no alpha key
 (diffusers) or with ``alpha = rank`` (ComfyUI).
 
 - ``lora``: ``OUT/step{k}_lora.safetensors`` in diffusers/PEFT naming (``transformer.layers.0.attention.to_q.lora_A
-  .weight``), loadable with ``ZImagePipeline.load_lora_weights``.
-- ``comfyui``: ``OUT/step{k}_lora_comfyui.safetensors`` with ``diffusion_model.`` keys and ``.alpha`` (the names
-  ComfyUI's Z-Image LoRA loader maps onto its fused qkv; diffusers reads them too) + ``OUT/workflow_api.json``, the
-  one-sampler-per-step ComfyUI workflow for these files (:mod:`twostep.families.zimage.comfy_workflow`), which ``OUT/README.md``
-  explains node by node.
+  .weight``), loadable with the pipeline's ``load_lora_weights``.
+- ``comfyui``: ``OUT/step{k}_lora_comfyui.safetensors`` in the keys ComfyUI's loader of the family maps (Z-Image:
+  ``diffusion_model.`` + diffusers names, with ``.alpha``; diffusers reads them too) + ``OUT/workflow_api.json``,
+  the one-sampler-per-step ComfyUI workflow for these files (the family's ``comfy_workflow``), which
+  ``OUT/README.md`` explains node by node.
 - ``diffusers``: a complete pipeline folder (the teacher's components, hard-linked when possible) plus
   ``twostep_lora/step{k}_lora.safetensors`` and ``twostep.json``; see :mod:`twostep.real.pipeline` for the switch.
-- ``merged``: ``OUT/transformer_step{k}/``: one full ``ZImageTransformer2DModel`` per step (``W + scale·B·A``).
+- ``merged``: ``OUT/transformer_step{k}/``: one full diffusers transformer per step (``W + scale·B·A``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from twostep.core.errors import TwostepError
 from twostep.core.utils import atomic_dir, check_replaceable_dir, write_text
 from twostep.engine.checkpoint import assert_finite
 from twostep.engine.student import StudentConfig
-from twostep.families.zimage.comfy_workflow import WORKFLOW_FILE, card_text, workflow_for_export
-from twostep.families.zimage.model_card import model_card, teacher_name
+from twostep.families.base import ModelFamily
 
 Tensor = torch.Tensor
 FORMATS = ("diffusers", "lora", "comfyui", "merged")
@@ -61,19 +60,17 @@ def step_lora(state: dict[str, Tensor], cfg: StudentConfig, step: int) -> dict[s
 
 
 def lora_files(state: dict[str, Tensor], cfg: StudentConfig, dtype: torch.dtype = torch.bfloat16,
-               style: str = "diffusers") -> list[dict[str, Tensor]]:
-    """One state dict per student step, in ``diffusers`` (``transformer.``) or ``comfyui`` naming."""
+               family: ModelFamily | None = None) -> list[dict[str, Tensor]]:
+    """One state dict per student step, in diffusers naming (``transformer.``), or with ``family`` in the keys
+    ComfyUI's loader of that family maps."""
     files = []
     for step in range(cfg.num_steps):
         lora = step_lora(state, cfg, step)
-        if style == "diffusers":
+        if family is None:
             files.append({f"transformer.{k}": v.to(dtype) for k, v in lora.items()})
         else:
-            out = {f"diffusion_model.{k}": v.to(dtype) for k, v in lora.items()}
-            for key, value in lora.items():
-                if key.endswith(".lora_A.weight"):  # scale is baked in: alpha = rank gives strength 1
-                    out[f"diffusion_model.{key[:-len('.lora_A.weight')]}.alpha"] = torch.tensor(float(value.shape[0]))
-            files.append(out)
+            files.append({k: v.to(dtype) if v.is_floating_point() and v.ndim else v
+                          for k, v in family.comfy_lora(lora).items()})
     return files
 
 
@@ -85,7 +82,7 @@ def _file_meta(info: dict) -> dict[str, str]:
             "twostep.shift": str(info["shift"]), "twostep.base_model": str(info.get("base_model") or "")}
 
 
-def _run_info(cfg, meta: dict) -> dict:
+def _run_info(cfg, meta: dict, family: ModelFamily) -> dict:
     from twostep.engine.flow import turbo_sigmas
 
     sigmas = list(cfg.student.sigmas)
@@ -94,9 +91,11 @@ def _run_info(cfg, meta: dict) -> dict:
             "renoise": cfg.student.renoise,
             "default_schedule": all(abs(a - b) < 1e-6 for a, b in zip(sigmas, default)),
             "params": cfg.student.params, "form": cfg.student.form, "rank": cfg.student.lora_rank,
-            "base_model": teacher_name(cfg.model.path, meta.get("teacher_fingerprint")),
+            "family": family.name,
+            "base_model": family.teacher_name(cfg.model.path, meta.get("teacher_fingerprint")),
             "teacher_fingerprint": meta.get("teacher_fingerprint"),
-            "resolution": cfg.teacher_data.resolution, "train_steps": meta.get("steps")}
+            "resolution": cfg.teacher_data.resolution, "teacher_steps": cfg.teacher_data.teacher_steps,
+            "train_steps": meta.get("steps")}
 
 
 def _config_summary(cfg, meta: dict) -> dict[str, str]:
@@ -154,7 +153,7 @@ def write_sample_grid(cfg, state: dict[str, Tensor], teacher, path: str, count: 
     """``samples.png``: the first ``count`` prompts of the run's text cache, teacher (8 steps) beside the exported
     student (2 steps) on the same fixed noise, the preview grid's layout. False (and a note) when the run's text
     cache is gone."""
-    from twostep.families.zimage.pipeline_io import pick_device
+    from twostep.families.folders import pick_device
     from twostep.real.preview import preview_writer
     from twostep.real.text_cache import PromptEmbeds
     from twostep.real.train import build_real_student
@@ -165,7 +164,7 @@ def write_sample_grid(cfg, state: dict[str, Tensor], teacher, path: str, count: 
         return False
     embeds = PromptEmbeds(text)
     device = device or pick_device(cfg.model.device)
-    student, _ = build_real_student(cfg, teacher.folder, embeds.width, device)
+    student, _ = build_real_student(cfg, teacher.folder, embeds.width, device, teacher.family)
     params = dict(student.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
@@ -185,7 +184,7 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
     8 steps | student 2 steps, same noise); None = 4 on a GPU, none on CPU (the full model's 8 steps at 1024² take
     minutes there). ``checkpoint`` (``latest`` or a ``step_*`` folder): export that checkpoint's EMA weights instead
     of the finished run's (an FSDP2 checkpoint is gathered whole from its shards)."""
-    from twostep.families.zimage.pipeline_io import torch_dtype
+    from twostep.core.dtypes import torch_dtype
     from twostep.real.teacher_data import resolve_teacher
     from twostep.real.train import load_real_run
 
@@ -199,7 +198,6 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
                            "ComfyUI samplers move between steps by the deterministic Euler step; export --format merged "
                            "and sample with twostep's own sampler, or train with renoise=euler")
     store = torch_dtype(dtype)
-    info = _run_info(cfg, meta)
     need = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler") if fmt == "diffusers" else ("transformer",)
     recorded = meta.get("teacher") or ""  # the absolute folder training used; model.path may be relative
     teacher = resolve_teacher(recorded if os.path.isdir(recorded) else cfg.model.path, cfg.teacher_data.resolution,
@@ -208,6 +206,9 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
         raise TwostepError(f"the teacher at {cfg.model.path} is not the one {run_dir} was trained on (fingerprint "
                            "differs); point model.path at the original weights")
     check_replaceable_dir(out, overwrite, "export folder", owned=is_export(out), protected=(run_dir, teacher.folder))
+    family = teacher.family
+    info = _run_info(cfg, meta, family)
+    info["latent_shape"] = list(teacher.latent_shape)
     info["written_by"] = "twostep export"
     info["format"] = fmt
     comfy_text = ""
@@ -215,21 +216,19 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
         if fmt == "lora":
             paths = _save_loras(tmp, lora_files(state, cfg.student, store), info, "step{step}_lora.safetensors")
         elif fmt == "comfyui":
-            paths = _save_loras(tmp, lora_files(state, cfg.student, store, style="comfyui"), info,
+            paths = _save_loras(tmp, lora_files(state, cfg.student, store, family), info,
                                 "step{step}_lora_comfyui.safetensors")
-            names = [os.path.basename(p) for p in paths]
-            graph = workflow_for_export(info, names)  # the schedule, shift and resolution of this run
-            workflow = os.path.join(tmp, WORKFLOW_FILE)
+            workflow_file, graph, comfy_text = family.comfy_export(info, [os.path.basename(p) for p in paths])
+            workflow = os.path.join(tmp, workflow_file)
             write_text(workflow, json.dumps(graph, indent=2) + "\n")
-            info["workflow"] = WORKFLOW_FILE
-            comfy_text = card_text(info, names, graph)
+            info["workflow"] = workflow_file
         elif fmt == "diffusers":
             files = lora_files(state, cfg.student, store)  # fail on a full-form run before linking 30 GB
             _link_tree(teacher.folder, tmp)
             os.makedirs(os.path.join(tmp, LORA_DIR), exist_ok=True)
             paths = _save_loras(os.path.join(tmp, LORA_DIR), files, info, "step{step}_lora.safetensors")
         else:
-            paths, rounding = _export_merged(state, cfg, teacher.folder, tmp, store)
+            paths, rounding = _export_merged(state, cfg, teacher.folder, tmp, store, family)
             info["merge_rounding"] = rounding
             worst = max(rounding)
             if worst > 0.05:
@@ -246,25 +245,23 @@ def export_run(run_dir: str, out: str, fmt: str, dtype: str = "bfloat16", overwr
             info["lora_files"] = info["files"]
         write_text(os.path.join(tmp, INFO), json.dumps(info, indent=2) + "\n")
         # replaces the base model's card (a hard link): written to a new file, the base model's copy is untouched
-        write_text(os.path.join(tmp, "README.md"), model_card(fmt, info, _config_summary(cfg, meta), comfy_text))
+        write_text(os.path.join(tmp, "README.md"), family.model_card(fmt, info, _config_summary(cfg, meta), comfy_text))
     if fmt == "comfyui":
         paths = paths + [workflow]
     return [os.path.join(out, os.path.relpath(p, tmp)) for p in paths]
 
 
 @torch.no_grad()
-def _export_merged(state: dict[str, Tensor], cfg, folder: str, out: str,
-                   dtype: torch.dtype) -> tuple[list[str], list[float]]:
+def _export_merged(state: dict[str, Tensor], cfg, folder: str, out: str, dtype: torch.dtype,
+                   family: ModelFamily) -> tuple[list[str], list[float]]:
     """One plain transformer per step: the base plus that step's LoRA delta (or the step's full copy).
 
     Also returns, per step, the worst layer's ``|| stored(W + BA) - W - BA || / || BA ||``: how much of the update
     the storage dtype rounds away (small deltas on bf16 weights can vanish).
     """
-    from diffusers import ZImageTransformer2DModel
-
     paths, rounding = [], []
     for step in range(cfg.student.num_steps):
-        transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
+        transformer = family.load_transformer(folder, dtype)
         if cfg.student.form == "lora":
             lora = step_lora(state, cfg.student, step)
             modules = dict(transformer.named_modules())

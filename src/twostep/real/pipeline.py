@@ -1,4 +1,5 @@
-"""2-step inference with stock diffusers: a ``ZImagePipeline`` plus one LoRA adapter per student step.
+"""2-step inference with stock diffusers: the family's pipeline (``ZImagePipeline``, ...) plus one LoRA adapter per
+student step.
 
 The pipeline runs its usual loop; :class:`StepAdapterSwitch` (a ``callback_on_step_end``) activates the next
 step's adapter after each step and goes back to the first after the last, so the same pipeline object can be
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +28,8 @@ class StepAdapterSwitch:
     # pipeline sigmas (before the scheduler's shift), passed explicitly on every call: diffusers releases before
     # PR #13730 turn num_inference_steps=2 into [1, 0, 0], one real step
     sigmas: list[float]
+    # the family's guidance-free call arguments (Z-Image: guidance_scale=0)
+    extra: dict = field(default_factory=dict)
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         following = step + 1
@@ -39,7 +42,7 @@ class StepAdapterSwitch:
 
     def call_kwargs(self) -> dict:
         """What every 2-step call needs: the sigmas (always explicit), no guidance, the switch."""
-        return {"sigmas": list(self.sigmas), "guidance_scale": 0.0, "callback_on_step_end": self}
+        return {"sigmas": list(self.sigmas), **self.extra, "callback_on_step_end": self}
 
 
 def read_export_info(folder: str) -> dict:
@@ -73,33 +76,35 @@ def read_export_info(folder: str) -> dict:
 
 
 def check_generate_prompts(folder: str, prompts: list[str], path: str | None = None) -> None:
-    """Prompts the export's tokenizer would cut off (over ZImagePipeline's 512 tokens) are refused, by line."""
-    from twostep.families.zimage.pipeline_io import MAX_SEQUENCE_LENGTH
+    """Prompts the export's tokenizer would cut off (over the pipeline's max_sequence_length) are refused, by line."""
+    from twostep.families.registry import detect_family
     from twostep.real.text_cache import check_prompt_lengths
 
-    check_prompt_lengths(folder, prompts, MAX_SEQUENCE_LENGTH, path)
+    check_prompt_lengths(folder, prompts, detect_family(folder).max_sequence_length, path)
 
 
-def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None = None):
-    """``(pipe, switch)`` for an export folder: stock ``ZImagePipeline`` + per-step LoRA adapters, first active."""
-    from diffusers import ZImagePipeline
+def load_two_step_pipeline(folder: str, device=None, dtype: torch.dtype | None = None, resolution: int | None = None):
+    """``(pipe, switch)`` for an export folder: the family's stock pipeline + per-step LoRA adapters, first active.
+    ``resolution`` (default: the trained one) matters for families whose pipeline shifts by the image size."""
+    from twostep.families.registry import detect_family
 
     info = read_export_info(folder)
+    family = detect_family(folder)
     from twostep.core.utils import resolve_device
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pipe = ZImagePipeline.from_pretrained(folder, dtype=dtype).to(device)
+    pipe = family.load_pipeline(folder, dtype).to(device)
     with warnings.catch_warnings():  # one adapter per step on one model is the design, not a mistake
         warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
         for adapter, path in zip(info["adapters"], info["lora_files"]):
             pipe.load_lora_weights(os.path.join(folder, os.path.dirname(path)), weight_name=os.path.basename(path),
                                    adapter_name=adapter)
     pipe.set_adapters(info["adapters"][0])
-    from twostep.families.zimage.model_card import pipeline_sigmas
-
-    sigmas = pipeline_sigmas(info["student_sigmas"], info["shift"])
-    return pipe, StepAdapterSwitch(info["adapters"], info["num_steps"], sigmas)
+    _, height, width = family.latent_shape(folder, resolution or info.get("resolution") or 1024)
+    sigmas = family.pipeline_sigmas(info["student_sigmas"], info["shift"], height * width)
+    return pipe, StepAdapterSwitch(info["adapters"], info["num_steps"], sigmas,
+                                   family.pipeline_call_kwargs(info["num_steps"]))
 
 
 def generate_images(pipe, switch: StepAdapterSwitch, prompts: list[str], seed: int = 0, resolution: int = 1024,
@@ -111,7 +116,7 @@ def generate_images(pipe, switch: StepAdapterSwitch, prompts: list[str], seed: i
     for i, prompt in enumerate(progress(prompts, desc="generate")):
         generator = torch.Generator("cpu").manual_seed(seed + i)
         switch.reset(pipe)
-        result = pipe(prompt, height=resolution, width=resolution, generator=generator, output_type=output_type,
+        result = pipe(prompt=prompt, height=resolution, width=resolution, generator=generator, output_type=output_type,
                       **switch.call_kwargs())
         images.append(result.images[0])
     return images

@@ -1,6 +1,7 @@
 """``twostep plan``: per-GPU memory of a distillation run, counted on the meta device (no weights loaded).
 
-Parameters are counted exactly from the transformer config (``ZImageTransformer2DModel`` built on ``meta``);
+Parameters are counted exactly from the transformer config (the model family's diffusers transformer built on
+``meta``, ``ModelFamily.transformer_layout``);
 activations are an estimate from the formulas below. Training holds no text encoder (caption embeddings and
 latents are cached by ``teacher-data``); the VAE is loaded only while a preview grid is decoded, outside the
 training step's peak.
@@ -28,7 +29,6 @@ INT64 = 8
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # core.dtypes.DTYPES, without importing torch
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 LATENT_CHANNELS = 16  # Z-Image's VAE latents (the transformer's in_channels)
-ZIMAGE_TURBO_ID = "Tongyi-MAI/Z-Image-Turbo"  # a config naming this hub id is planned with ZIMAGE_TURBO_CONFIG
 DEFAULT_CONFIG = "zimage_turbo_2step_lora"
 ADAM_STATES = 2  # AdamW: exp_avg + exp_avg_sq, fp32
 VAE_DOWN = 8  # Flux-style VAE: 8x spatial downsampling
@@ -106,24 +106,38 @@ class PlanRequest:
             raise TwostepError(f"--card-gib must be a positive number of GiB, got {self.card_gib}")
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def _read_config(path: str):
+    """``(family, transformer kwargs)`` of a transformer ``config.json``."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError) as err:
         raise TwostepError(f"cannot read transformer config {path}: {err}") from err
-    name = config.get("_class_name", "ZImageTransformer2DModel") if isinstance(config, dict) else None
-    if name != "ZImageTransformer2DModel":
-        raise TwostepError(f"{path} is not a Z-Image transformer config (class {name!r})")
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+    from twostep.families.registry import all_families
+
+    families = all_families()
+    # a config without a class name is read as the first family's (the one twostep was built for)
+    name = config.get("_class_name", families[0].transformer_class) if isinstance(config, dict) else None
+    for family in families:
+        if name == family.transformer_class:
+            return family, {k: v for k, v in config.items() if not k.startswith("_")}
+    raise TwostepError(f"{path} is not a {' or '.join(f.title for f in families)} transformer config "
+                       f"(class {name!r})")
 
 
-def load_transformer_config(model: str) -> dict[str, Any]:
-    """``ZImageTransformer2DModel`` kwargs for ``zimage-turbo``, a pipeline/transformer folder, or a cached hub id."""
-    if model == "zimage-turbo":
-        from twostep.families.zimage.adapter import ZIMAGE_TURBO_CONFIG
+def _released(model: str):
+    """The family whose released config ``model`` names (a ``plan_aliases`` entry or its hub id), else None."""
+    from twostep.families.registry import all_families
 
-        return dict(ZIMAGE_TURBO_CONFIG)
+    return next((f for f in all_families() if model in f.plan_aliases or model == f.default_model), None)
+
+
+def load_transformer_config(model: str):
+    """``(family, transformer kwargs)`` for a released model's alias (``zimage-turbo``), a pipeline/transformer
+    folder, or a cached hub id."""
+    released = _released(model)
+    if released is not None and model in released.plan_aliases:
+        return released, released.published_config()
     candidates = ("transformer/config.json", "config.json")  # pipeline folder first, then a bare transformer
     if os.path.isdir(model):
         for rel in candidates:
@@ -145,39 +159,35 @@ def load_transformer_config(model: str) -> dict[str, Any]:
 
 
 def count_parameters(config: dict[str, Any], lora_rank: int, lora_targets: list[str] | None = None,
-                     discriminator=None) -> dict[str, int]:
+                     discriminator=None, family=None) -> dict[str, int]:
     """Exact counts on the meta device: ``base``, ``block`` (largest block), ``lora_per_step``, ``discriminator``.
     ``lora_targets`` (module-name suffixes) and ``discriminator`` (a DiscriminatorConfig) default to the real
-    path's."""
+    path's; ``family`` (a ModelFamily) the first registered one."""
     import torch
-    from diffusers import ZImageTransformer2DModel
     from torch import nn
 
     from twostep.engine.discriminator import Discriminator
     from twostep.engine.student import StudentConfig
+    from twostep.families.registry import all_families
 
-    try:
-        with torch.device("meta"):
-            model = ZImageTransformer2DModel(**config)
-            disc = Discriminator(int(config["dim"]), int(config["cap_feat_dim"]),
-                                 discriminator or _real_discriminator_config())
-    except (TypeError, KeyError, AssertionError, ValueError) as err:
-        raise TwostepError(f"invalid Z-Image transformer config: {err}") from err
+    layout = (family or all_families()[0]).transformer_layout(config)
+    model, blocks = layout["model"], layout["blocks"]
+    with torch.device("meta"):
+        disc = Discriminator(layout["dim"], layout["text_dim"], discriminator or _real_discriminator_config())
     suffixes = list(lora_targets) if lora_targets is not None else StudentConfig().lora_targets
     # same name matching as peft's target_modules list: exact name or a ".suffix" ending
     lora = sum(lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes))
-    blocks = [*model.layers, *model.noise_refiner, *model.context_refiner]
     # input widths of one main block's LoRA-wrapped linears: peft casts each input to fp32 (7 targets, w2's 10240)
-    lora_in = sum(m.in_features for name, m in model.layers[0].named_modules()
+    lora_in = sum(m.in_features for name, m in layout["main_blocks"][0].named_modules()
                   if isinstance(m, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes))
     return {"base": sum(p.numel() for p in model.parameters()), "lora_in_per_block": lora_in,
-            "main_blocks": len(model.layers),
+            "main_blocks": len(layout["main_blocks"]),
             "disc_blocks": len((discriminator or _real_discriminator_config()).blocks),
             "block": max(sum(p.numel() for p in b.parameters()) for b in blocks),
-            "blocks": len(blocks), "dim": int(config["dim"]), "ffn_hidden": int(blocks[0].feed_forward.w1.out_features),
+            "blocks": len(blocks), "dim": layout["dim"], "ffn_hidden": layout["ffn_hidden"],
             "lora_per_step": lora, "discriminator": sum(p.numel() for p in disc.parameters()),
-            "cap_feat_dim": int(config["cap_feat_dim"]), "in_channels": int(config.get("in_channels", LATENT_CHANNELS))}
+            "cap_feat_dim": layout["text_dim"], "in_channels": layout["vae_latent_channels"], "patch": layout["patch"]}
 
 
 def _real_discriminator_config():
@@ -190,9 +200,9 @@ def _real_discriminator_config():
 def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None) -> dict:
     """Per-GPU bytes by component. ``config`` (transformer kwargs) overrides ``req.model`` when given."""
     req.validate()
-    config = load_transformer_config(req.model) if config is None else config
-    n = count_parameters(config, req.lora_rank, req.lora_targets, req.discriminator)
-    patch = int(config.get("all_patch_size", [2])[0])
+    family, config = load_transformer_config(req.model) if config is None else (None, config)
+    n = count_parameters(config, req.lora_rank, req.lora_targets, req.discriminator, family)
+    patch = n["patch"]
     image_tokens = (req.resolution // VAE_DOWN // patch) ** 2
     tokens = image_tokens + req.caption_tokens
     optim = FP32 + FP32 + ADAM_STATES * FP32  # fp32 trainable weight + grad + AdamW states
@@ -417,8 +427,9 @@ def add_plan_arguments(parser) -> None:
     replace the config's value when given."""
     parser.add_argument("--config", help=f"YAML file or packaged config name (default: {DEFAULT_CONFIG}); batch, "
                                          "resolution, LoRA, discriminator and precision come from it")
-    parser.add_argument("--model", help="Z-Image pipeline/transformer folder, a cached hub id, or zimage-turbo "
-                                        f"(default: the config's model.path; {ZIMAGE_TURBO_ID} = zimage-turbo)")
+    parser.add_argument("--model", help="pipeline/transformer folder, a cached hub id, or a release's alias such as "
+                                        "zimage-turbo (default: the config's model.path; a release's hub id plans "
+                                        "its published config)")
     parser.add_argument("--mode", choices=["lora", "full"],
                         help="per-step LoRA adapters or full per-step copies (FSDP2) (default: student.form)")
     parser.add_argument("--resolution", type=int,
@@ -458,7 +469,8 @@ def load_plan_config(name_or_path: str | None, overrides=()):
 def request_from_config(cfg, **flags) -> PlanRequest:
     """A :class:`PlanRequest` with every setting from ``cfg`` (a ``ZImageDistillConfig``); ``flags`` (PlanRequest
     fields, None = not given) replace them."""
-    model = "zimage-turbo" if cfg.model.path == ZIMAGE_TURBO_ID else cfg.model.path
+    released = _released(cfg.model.path)  # a config naming a release's hub id is planned with its published config
+    model = released.plan_aliases[0] if released is not None and not os.path.isdir(cfg.model.path) else cfg.model.path
     req = PlanRequest(model=model, mode=cfg.student.form, resolution=cfg.teacher_data.resolution,
                       batch=cfg.train.batch_size, lora_rank=cfg.student.lora_rank, num_steps=cfg.student.num_steps,
                       params=cfg.student.params, lora_targets=list(cfg.student.lora_targets),

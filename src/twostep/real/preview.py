@@ -10,7 +10,7 @@ import torch
 from twostep.core.utils import is_main_process
 from twostep.engine import flow
 from twostep.engine.student import Student
-from twostep.families.zimage.pipeline_io import decode_latents, load_vae
+from twostep.families.registry import detect_family
 from twostep.real.teacher_data import ZImageDataConfig
 from twostep.real.text_cache import PromptEmbeds
 
@@ -108,6 +108,7 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data
     the first grid, by the frozen base with every adapter off (``student.teacher()``), decoded and kept as images;
     the VAE is loaded per grid and freed, so it is never resident during training. Returns the grid's layout."""
     data_cfg = data_cfg or ZImageDataConfig()
+    family = detect_family(folder)
     count = min(count, len(embeds))
     noise = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(seed))
     cond = embeds[torch.arange(count)]
@@ -122,10 +123,10 @@ def preview_writer(folder: str, embeds: PromptEmbeds, latent_shape, device, data
         sampled_teacher.append(True)
         if not is_main_process():  # FSDP2: every rank samples (the forward is a collective); rank 0 draws
             return {}
-        vae = load_vae(folder, device, torch.float32)  # loaded per grid and freed: not resident during training
+        vae = family.load_vae(folder, device, torch.float32)  # loaded per grid and freed: not resident during training
         if first is not None:
-            teacher_images.extend(decode_latents(vae, first[i:i + 1])[0] for i in range(count))
-        images = [decode_latents(vae, latents[i:i + 1])[0] for i in range(count)]
+            teacher_images.extend(family.decode_images(vae, first[i:i + 1])[0] for i in range(count))
+        images = [family.decode_images(vae, latents[i:i + 1])[0] for i in range(count)]
         del vae
         title_ = title or f"{_step_label(path)}: same noise per row"
         grid, layout = compose_preview(title_, prompts, teacher_images, images,

@@ -1,10 +1,11 @@
 """``twostep teacher-data --teacher PATH_OR_ID --prompts FILE``: the real path's cache.
 
-Stage 1 encodes the prompts once with the pipeline's Qwen3 (``OUT/text/``) and frees the text encoder.
-Stage 2 runs the teacher transformer exactly as ``ZImagePipeline`` does (guidance 0, Turbo schedule, shift 3;
-same latents in, same latents out: see tests/test_real_path.py) and writes the sharded trajectory cache of
-``teacher_data.py`` (latents in bf16 by default). Stage 3 decodes a few teacher outputs with the VAE to
-``OUT/previews/`` so a person can look at what the discriminator will call "real".
+The teacher's model family is read from the pipeline folder (``families/registry.py``). Stage 1 encodes the
+prompts once with the pipeline's text encoder (``OUT/text/``) and frees it. Stage 2 runs the teacher transformer
+exactly as its stock pipeline does (for Z-Image: guidance 0, Turbo schedule, shift 3; same latents in, same latents
+out: see tests/test_real_path.py) and writes the sharded trajectory cache of ``engine/teacher_data.py`` (latents in
+bf16 by default). Stage 3 decodes a few teacher outputs with the VAE to ``OUT/previews/`` so a person can look at
+what the discriminator will call "real".
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from twostep.core.config import require
+from twostep.core.dtypes import torch_dtype
 from twostep.core.errors import TwostepError
 from twostep.core.prompts import prompts_sha256, read_prompts
 from twostep.core.utils import ensure_writable_dir, is_main_process, progress, write_text
@@ -29,23 +31,19 @@ from twostep.engine.teacher_data import (
     existing_cache,
     generate_teacher_data,
 )
-from twostep.families.zimage.pipeline_io import (
+from twostep.families.base import ModelFamily
+from twostep.families.folders import (
     MAX_RESOLUTION,
-    MAX_SEQUENCE_LENGTH,
     MIN_RESOLUTION,
-    check_scheduler,
-    check_zimage_pipeline,
     component_fingerprint,
-    decode_latents,
-    latent_shape,
-    load_vae,
     pick_device,
     resolve_pipeline_dir,
-    torch_dtype,
 )
+from twostep.families.registry import detect_family
 from twostep.real.text_cache import PromptEmbeds, check_prompt_lengths, encode_prompt_cache, text_provenance
 
 TEXT_DIR = "text"
+MAX_SEQUENCE_LENGTH = 512  # the longest prompt any family's pipeline encodes
 
 
 @dataclass
@@ -60,7 +58,7 @@ class ZImageDataConfig(TeacherDataConfig):
     batch_size: int = 4
     dtype: str = "bfloat16"
     text_batch_size: int = 16
-    max_length: int = 512  # Qwen3 tokens, as ZImagePipeline
+    max_length: int = 512  # text tokens, as the pipeline's max_sequence_length (512 for Z-Image)
     previews: int = 4
 
     def validate(self) -> None:
@@ -68,11 +66,12 @@ class ZImageDataConfig(TeacherDataConfig):
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be at least 1")
         # the exact rule (a multiple of the VAE grid x patch size) is checked against the pipeline folder
         require(MIN_RESOLUTION <= self.resolution <= MAX_RESOLUTION, "resolution",
-                f"must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] pixels (a multiple of 16 for Z-Image)")
+                f"must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] pixels (a multiple of the model's grid: 16 for "
+                "Z-Image)")
         require(self.text_batch_size >= 1, "text_batch_size", "must be at least 1")
         require(16 <= self.max_length <= MAX_SEQUENCE_LENGTH, "max_length",
-                f"must be in [16, {MAX_SEQUENCE_LENGTH}] tokens (ZImagePipeline's max_sequence_length is "
-                f"{MAX_SEQUENCE_LENGTH})")
+                f"must be in [16, {MAX_SEQUENCE_LENGTH}] tokens (the longest max_sequence_length of the pipelines "
+                "twostep reads; the teacher's own limit is checked against its folder)")
         require(self.previews >= 0, "previews", "must be >= 0")
         probe = dataclasses.replace(self, num_samples=max(1, self.num_samples))
         TeacherDataConfig.validate(probe)
@@ -80,21 +79,25 @@ class ZImageDataConfig(TeacherDataConfig):
 
 @dataclass
 class RealTeacher:
-    """A resolved teacher pipeline: folder, latent shape for the configured resolution, and identity."""
+    """A resolved teacher pipeline: folder, model family, latent shape for the configured resolution, identity."""
 
     folder: str
     latent_shape: tuple[int, int, int]
     fingerprint: str
+    family: ModelFamily
 
 
-def resolve_teacher(path_or_id: str, resolution: int, need=("transformer",), shift: float | None = None) -> RealTeacher:
-    """Checks that cost nothing (folder, class, resolution, schedule) before any model loads."""
+def resolve_teacher(path_or_id: str, resolution: int, need=("transformer",), shift: float | None = None,
+                    teacher_steps: int | None = None) -> RealTeacher:
+    """Checks that cost nothing (folder, class, resolution, schedule) before any model loads; ``teacher_steps``
+    None = the family's own."""
     folder = resolve_pipeline_dir(path_or_id, need)
-    check_zimage_pipeline(folder, need=need)
+    family = detect_family(folder)
+    family.check_pipeline(folder, need=need)
     if shift is not None:
-        check_scheduler(folder, shift)
-    shape = latent_shape(folder, resolution)
-    return RealTeacher(folder, shape, component_fingerprint(folder, "transformer"))
+        family.check_schedule(folder, shift, resolution, teacher_steps or family.default_teacher_steps)
+    shape = family.latent_shape(folder, resolution)
+    return RealTeacher(folder, shape, component_fingerprint(folder, "transformer"), family)
 
 
 def resolved_data_config(cfg: ZImageDataConfig, prompts: list[str]) -> ZImageDataConfig:
@@ -114,7 +117,7 @@ def pipeline_source(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[s
         cond = embeds[prompt_index].to(device)
         return backbone.velocity(x.to(device), sigma.to(device), cond).float().cpu()
 
-    return TeacherSource(velocity=velocity, teacher_id="zimage", weights_sha256=teacher.fingerprint,
+    return TeacherSource(velocity=velocity, teacher_id=teacher.family.name, weights_sha256=teacher.fingerprint,
                          sample_shape=teacher.latent_shape, num_prompts=len(prompts),
                          extra=real_provenance_extra(cfg, teacher, prompts))
 
@@ -129,15 +132,17 @@ def expected_provenance(cfg: ZImageDataConfig, teacher: RealTeacher) -> dict:
 def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtype: str = "bfloat16",
                            device: str = "auto") -> dict:
     """All three stages into ``out_dir``; every check runs before the first model loads. Returns the manifest."""
-    from twostep.families.zimage.adapter import ZImageBackbone
-
     cfg.validate()
     if not cfg.prompts:
         raise TwostepError("no prompt file: pass --prompts FILE (or set teacher_data.prompts in the config)")
     prompts = read_prompts(cfg.prompts)
     teacher = resolve_teacher(model, cfg.resolution, need=("transformer", "text_encoder", "tokenizer", "vae"),
-                              shift=cfg.shift)
+                              shift=cfg.shift, teacher_steps=cfg.teacher_steps)
     dev = pick_device(device)
+    limit = teacher.family.max_sequence_length
+    if cfg.max_length > limit:
+        raise TwostepError(f"teacher_data.max_length={cfg.max_length} is more than {teacher.family.title}'s pipeline "
+                           f"encodes ({limit} tokens); set teacher_data.max_length={limit}")
     check_prompt_lengths(teacher.folder, prompts, cfg.max_length, cfg.prompts)
     ensure_writable_dir(out_dir, what="teacher-data folder")
     cfg = resolved_data_config(cfg, prompts)
@@ -159,29 +164,31 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
         return {"provenance": cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)), "shards": {},
                 "complete": True, "mode": "online"}
     embeds = PromptEmbeds(text_dir)
-    backbone = ZImageBackbone.from_pretrained(teacher.folder, dtype=compute).to(dev).eval().requires_grad_(False)
+    backbone = teacher.family.load_backbone(teacher.folder, compute).to(dev).eval().requires_grad_(False)
     source = pipeline_source(cfg, teacher, prompts, backbone, embeds, dev)
     manifest = generate_teacher_data(cfg, source, out_dir)
     del source, backbone  # the closure holds the transformer: free it before the VAE loads
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     if cfg.previews and is_main_process():
-        write_previews(teacher.folder, out_dir, prompts, cfg.previews, dev)
+        write_previews(teacher.folder, out_dir, prompts, cfg.previews, dev, teacher.family)
     return manifest
 
 
 @torch.no_grad()
-def write_previews(folder: str, out_dir: str, prompts: list[str], count: int, device) -> list[str]:
+def write_previews(folder: str, out_dir: str, prompts: list[str], count: int, device,
+                   family: ModelFamily | None = None) -> list[str]:
     """Decode the first ``count`` teacher outputs to ``OUT/previews/NNNNN.png`` (+ ``index.json`` of prompts)."""
     data = TeacherData(out_dir, verify=False)
     count = min(count, len(data))
-    vae = load_vae(folder, device, torch.float32)
+    family = family or detect_family(folder)
+    vae = family.load_vae(folder, device, torch.float32)
     batch = data.batch(torch.arange(count))
     preview_dir = os.path.join(out_dir, "previews")
     os.makedirs(preview_dir, exist_ok=True)
     paths, index = [], {}
     for i in progress(range(count), desc="previews"):
-        image = decode_latents(vae, batch["final"][i:i + 1])[0]
+        image = family.decode_images(vae, batch["final"][i:i + 1])[0]
         path = os.path.join(preview_dir, f"{i:05d}.png")
         image.save(path)
         paths.append(path)

@@ -1,9 +1,10 @@
-"""Cached Qwen3 prompt embeddings for the real path: computed once, read lazily during training.
+"""Cached prompt embeddings for the real path (the family's text encoder): computed once, read lazily during training.
 
 Layout of ``DIR``::
 
     DIR/manifest.json                 prompts, their sha256, text-encoder fingerprint, dtype, shard list
-    DIR/embeds-00000.safetensors ...  ``prompt_{i:07d}`` -> ``(L_i, 2560)`` (valid tokens only, as the pipeline)
+    DIR/embeds-00000.safetensors ...  ``prompt_{i:07d}`` -> ``(L_i, D)`` (the tokens the family's pipeline feeds
+                                      the transformer)
 
 Shards are memory-mapped on read, so a cache of many prompts never has to sit in RAM.
 """
@@ -19,18 +20,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from twostep.core.dtypes import torch_dtype
 from twostep.core.errors import TwostepError
 from twostep.core.prompts import check_prompt_tokens, prompts_sha256
 from twostep.core.utils import atomic_path, ensure_writable_dir, progress, read_json_file, write_text
 from twostep.engine.backbone import Conditioning
-from twostep.families.zimage.pipeline_io import (
-    component_fingerprint,
-    load_text_encoder,
-    load_tokenizer,
-    pick_device,
-    torch_dtype,
-)
-from twostep.families.zimage.text import encode_prompts, prompt_token_counts
+from twostep.families.folders import component_fingerprint, pick_device
+from twostep.families.registry import detect_family
 
 Tensor = torch.Tensor
 MANIFEST = "manifest.json"
@@ -41,8 +37,9 @@ def check_prompt_lengths(folder: str, prompts: Sequence[str], max_length: int, p
                          tokenizer=None) -> None:
     """Refuse prompts longer than ``max_length`` tokens (the pipeline would cut them off silently), naming their
     lines in ``path`` (``None``: a prompt given on the command line). Loads only the tokenizer."""
-    tokenizer = tokenizer or load_tokenizer(folder)
-    check_prompt_tokens(prompt_token_counts(tokenizer, list(prompts)), max_length, path)
+    family = detect_family(folder)
+    tokenizer = tokenizer or family.load_tokenizer(folder)
+    check_prompt_tokens(family.prompt_token_counts(tokenizer, list(prompts)), max_length, path)
 
 
 def read_text_manifest(out_dir: str) -> dict:
@@ -86,7 +83,7 @@ def text_provenance(folder: str, prompts: Sequence[str], dtype: str, max_length:
 def encode_prompt_cache(folder: str, prompts: Sequence[str], out_dir: str, dtype: str = "bfloat16",
                         batch_size: int = 16, shard_size: int = 512, max_length: int = 512,
                         device=None) -> str:
-    """Encode ``prompts`` with the pipeline's tokenizer + Qwen3 into ``out_dir``.
+    """Encode ``prompts`` with the pipeline's tokenizer and text encoder into ``out_dir``.
 
     Resumable: the manifest is rewritten after every shard, and a rerun with the same prompts and encoder skips
     finished shards (a cache of other prompts is replaced). 512 prompts of up to 512 tokens x 2560 in bf16 is at
@@ -106,7 +103,8 @@ def encode_prompt_cache(folder: str, prompts: Sequence[str], out_dir: str, dtype
     done = {s["name"] for s in manifest["shards"] if os.path.isfile(os.path.join(out_dir, s["name"]))}
     device = pick_device(device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer, encoder = load_text_encoder(folder, device, compute)
+    family = detect_family(folder)
+    tokenizer, encoder = family.load_text_encoder(folder, device, compute)
     check_prompt_lengths(folder, prompts, max_length, tokenizer=tokenizer)  # callers check first, with line numbers
     store = torch_dtype(dtype)
     for start in progress(range(0, len(prompts), shard_size), desc="text shards"):
@@ -116,7 +114,7 @@ def encode_prompt_cache(folder: str, prompts: Sequence[str], out_dir: str, dtype
         chunk = list(prompts[start:start + shard_size])
         tensors = {}
         for b in range(0, len(chunk), batch_size):
-            feats = encode_prompts(tokenizer, encoder, chunk[b:b + batch_size], max_length=max_length, device=device)
+            feats = family.encode_prompts(tokenizer, encoder, chunk[b:b + batch_size], max_length, device=device)
             for j, f in enumerate(feats):
                 tensors[f"prompt_{start + b + j:07d}"] = f.to("cpu", store).contiguous()
         with atomic_path(os.path.join(out_dir, name)) as tmp:

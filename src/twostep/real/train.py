@@ -1,9 +1,9 @@
-"""``twostep train --config configs/zimage_turbo_2step_lora.yaml``: the recipe on a real Z-Image teacher.
+"""``twostep train --config configs/zimage_turbo_2step_lora.yaml``: the recipe on a real teacher pipeline.
 
-Same engine as the offline world (``student``, ``discriminator``, ``recipe``, ``train``); this module supplies
-the pipeline's transformer (one frozen bf16 base: with adapters off it is the teacher and the discriminator's
-feature network), the cached prompt embeddings and teacher latents, and decoded preview grids.
-Every check (config, pipeline folder, cache provenance) runs before the transformer loads.
+Same engine as the offline world (``student``, ``discriminator``, ``recipe``, ``train``); this module supplies,
+through the teacher's model family (read from its folder), the pipeline's transformer (one frozen bf16 base: with
+adapters off it is the teacher and the discriminator's feature network), the cached prompt embeddings and teacher
+latents, and decoded preview grids. Every check (config, pipeline folder, cache provenance) runs before the transformer loads.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from twostep.core.config import load_config
+from twostep.core.dtypes import torch_dtype
 from twostep.core.errors import TwostepError
 from twostep.core.utils import is_main_process, read_json_object
 from twostep.engine import teacher_data as teacher_data_rules
@@ -24,8 +25,9 @@ from twostep.engine.run_folder import check_run_dir, checkpoint_student_weights,
 from twostep.engine.student import Student
 from twostep.engine.teacher_data import OnlineTeacherData, TeacherData
 from twostep.engine.train import Trainer, resume_trainer, save_student_weights
-from twostep.families.zimage.adapter import ZImageBackbone
-from twostep.families.zimage.pipeline_io import pick_device, torch_dtype
+from twostep.families.base import ModelFamily
+from twostep.families.folders import pick_device
+from twostep.families.registry import detect_family
 from twostep.real.evaluation.training import TrainEvalConfig
 from twostep.real.teacher_data import TEXT_DIR, expected_provenance, resolve_teacher
 from twostep.real.text_cache import PromptEmbeds
@@ -37,15 +39,17 @@ from twostep.real.config import ZImageDistillConfig, ZImageModelConfig, is_real_
 from twostep.real.preview import preview_writer
 
 
-def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, device) -> tuple[Student, Discriminator]:
-    backbone = ZImageBackbone.from_pretrained(folder, dtype=torch_dtype(cfg.model.dtype)).to(device)
+def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, device,
+                       family: ModelFamily | None = None) -> tuple[Student, Discriminator]:
+    family = family or detect_family(folder)
+    backbone = family.load_backbone(folder, torch_dtype(cfg.model.dtype)).to(device)
     blocks = cfg.discriminator.blocks
     if max(blocks) >= backbone.num_blocks:
         raise TwostepError(f"config key 'discriminator.blocks' {blocks}: the transformer has only "
                            f"{backbone.num_blocks} blocks")
     torch.manual_seed(cfg.train.seed)  # LoRA A init and the heads: a fresh run is reproducible
     student = Student(backbone, cfg.student)
-    disc = Discriminator(backbone.transformer.config.dim, text_width, cfg.discriminator).to(device)
+    disc = Discriminator(family.hidden_width(backbone), text_width, cfg.discriminator).to(device)
     return student, disc
 
 
@@ -74,7 +78,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     # every component the run will use, resolved (and on the hub: fetched) before the model loads: the transformer,
     # and the VAE that decodes the preview grids (the last step always writes one)
     teacher = resolve_teacher(cfg.model.path, cfg.teacher_data.resolution, need=("transformer", "vae"),
-                              shift=cfg.teacher_data.shift)
+                              shift=cfg.teacher_data.shift, teacher_steps=cfg.teacher_data.teacher_steps)
     device = rank_device(pick_device(cfg.model.device))  # torchrun: cuda:LOCAL_RANK
     expected = expected_provenance(cfg.teacher_data, teacher)
     online = cfg.teacher_data.mode == "online"
@@ -91,14 +95,14 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
                                       cfg.teacher_data, device)
     barrier()
     start_run(cfg, out_dir, overwrite)
-    inputs = {"teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint,
+    inputs = {"teacher": teacher.folder, "teacher_fingerprint": teacher.fingerprint, "family": teacher.family.name,
               "teacher_data": os.path.abspath(cfg.data_dir)}
-    write_meta(out_dir, {"kind": "zimage-student", "status": "training", **inputs})  # `export --checkpoint` reads it
+    write_meta(out_dir, {"kind": f"{teacher.family.name}-student", "status": "training", **inputs})  # `export --checkpoint` reads it
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if evaluator is not None:
         evaluator.setup()  # the text encoder comes and goes before the student takes the memory
-    student, disc = build_real_student(cfg, teacher.folder, embeds.width, device)
+    student, disc = build_real_student(cfg, teacher.folder, embeds.width, device, teacher.family)
     if online:
         data = online_teacher_data(student, cfg, teacher, embeds, device)
     trainer = Trainer(cfg, student, disc, data, embeds, None, out_dir,
@@ -108,7 +112,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
     trainer.fit()
     state = save_student_weights(trainer, os.path.join(out_dir, STUDENT_WEIGHTS))
     discard_replaced(out_dir)
-    meta = {"kind": "zimage-student", "status": "finished", "steps": trainer.step,
+    meta = {"kind": f"{teacher.family.name}-student", "status": "finished", "steps": trainer.step,
             "train_wall_s": round(trainer.elapsed, 1), **inputs, "device": str(device),
             "trainable_parameters": sum(v.numel() for v in state.values())}
     write_meta(out_dir, meta)
@@ -122,7 +126,7 @@ def load_real_run(run_dir: str, checkpoint: str | None = None
     weights, gathered whole from its shards when FSDP2 wrote it (any run, finished or not)."""
     if checkpoint is None and not os.path.isfile(os.path.join(run_dir, STUDENT_WEIGHTS)):
         raise TwostepError(f"{run_dir} holds no trained student ({STUDENT_WEIGHTS} missing); run `twostep train` "
-                           "with a Z-Image config first, or export a checkpoint with --checkpoint latest")
+                           "with a real-model config first, or export a checkpoint with --checkpoint latest")
     cfg = load_config(ZImageDistillConfig, os.path.join(run_dir, "config.yaml"))
     meta_path = os.path.join(run_dir, "meta.json")
     if not os.path.isfile(meta_path):

@@ -102,6 +102,10 @@ class ZImageBackbone(nn.Module):
     def num_blocks(self) -> int:
         return len(self.transformer.layers)
 
+    def shard_units(self) -> list[nn.Module]:
+        t = self.transformer
+        return [*t.noise_refiner, *t.context_refiner, *t.layers]
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled:
             self.transformer.enable_gradient_checkpointing()

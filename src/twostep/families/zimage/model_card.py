@@ -9,9 +9,8 @@ folder's name and fingerprint.
 
 from __future__ import annotations
 
-import os
-
 from twostep.engine.flow import turbo_sigmas
+from twostep.families.folders import teacher_name  # noqa: F401  (re-exported: the card's one name for it)
 
 TESTED_DIFFUSERS = "0.42.1"  # the release the exports are tested with (pinned in pyproject.toml)
 # PEFT warns "Already found a `peft_config` attribute in the model" when the second adapter loads: expected here
@@ -23,14 +22,6 @@ def pipeline_sigmas(student_sigmas: list[float], shift: float) -> list[float]:
     """The ``sigmas=`` to give ``ZImagePipeline``: its scheduler applies the shift to them, so these are the
     student's sigmas with the shift undone (``[1.0, 0.5]`` for ``[1.0, 0.75]`` at shift 3)."""
     return [round(s / (shift - (shift - 1) * s), 6) for s in student_sigmas]
-
-
-def teacher_name(model_path: str, fingerprint: str | None) -> str:
-    """A hub id as it is; a local folder as ``name (fingerprint abc123…)`` without its path."""
-    if os.path.isdir(model_path) or os.path.isabs(model_path):
-        name = os.path.basename(os.path.normpath(model_path))
-        return f"{name} (local folder, fingerprint {str(fingerprint)[:12]})"
-    return model_path
 
 
 def base_reference(info: dict) -> str:

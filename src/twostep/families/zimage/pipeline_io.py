@@ -6,45 +6,26 @@ least a ``ZImageTransformer2DModel`` (``transformer/config.json``), and resoluti
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
 
 from twostep.core.dtypes import torch_dtype  # noqa: F401  (re-exported: the callers' one name for it)
 from twostep.core.errors import TwostepError
-from twostep.core.utils import read_json_file, resolve_device
+from twostep.families.folders import (  # noqa: F401  (re-exported: the family's one name for them)
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    component_fingerprint,
+    pick_device,
+    resolve_pipeline_dir,
+)
+from twostep.families.folders import (
+    read_pipeline_json as _read_json,
+)
 
 Tensor = torch.Tensor
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's max_sequence_length: prompt tokens (chat template included) it encodes
-MIN_RESOLUTION, MAX_RESOLUTION = 16, 8192  # config range; the exact rule per pipeline is check_resolution()
 MIN_GRID_CELLS = 4  # a side of fewer latent patches than this is not an image
-
-
-def _read_json(path: str, what: str) -> dict:
-    data = read_json_file(path, what=what, hint="the pipeline folder is damaged: download it again")
-    if not isinstance(data, dict):
-        raise TwostepError(f"{path}: {what} must hold a JSON object; the pipeline folder is damaged: download it "
-                           "again")
-    return data
-
-
-def resolve_pipeline_dir(path_or_id: str, need: tuple[str, ...] = ("transformer",)) -> str:
-    """A local folder for ``path_or_id``: the folder itself, or the hub snapshot of the components in ``need``
-    (downloaded when online; ``train`` needs only the transformer, not 30 GB)."""
-    if os.path.isdir(path_or_id):
-        return os.path.abspath(path_or_id)
-    if os.path.exists(path_or_id):
-        raise TwostepError(f"{path_or_id} is a file, not a Z-Image pipeline folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    patterns = ["model_index.json", "scheduler/*", "vae/config.json"] + [f"{part}/*" for part in need]
-    try:
-        return snapshot_download(path_or_id, allow_patterns=patterns)
-    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as err:
-        raise TwostepError(f"{path_or_id!r} is neither a local folder nor a reachable hub model "
-                           f"({type(err).__name__}); pass the folder of a downloaded Z-Image pipeline") from err
 
 
 def check_zimage_pipeline(folder: str, need: tuple[str, ...] = ("transformer",)) -> dict:
@@ -82,22 +63,6 @@ def check_scheduler(folder: str, shift: float) -> None:
     if abs(float(config.get("shift", shift)) - shift) > 1e-6:
         raise TwostepError(f"{folder}: the scheduler's shift is {config.get('shift')}, the config says {shift}; set "
                            f"teacher_data.shift={config.get('shift')}")
-
-
-def component_fingerprint(folder: str, component: str) -> str:
-    """Cheap identity of one component (config + weight file names, sizes and first MiB), not a full hash of
-    12 GB of weights: enough to tell a cache made by another model or revision."""
-    root = os.path.join(folder, component)
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if not os.path.isfile(path):
-            continue
-        h.update(name.encode())
-        h.update(str(os.path.getsize(path)).encode())
-        with open(path, "rb") as f:
-            h.update(f.read(1 << 20))
-    return h.hexdigest()
 
 
 def vae_grid(folder: str) -> int:
@@ -149,12 +114,6 @@ def latent_shape(folder: str, resolution: int) -> tuple[int, int, int]:
                            "pipeline folder is damaged: download it again")
     side = resolution // (grid // 2)
     return channels, side, side
-
-
-def pick_device(name: str | None = "auto") -> torch.device:
-    """``auto`` (or None): the GPU when there is one; any other name is checked by
-    :func:`twostep.core.utils.resolve_device` (the one device check of every command)."""
-    return resolve_device(name)
 
 
 def load_tokenizer(folder: str):

@@ -1,4 +1,4 @@
-"""Prompt encoding the way ``ZImagePipeline`` does it, and an on-disk embedding cache.
+"""Prompt encoding the way ``ZImagePipeline`` does it (the on-disk cache is ``core/prompt_embeds.py``).
 
 Z-Image conditions on Qwen3: chat template, ``hidden_states[-2]``, kept only on valid (unmasked) tokens,
 so each prompt gives a variable-length ``(L_i, D)`` tensor. Embeddings are computed once and cached:
@@ -10,49 +10,22 @@ randomly initialised ``Qwen3Model`` (:func:`build_local_tokenizer`, :func:`build
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from twostep.core.errors import TwostepError
-from twostep.core.utils import atomic_path
-
-Tensor = torch.Tensor
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "[UNK]"]
-
-# Qwen3's template reduced to what ZImagePipeline uses (one user turn, generation prompt).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
-    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
-    "{%- endif %}"
+from twostep.core.prompt_embeds import (  # noqa: F401  (re-exported: the offline world's and tests' names)
+    load_prompt_embeds,
+    save_prompt_embeds,
+    words_of,
+)
+from twostep.families.qwen3_text import (  # noqa: F401  (re-exported: the offline world's and tests' names)
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    build_local_tokenizer,
 )
 
-
-def build_local_tokenizer(words: Sequence[str]):
-    """A word-level tokenizer with Qwen's chat markers, built offline. ``words``: the vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for w in ["user", "assistant", "system"] + sorted({w.lower() for w in words}):
-        vocab.setdefault(w, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                  eos_token="<|im_end|>", additional_special_tokens=SPECIAL_TOKENS[1:5])
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def words_of(prompts: Sequence[str]) -> list[str]:
-    return sorted({w for p in prompts for w in re.findall(r"\w+|[^\w\s]+", p.lower())})
-
+Tensor = torch.Tensor
 
 def build_tiny_qwen3(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
     """A small random ``Qwen3Model`` (the real text encoder's class) for the offline world and tests."""
@@ -88,33 +61,3 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], max_length: 
     mask = inputs.attention_mask.to(device).bool()
     hidden = text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
     return [hidden[i][mask[i]] for i in range(len(prompts))]
-
-
-# --------------------------------------------------------------------------- cache
-
-
-def save_prompt_embeds(path: str, prompts: Sequence[str], feats: Sequence[Tensor], provenance: dict | None = None):
-    """Write ``{prompt_i: (L_i, D)}`` to one safetensors file; prompts and provenance in its metadata."""
-    if len(prompts) != len(feats):
-        raise ValueError("one feature tensor per prompt")
-    tensors = {f"prompt_{i:07d}": f.detach().to("cpu").contiguous() for i, f in enumerate(feats)}
-    meta = {"prompts": json.dumps(list(prompts)), "provenance": json.dumps(provenance or {})}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
-
-
-def load_prompt_embeds(path: str) -> tuple[list[str], list[Tensor], dict]:
-    """Inverse of :func:`save_prompt_embeds`: ``(prompts, feats, provenance)``."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise TwostepError(f"prompt-embedding cache {path} does not exist; encode the prompts first")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
-        prompts = json.loads(meta["prompts"])
-    except Exception as err:  # noqa: BLE001 - any parse failure means the file is not ours
-        raise TwostepError(f"{path} is not a twostep prompt-embedding cache ({err}); delete it and re-encode") from err
-    feats = [tensors[f"prompt_{i:07d}"] for i in range(len(prompts))]
-    return prompts, feats, json.loads(meta.get("provenance", "{}"))

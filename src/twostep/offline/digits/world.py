@@ -12,15 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from twostep.core.config import require, require_seed
+from twostep.core.prompt_embeds import load_prompt_embeds, save_prompt_embeds, words_of
 from twostep.engine.backbone import Conditioning
-from twostep.families.zimage.text import (
-    build_local_tokenizer,
-    build_tiny_qwen3,
-    encode_prompts,
-    load_prompt_embeds,
-    save_prompt_embeds,
-    words_of,
-)
+from twostep.families.registry import TOY_FAMILY, family_named
 from twostep.offline.digits.data import class_prompts
 
 PROMPT_CACHE = "prompt_embeds.safetensors"
@@ -67,9 +61,10 @@ def _quiet_transformers_progress():
 def build_prompt_cache(cfg: ToyTextConfig, out_dir: str, prompts: list[str] | None = None) -> str:
     """Build the local tokenizer + tiny Qwen3, save them under ``out_dir/text``, cache the prompt embeddings."""
     prompts = prompts or class_prompts()
-    tokenizer = build_local_tokenizer(words_of(prompts))
-    encoder = build_tiny_qwen3(len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.seed)
-    feats = encode_prompts(tokenizer, encoder, prompts, max_length=cfg.max_length)
+    toy = family_named(TOY_FAMILY)
+    tokenizer = toy.build_local_tokenizer(words_of(prompts))
+    encoder = toy.build_tiny_text_encoder(len(tokenizer), cfg.hidden_size, cfg.num_layers, cfg.seed)
+    feats = toy.encode_prompts(tokenizer, encoder, prompts, cfg.max_length)
     text_dir = os.path.join(out_dir, "text")
     tokenizer.save_pretrained(os.path.join(text_dir, "tokenizer"))
     with _quiet_transformers_progress():  # its "Writing model shards" bar writes \r updates into logs

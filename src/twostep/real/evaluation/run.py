@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -70,7 +71,7 @@ class EvaluateConfig:
     seed: int = 0  # sample i starts from the noise of seed (seed + i)
     samples_per_prompt: int = 1
     max_prompts: int = 0  # 0 = every prompt of the set
-    teacher_steps: int = 8
+    teacher_steps: int = 0  # 0 = the step count the student was distilled from (else the family's own)
     shard_size: int = 16  # samples per shard: the unit a rerun resumes from
     dtype: str = "auto"  # pipeline dtype: auto = bfloat16 on a GPU, float32 on CPU
     device: str = "auto"
@@ -86,7 +87,7 @@ class EvaluateConfig:
         require_seed(self.seed, "seed")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be at least 1")
         require(self.max_prompts >= 0, "max_prompts", "must be >= 0 (0 = all)")
-        require(1 <= self.teacher_steps <= 1000, "teacher_steps", "must be in [1, 1000]")
+        require(0 <= self.teacher_steps <= 1000, "teacher_steps", "must be 0 (the student's teacher's) or in [1, 1000]")
         require(self.shard_size >= 1, "shard_size", "must be at least 1")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                 "must be auto, float32, bfloat16 or float16")
@@ -183,7 +184,6 @@ def prepare(model: str, teacher: str | None, prompts: str, out: str, cfg: Evalua
             real: str | None = None) -> Plan:
     """Every check of ``twostep evaluate``; loads no model and writes nothing."""
     from twostep.core.prompts import prompts_sha256, read_prompts
-    from twostep.families.zimage.pipeline_io import MAX_SEQUENCE_LENGTH
     from twostep.real.evaluation.prompt_sets import resolve_prompt_file
     from twostep.real.teacher_data import resolve_teacher
     from twostep.real.text_cache import check_prompt_lengths
@@ -199,11 +199,14 @@ def prepare(model: str, teacher: str | None, prompts: str, out: str, cfg: Evalua
                            "Tongyi-MAI/Z-Image-Turbo)")
     resolution = cfg.resolution or student.resolution or 1024
     need = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    resolved = resolve_teacher(teacher_id, resolution, need=need, shift=student.shift)
+    resolved = resolve_teacher(teacher_id, resolution, need=need, shift=student.shift,
+                               teacher_steps=cfg.teacher_steps or student.teacher_steps)
     if student.teacher_fingerprint and resolved.fingerprint != student.teacher_fingerprint:
         raise TwostepError(f"the teacher {teacher_id} is not the one {model} was trained on (transformer "
                            "fingerprint differs); pass --teacher with the original weights")
-    check_prompt_lengths(resolved.folder, prompt_list, MAX_SEQUENCE_LENGTH, prompts_path)
+    check_prompt_lengths(resolved.folder, prompt_list, resolved.family.max_sequence_length, prompts_path)
+    cfg = dataclasses.replace(cfg, teacher_steps=cfg.teacher_steps or student.teacher_steps
+                              or resolved.family.default_teacher_steps)
     real_files = real_image_files(real) if real else []
     skipped = {}
     for kind, model_id in (("CLIP", cfg.models.clip), ("DINOv2", cfg.models.dino)):
@@ -263,7 +266,7 @@ def _resolved_precision(cfg) -> dict:
 
 
 def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    from twostep.families.zimage.pipeline_io import torch_dtype
+    from twostep.core.dtypes import torch_dtype
 
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

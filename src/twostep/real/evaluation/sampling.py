@@ -41,6 +41,7 @@ class StudentSource:
     default_teacher: str | None = None  # what --teacher defaults to
     resolution: int | None = None
     loras: list[dict[str, Tensor]] = field(default_factory=list, repr=False)
+    teacher_steps: int | None = None  # the teacher's step count in training (None: not recorded)
 
     @property
     def num_steps(self) -> int:
@@ -66,7 +67,7 @@ def _load_lora(path: str) -> dict[str, Tensor]:
         raise TwostepError(f"{path}: not a readable safetensors LoRA file ({type(err).__name__}); export again") \
             from None
     if not tensors or not all(k.startswith("transformer.") for k in tensors):
-        raise TwostepError(f"{path}: not a diffusers-named Z-Image LoRA (keys 'transformer.*'); evaluate a "
+        raise TwostepError(f"{path}: not a diffusers-named LoRA (keys 'transformer.*'); evaluate a "
                            "diffusers or lora export, or the training run")
     return {k: v.float() for k, v in tensors.items()}
 
@@ -98,7 +99,8 @@ def _read_export(folder: str) -> StudentSource:
     identity = file_sha256_of(paths)
     resolution = info.get("resolution") if isinstance(info.get("resolution"), int) else None
     return StudentSource(folder, "export", [float(s) for s in info["student_sigmas"]], float(info["shift"]), identity,
-                         info.get("teacher_fingerprint"), default, resolution, [_load_lora(p) for p in paths])
+                         info.get("teacher_fingerprint"), default, resolution, [_load_lora(p) for p in paths],
+                         info.get("teacher_steps") if isinstance(info.get("teacher_steps"), int) else None)
 
 
 def file_sha256_of(paths: list[str]) -> str:
@@ -126,7 +128,7 @@ def _read_run(run_dir: str) -> StudentSource:
     default = recorded if isinstance(recorded, str) and os.path.isdir(recorded) else cfg.model.path
     return StudentSource(run_dir, "run", [float(s) for s in cfg.student.sigmas], float(cfg.teacher_data.shift),
                          file_sha256(os.path.join(run_dir, STUDENT_WEIGHTS)), meta.get("teacher_fingerprint"),
-                         default, cfg.teacher_data.resolution, loras)
+                         default, cfg.teacher_data.resolution, loras, cfg.teacher_data.teacher_steps)
 
 
 def read_student(path: str) -> StudentSource:
@@ -135,7 +137,7 @@ def read_student(path: str) -> StudentSource:
     from twostep.real.pipeline import INFO
 
     if not os.path.isdir(path):
-        raise TwostepError(f"--model {path}: no such folder; give a `twostep train` run folder (Z-Image config) or "
+        raise TwostepError(f"--model {path}: no such folder; give a `twostep train` run folder (a real-model config) or "
                            "a `twostep export` folder")
     if os.path.isfile(os.path.join(path, INFO)):
         return _read_export(path)
@@ -154,34 +156,35 @@ class Samplers:
 
     def __init__(self, teacher_folder: str, student: StudentSource, device: torch.device, dtype: torch.dtype,
                  resolution: int, teacher_steps: int = 8):
-        from diffusers import ZImagePipeline
-
-        from twostep.families.zimage.model_card import pipeline_sigmas
+        from twostep.families.registry import detect_family
         from twostep.real.pipeline import StepAdapterSwitch
 
         self.device, self.resolution, self.teacher_steps = device, resolution, teacher_steps
-        self.pipe = ZImagePipeline.from_pretrained(teacher_folder, dtype=dtype).to(device)
+        self.family = family = detect_family(teacher_folder)
+        self.pipe = family.load_pipeline(teacher_folder, dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         adapters = [f"step{k}" for k in range(1, student.num_steps + 1)]
         with warnings.catch_warnings():  # one adapter per step on one model is the design, not a mistake
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
             for name, lora in zip(adapters, student.loras):
                 self.pipe.load_lora_weights(dict(lora), adapter_name=name)  # a copy: diffusers may consume the dict
-        self.switch = StepAdapterSwitch(adapters, student.num_steps, pipeline_sigmas(student.sigmas, student.shift))
+        _, height, width = family.latent_shape(teacher_folder, resolution)
+        sigmas = family.pipeline_sigmas(student.sigmas, student.shift, height * width)
+        self.switch = StepAdapterSwitch(adapters, student.num_steps, sigmas,
+                                        family.pipeline_call_kwargs(student.num_steps))
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[Tensor]:
         """Prompt embeddings exactly as the pipeline computes them, once per prompt for all three samplers."""
-        embeds, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
-        return list(embeds)
+        return self.family.encode_with_pipeline(self.pipe, prompts, self.device)
 
     def _kwargs(self, name: str) -> dict:
         if name == "teacher":
             self.pipe.disable_lora()
-            return {"num_inference_steps": self.teacher_steps, "guidance_scale": 0.0}
+            return {**self.family.pipeline_call_kwargs(self.teacher_steps), "num_inference_steps": self.teacher_steps}
         if name == "naive":
             self.pipe.disable_lora()
-            return {"sigmas": list(self.switch.sigmas), "guidance_scale": 0.0}
+            return {"sigmas": list(self.switch.sigmas), **self.switch.extra}
         self.pipe.enable_lora()
         self.switch.reset(self.pipe)
         return self.switch.call_kwargs()
@@ -193,18 +196,15 @@ class Samplers:
         kwargs = self._kwargs(name)
         sync(self.device)
         start = time.perf_counter()
-        latents = self.pipe(prompt_embeds=[embed], latents=noise.to(self.device), height=self.resolution,
-                            width=self.resolution, output_type="latent", **kwargs).images
+        latents = self.family.pipeline_latents(self.pipe, embed, noise.to(self.device), self.resolution, **kwargs)
         sync(self.device)
         return latents.float().cpu(), time.perf_counter() - start
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> tuple[Tensor, float]:
-        """``(uint8 (N, 3, H, W), seconds)``: the VAE decode ``ZImagePipeline`` does."""
-        from twostep.families.zimage.pipeline_io import decode_to_uint8
-
+        """``(uint8 (N, 3, H, W), seconds)``: the VAE decode the pipeline does."""
         sync(self.device)
         start = time.perf_counter()
-        images = decode_to_uint8(self.pipe.vae, latents)
+        images = self.family.decode_to_uint8(self.pipe.vae, latents)
         sync(self.device)
         return images, time.perf_counter() - start

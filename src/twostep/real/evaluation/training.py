@@ -72,7 +72,10 @@ class TrainingEvaluator:
         path = resolve_prompt_file(cfg.prompts)
         self.prompts = read_prompts(path)[:cfg.count]
         check_prompt_lengths(folder, self.prompts, data_cfg.max_length, path)
+        from twostep.families.registry import detect_family
+
         self.cfg, self.folder, self.data_cfg, self.device = cfg, folder, data_cfg, torch.device(device)
+        self.family = detect_family(folder)
         self.noise = torch.randn((len(self.prompts), *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
         self.cond = None
         self.teacher_images = None
@@ -83,13 +86,11 @@ class TrainingEvaluator:
     def setup(self) -> None:
         """Encode the prompts with the pipeline's text encoder (then freed) and check the metric models once."""
         from twostep.engine.backbone import Conditioning
-        from twostep.families.zimage.pipeline_io import load_text_encoder
-        from twostep.families.zimage.text import encode_prompts
 
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        tokenizer, encoder = load_text_encoder(self.folder, self.device, dtype)
-        feats = encode_prompts(tokenizer, encoder, self.prompts, max_length=self.data_cfg.max_length,
-                               device=self.device)
+        tokenizer, encoder = self.family.load_text_encoder(self.folder, self.device, dtype)
+        feats = self.family.encode_prompts(tokenizer, encoder, self.prompts, self.data_cfg.max_length,
+                                           device=self.device)
         self.cond = Conditioning.from_list([f.cpu() for f in feats])
         del encoder, feats
         for kind, model_id in list(self.models.items()):
@@ -103,9 +104,7 @@ class TrainingEvaluator:
 
     def _images(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """uint8 ``(N, 3, H, W)``, decoded one at a time (the smallest activations)."""
-        from twostep.families.zimage.pipeline_io import decode_to_uint8
-
-        return torch.cat([decode_to_uint8(vae, latents[i:i + 1]) for i in range(len(latents))])
+        return torch.cat([self.family.decode_to_uint8(vae, latents[i:i + 1]) for i in range(len(latents))])
 
     def _guarded(self, name: str, compute, out: dict) -> None:
         """Run one metric group; a failure is reported once and that group is skipped from then on."""
@@ -132,7 +131,6 @@ class TrainingEvaluator:
 
     @torch.no_grad()
     def _evaluate(self, student) -> dict[str, float]:
-        from twostep.families.zimage.pipeline_io import load_vae
         from twostep.real.preview import teacher_latents
 
         if self.cond is None:
@@ -145,7 +143,7 @@ class TrainingEvaluator:
         if not is_main_process():  # FSDP2: every rank samples (the forward is a collective); rank 0 scores
             self.teacher_images = self.teacher_images if self.teacher_images is not None else []
             return {}
-        vae = load_vae(self.folder, self.device, torch.float32)
+        vae = self.family.load_vae(self.folder, self.device, torch.float32)
         if first is not None:
             self.teacher_images = self._images(vae, first)
         images = self._images(vae, latents)
