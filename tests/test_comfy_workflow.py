@@ -12,6 +12,8 @@ Node table provenance (read through the code index; "id" is the stored file vers
 - Comfy-Org/ComfyUI ``comfy_extras/nodes_model_advanced.py`` @ 691e82787be231880314d980b49b06a8105c5de6:
   ModelSamplingAuraFlow (``ModelSamplingSD3.patch`` with ``multiplier=1.0``).
 - Comfy-Org/ComfyUI ``comfy_extras/nodes_sd3.py`` @ 45e9c52c5ef96f95ac2230975e72f6b470e10042: EmptySD3LatentImage.
+- Comfy-Org/ComfyUI ``comfy_extras/nodes_flux.py`` (newest stored copy, found by find_string): EmptyFlux2LatentImage
+  (the same width/height/batch_size inputs; 128-channel latents at 1/16 of the size).
 - Comfy-Org/ComfyUI ``comfy/samplers.py`` @ 311c01406130b2acbe8ab291043502de26cf3871: KSAMPLER_NAMES,
   SAMPLER_NAMES, SCHEDULER_HANDLERS, ``calculate_sigmas``, ``simple_scheduler``.
 - Comfy-Org/ComfyUI ``comfy/model_sampling.py`` @ 2fd2083913be0894287f5f1d2abef8c5f94d1d0a: ``time_snr_shift``,
@@ -121,6 +123,10 @@ NODES = {
                                          "height": integer(16, MAX_RESOLUTION, 16),
                                          "batch_size": integer(1, 4096)},
                             "optional": {}, "outputs": ["LATENT"]},
+    "EmptyFlux2LatentImage": {"required": {"width": integer(16, MAX_RESOLUTION, 16),
+                                           "height": integer(16, MAX_RESOLUTION, 16),
+                                           "batch_size": integer(1, 4096)},
+                              "optional": {}, "outputs": ["LATENT"]},
     "SamplerCustomAdvanced": {"required": {"noise": link("NOISE"), "guider": link("GUIDER"),
                                            "sampler": link("SAMPLER"), "sigmas": link("SIGMAS"),
                                            "latent_image": link("LATENT")},

@@ -19,10 +19,25 @@ def tiny_transformer_config(cap_feat_dim: int = 32, in_channels: int = 16) -> di
 
 
 def tiny_zimage_pipeline(seed: int = 0):
-    """A random ``ZImagePipeline`` small enough for CPU tests (latents ``(B, 16, H/2, W/2)``: the VAE downsamples 2x)."""
+    """A random ``ZImagePipeline`` small enough for CPU tests (latents ``(B, 16, H/2, W/2)``: the VAE downsamples
+    2x)."""
     from twostep.families.zimage.tiny import tiny_zimage_pipeline as build
 
     return build(TINY_WORDS, seed)
+
+
+def tiny_flux2_transformer_config(text_width: int = 48, in_channels: int = 16) -> dict:
+    """A tiny ``Flux2Transformer2DModel`` config (one double-stream and two single-stream blocks of width 32)."""
+    from twostep.families.flux2.tiny import tiny_transformer_config as config
+
+    return config(text_width, in_channels)
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, distilled: bool = True):
+    """A random ``Flux2KleinPipeline`` for CPU tests (engine latents ``(B, 16, H/4, W/4)``)."""
+    from twostep.families.flux2.tiny import tiny_flux2_klein_pipeline as build
+
+    return build(TINY_WORDS, seed, distilled)
 
 
 # --------------------------------------------------------------------------- metric models (twostep evaluate)

@@ -14,7 +14,7 @@ from twostep.core.errors import TwostepError
 from twostep.families.base import ModelFamily
 
 # name -> module holding FAMILY; the order is the order of `twostep configs` and the docs' table
-FAMILY_MODULES = {"zimage": "twostep.families.zimage.family"}
+FAMILY_MODULES = {"zimage": "twostep.families.zimage.family", "flux2": "twostep.families.flux2.family"}
 TOY_FAMILY = "zimage"  # the offline worlds' toy teacher is a tiny model of this family
 
 

@@ -1,0 +1,209 @@
+"""The FLUX.2 klein path end to end on a tiny random ``Flux2KleinPipeline`` saved in diffusers format, with the same
+commands as Z-Image: the family is read from the folder's own ``model_index.json`` (no flag), teacher-data picks
+the family's packaged recipe, and train, export (4 formats), generate and evaluate run on it.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from twostep.cli import main
+from twostep.core.errors import TwostepError
+from twostep.engine import flow
+from twostep.families.flux2.pipeline_io import schedule_shift
+from twostep.testing import tiny_flux2_klein_pipeline
+
+FORMATS = os.environ.get("TWOSTEP_FLUX2_FORMATS", "diffusers,lora,comfyui,merged").split(",")
+RES = 32  # tiny VAE 2x, 2x2 patches: engine latents (16, 8, 8), 64 image tokens
+PROMPTS = ["a red cat on a sofa", "a photo of a small house", "the city at night"]
+SHIFT = schedule_shift(64, 4)  # exp(compute_empirical_mu(64, 4)): the tiny pipeline's 4-step schedule
+SIGMA2 = round(float(flow.turbo_sigmas(4, SHIFT)[2]), 6)  # the teacher's state after 2 of 4 steps
+SCHEDULE = [f"teacher_data.shift={SHIFT}", f"teacher_data.student_sigmas=[1.0,{SIGMA2}]", "teacher_data.max_length=24",
+            f"student.sigmas=[1.0,{SIGMA2}]"]
+TRAIN = ["train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "train.d_warmup_steps=0",
+         "train.sample_every=2", "train.checkpoint_every=2", "train.bf16=false", "model.dtype=float32",
+         "discriminator.blocks=[0,2]", "discriminator.hidden=16", "student.lora_rank=4", "student.lora_alpha=8",
+         "train.g_lr=0.01", *SCHEDULE]
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux2")
+    pipe = str(root / "pipe")
+    tiny_flux2_klein_pipeline(seed=0).save_pretrained(pipe)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    data, run = str(root / "data"), str(root / "run")
+    assert main(["teacher-data", "--teacher", pipe, "--prompts", str(prompts), "--resolution", str(RES), "--out", data,
+                 "teacher_data.shard_size=4", "teacher_data.batch_size=2", "teacher_data.previews=1",
+                 *SCHEDULE]) == 0
+    assert main(["train", "--data", data, "--out", run, *TRAIN]) == 0  # the recipe comes from the data's record
+    exports = {}
+    for fmt in FORMATS:
+        exports[fmt] = str(root / f"export_{fmt}")
+        assert main(["export", run, "--format", fmt, "--out", exports[fmt], "--dtype", "float32"]) == 0
+    return {"root": root, "pipe": pipe, "prompts": str(prompts), "data": data, "run": run, **exports}
+
+
+def test_teacher_data_is_the_stock_pipelines_output_at_the_same_noise(klein):
+    from diffusers import Flux2KleinPipeline
+
+    from twostep.engine.teacher_data import TeacherData
+    from twostep.families.flux2.pipeline_io import from_vae_latents
+    from twostep.real.text_cache import PromptEmbeds
+
+    data = TeacherData(klein["data"])
+    assert data.provenance["teacher_id"] == "flux2" and data.provenance["sample_shape"] == [16, 8, 8]
+    batch = data.batch(torch.arange(2))
+    embeds = PromptEmbeds(os.path.join(klein["data"], "text"))
+    assert embeds.get(0).shape == (24, 48)  # the full padded prompt, three hidden layers
+    pipe = Flux2KleinPipeline.from_pretrained(klein["pipe"])
+    for i in range(2):
+        prompt = int(batch["prompt_index"][i])
+        out = pipe(prompt_embeds=embeds.get(prompt)[None].float(), latents=batch["noise"][i:i + 1].float(),
+                   num_inference_steps=4, height=RES, width=RES, output_type="latent").images
+        expected = from_vae_latents(pipe.vae, out)
+        # the cache stores bf16 finals: compare at that precision
+        assert (batch["final"][i:i + 1].float() - expected).abs().max() < 2e-2
+    assert os.path.isfile(os.path.join(klein["data"], "previews", "00000.png"))
+    record = open(os.path.join(klein["data"], "teacher_data.yaml")).read()
+    assert "recipe: flux2_klein_4b_2step_lora" in record
+
+
+def test_the_run_trained_the_klein_targets_and_records_its_family(klein):
+    meta = json.load(open(os.path.join(klein["run"], "meta.json")))
+    assert meta["kind"] == "flux2-student" and meta["family"] == "flux2" and meta["steps"] == 2
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(klein["run"], "student.safetensors"))
+    modules = {k.split(".lora_")[0] for k in state}
+    # a LoRA on every double-stream attention/FFN linear and on both single-stream linears (attn.to_out there is
+    # a linear; in double-stream blocks it is a ModuleList and only its to_out.0 is wrapped)
+    assert "base.transformer.single_transformer_blocks.0.attn.to_out" in modules
+    assert "base.transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj" in modules
+    assert "base.transformer.transformer_blocks.0.attn.to_out.0" in modules
+    assert "base.transformer.transformer_blocks.0.ff_context.linear_out" in modules
+    assert "base.transformer.transformer_blocks.0.attn.to_out" not in modules
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "lora", "merged"])
+def test_every_klein_export_card_runs_both_steps_in_stock_diffusers(klein, tmp_path, monkeypatch, fmt):
+    import re
+
+    card = open(os.path.join(klein[fmt], "README.md"), encoding="utf-8").read()
+    assert "Flux2KleinPipeline" in card and "num_inference_steps=2" in card
+    (code,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    code = (code.replace('"path/to/this/export"', repr(klein[fmt])).replace('.to("cuda")', "")
+            .replace("torch.bfloat16", "torch.float32").replace('"path/to/pipe"', repr(klein["pipe"])))
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "snippet", "exec"), ns)  # noqa: S102 - our own generated code
+    assert (tmp_path / "image.png").is_file()
+    sigmas = [round(float(s), 5) for s in ns["pipe"].scheduler.sigmas]
+    assert sigmas == [1.0, round(SIGMA2, 5), 0.0]  # exactly the student's sigmas: two real steps
+
+
+def test_the_stock_pipeline_with_the_switch_equals_our_2_step_sampler(klein):
+    from twostep.families.flux2.pipeline_io import from_vae_latents
+    from twostep.real.export import apply_step_loras, load_step_loras
+    from twostep.real.pipeline import load_two_step_pipeline
+    from twostep.real.text_cache import PromptEmbeds
+    from twostep.real.train import build_real_student, load_real_run
+
+    cfg, meta, _ = load_real_run(klein["run"])
+    embeds = PromptEmbeds(os.path.join(klein["data"], "text"))
+    student, _ = build_real_student(cfg, meta["teacher"], embeds.width, torch.device("cpu"))
+    info = json.load(open(os.path.join(klein["diffusers"], "twostep.json")))
+    apply_step_loras(student, load_step_loras([os.path.join(klein["diffusers"], f) for f in info["lora_files"]]))
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(7))
+    cond = embeds[torch.tensor([1])]
+    with torch.no_grad():
+        ours = student.sample(noise, cond.to(dtype=torch.float32))["final"]
+    pipe, switch = load_two_step_pipeline(klein["diffusers"], device="cpu")
+    switch.reset(pipe)
+    out = pipe(prompt_embeds=cond.embeds.float(), latents=noise.clone(), height=RES, width=RES, output_type="latent",
+               **switch.call_kwargs()).images
+    assert (from_vae_latents(pipe.vae, out) - ours).abs().max() < 1e-4
+
+
+def test_generate_and_evaluate_run_on_the_klein_export(klein, tmp_path, capsys):
+    image = tmp_path / "cat.png"
+    assert main(["generate", "a red cat", "--model", klein["diffusers"], "--out", str(image), "--device", "cpu"]) == 0
+    assert image.is_file()
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", klein["diffusers"], "--prompts", klein["prompts"], "--out", str(out),
+                 "models.clip=none", "models.dino=none", "models.preference=none", "device=cpu"]) == 0
+    result = json.load(open(out / "metrics.json"))
+    rows = result["samplers"]
+    assert [rows[n]["steps"] for n in ("teacher", "naive", "student")] == [4, 2, 2]  # klein's own 4 teacher steps
+    assert rows["student"]["psnr"] is not None
+
+
+def test_a_schedule_that_is_not_the_pipelines_is_refused_with_the_value_to_set(klein, tmp_path, capsys):
+    assert main(["teacher-data", "--teacher", klein["pipe"], "--prompts", klein["prompts"], "--resolution", str(RES),
+                 "--out", str(tmp_path / "d")]) == 2  # the packaged 1024px shift does not fit 32px
+    err = capsys.readouterr().err
+    assert f"teacher_data.shift={SHIFT:.6f}" in err and not os.path.exists(tmp_path / "d")
+    with pytest.raises(TwostepError, match="not on the teacher's 4-step grid"):
+        from twostep.engine.teacher_data import state_indices
+
+        state_indices(flow.turbo_sigmas(4, SHIFT), [1.0, 0.75])
+
+
+def test_plan_counts_klein_from_its_published_config():
+    from twostep.real.plan import PlanRequest, plan_memory
+
+    plan = plan_memory(PlanRequest(model="flux2-klein-4b", resolution=1024, batch=1))
+    assert plan["params"]["base"] == 3_875_544_576  # FLUX.2 klein 4B's 3.88B, counted on the meta device
+    assert plan["tokens"]["image"] == 4096 and plan["tokens"]["blocks"] == 25
+    assert np.isfinite(plan["total_bytes"])
+
+
+def test_comfyui_export_uses_comfyuis_flux2_names_and_ships_a_valid_workflow(klein):
+    import re
+
+    from safetensors.torch import load_file
+    from test_comfy_workflow import check_workflow
+
+    from twostep.families.flux2.comfy_workflow import comfy_lora
+
+    folder = klein["comfyui"]
+    info = json.load(open(os.path.join(folder, "twostep.json")))
+    assert info["files"] == ["step1_lora_comfyui.safetensors", "step2_lora_comfyui.safetensors"]
+    # the names ComfyUI's own FLUX.2 model holds (comfy/lora.py maps "diffusion_model." + any parameter name)
+    native = re.compile(r"diffusion_model\.(double_blocks\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|"
+                        r"img_mlp\.[02]|txt_mlp\.[02])|single_blocks\.\d+\.linear[12])\.(lora_A\.weight|lora_B\.weight|alpha)")
+    step1 = load_file(os.path.join(folder, info["files"][0]))
+    assert step1 and all(native.fullmatch(k) for k in step1), sorted(k for k in step1 if not native.fullmatch(k))[:3]
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in step1
+    assert "diffusion_model.single_blocks.1.linear1.lora_B.weight" in step1
+
+    # the fused qkv LoRA is the three diffusers updates stacked, at ComfyUI's strength alpha / rank
+    g = torch.Generator().manual_seed(0)
+    lora = {f"transformer_blocks.0.attn.to_{n}.lora_{ab}.weight": torch.randn(shape, generator=g)
+            for n in "qkv" for ab, shape in (("A", (4, 8)), ("B", (6, 4)))}
+    fused = comfy_lora(lora)
+    prefix = "diffusion_model.double_blocks.0.img_attn.qkv"
+    a, b = fused[f"{prefix}.lora_A.weight"], fused[f"{prefix}.lora_B.weight"]
+    scale = fused[f"{prefix}.alpha"].item() / a.shape[0]
+    up, down = (f"transformer_blocks.0.attn.to_{{}}.lora_{ab}.weight" for ab in "BA")
+    parts = [lora[up.format(n)] @ lora[down.format(n)] for n in "qkv"]
+    torch.testing.assert_close(scale * (b @ a), torch.cat(parts))
+    with pytest.raises(ValueError, match="no ComfyUI FLUX.2 name"):
+        comfy_lora({"x_embedder.lora_A.weight": torch.zeros(4, 8), "x_embedder.lora_B.weight": torch.zeros(8, 4)})
+
+    graph = json.load(open(os.path.join(folder, info["workflow"])))
+    assert check_workflow(graph) == []
+    by_class = {}
+    for node in graph.values():
+        by_class.setdefault(node["class_type"], []).append(node["inputs"])
+    assert [n["lora_name"] for n in by_class["LoraLoaderModelOnly"]] == info["files"]
+    assert by_class["CLIPLoader"][0]["type"] == "flux2" and "EmptyFlux2LatentImage" in by_class
+    (manual,) = by_class["ManualSigmas"]
+    assert [float(s) for s in manual["sigmas"].split(",")] == pytest.approx([*info["student_sigmas"], 0.0], abs=1e-6)
+    assert len(by_class["SamplerCustomAdvanced"]) == 2 and "ModelSamplingAuraFlow" not in by_class
+    card = open(os.path.join(folder, "README.md")).read()
+    assert "workflow_api.json" in card and all(f"`{n['class_type']}`" in card for n in graph.values())
