@@ -207,3 +207,60 @@ def test_comfyui_export_uses_comfyuis_flux2_names_and_ships_a_valid_workflow(kle
     assert len(by_class["SamplerCustomAdvanced"]) == 2 and "ModelSamplingAuraFlow" not in by_class
     card = open(os.path.join(folder, "README.md")).read()
     assert "workflow_api.json" in card and all(f"`{n['class_type']}`" in card for n in graph.values())
+
+
+def test_plan_of_a_klein_model_reads_the_klein_recipe(klein, capsys):
+    outs = {}
+    for model in ("flux2-klein-4b", klein["pipe"]):  # the release's alias and a pipeline folder: no --config
+        assert main(["plan", "--model", model, "--resolution", "1024", "--batch", "4"]) == 0
+        outs[model] = out = capsys.readouterr().out
+        assert "config: flux2_klein_4b_2step_lora" in out and "discriminator blocks [6, 12, 19, 22]" in out
+        assert "to_qkv_mlp_proj" in out and "x 4 forwards" in out  # klein's 4 teacher steps
+    assert "params: base 3.876B" in outs["flux2-klein-4b"]
+    # disk: 32 VAE channels at 1/8 (= 128 packed at 1/16), prompts padded to 512 x 7680
+    assert "latents 32x128x128" in outs["flux2-klein-4b"] and "512 tokens x 7680" in outs["flux2-klein-4b"]
+
+
+def test_a_guided_klein_base_teacher_is_the_stock_pipeline_at_the_same_guidance(tmp_path, capsys):
+    """klein base is a CFG model: the cached trajectory is its pipeline's at guidance 4 with the cached negative
+    prompt (neg + g (pos - neg), two forwards per step); the distilled klein refuses a guidance it would ignore."""
+    from diffusers import Flux2KleinPipeline
+
+    from twostep.engine.teacher_data import TeacherData
+    from twostep.families.flux2.pipeline_io import from_vae_latents
+    from twostep.real.text_cache import PromptEmbeds
+
+    base = str(tmp_path / "base")
+    tiny_flux2_klein_pipeline(seed=1, distilled=False).save_pretrained(base)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    guided = ["teacher_data.guidance_scale=4", "teacher_data.negative_prompt=a blurry photo",
+              "teacher_data.previews=0", "teacher_data.dtype=float32"]  # fp32: a tiny random model's guidance
+    # moves its images by less than bf16 rounding
+    data = str(tmp_path / "data")
+    assert main(["teacher-data", "--teacher", base, "--prompts", str(prompts), "--resolution", str(RES), "--out", data,
+                 "teacher_data.batch_size=2", *SCHEDULE, *guided]) == 0
+    cache = TeacherData(data)
+    assert cache.provenance["guidance"] == {"scale": 4.0, "negative_prompt": "a blurry photo"}
+    batch = cache.batch(torch.arange(2))
+    embeds, negative = PromptEmbeds(os.path.join(data, "text")), PromptEmbeds(os.path.join(data, "text_negative"))
+    assert negative.prompts == ["a blurry photo"]
+    pipe = Flux2KleinPipeline.from_pretrained(base)
+    errors = {}
+    # 1: no guidance; 5: Z-Image's rule pos + 4 (pos - neg) = klein's at 5; only 4 is the pipeline's own
+    for scale in (4.0, 1.0, 5.0):
+        out = pipe(prompt_embeds=embeds.get(0)[None].float(), negative_prompt_embeds=negative.get(0)[None].float(),
+                   guidance_scale=scale, latents=batch["noise"][:1].float(), num_inference_steps=4, height=RES,
+                   width=RES, output_type="latent").images
+        errors[scale] = float((batch["final"][:1].float() - from_vae_latents(pipe.vae, out)).abs().max())
+    assert errors[4.0] < 1e-4 and errors[1.0] > 1e-3 and errors[5.0] > 1e-3, errors
+
+    assert main(["teacher-data", "--teacher", base, "--prompts", str(prompts), "--resolution", str(RES),
+                 "--out", str(tmp_path / "online"), *SCHEDULE, *guided, "teacher_data.mode=online"]) == 2
+    assert "guidance_scale" in capsys.readouterr().err
+    distilled = str(tmp_path / "distilled")
+    tiny_flux2_klein_pipeline(seed=1).save_pretrained(distilled)
+    assert main(["teacher-data", "--teacher", distilled, "--prompts", str(prompts), "--resolution", str(RES),
+                 "--out", str(tmp_path / "d"), *SCHEDULE, *guided]) == 2
+    err = capsys.readouterr().err
+    assert "is_distilled" in err and not os.path.exists(tmp_path / "d")

@@ -532,12 +532,16 @@ def test_every_python_snippet_in_the_docs_runs_or_is_the_card_code(tmp_path, mon
 
     info = {"num_steps": 2, "student_sigmas": [1.0, 0.75], "shift": 3.0, "resolution": 1024,
             "base_model": "Tongyi-MAI/Z-Image-Turbo"}
+    from twostep.families.flux2.model_card import usage_snippet as klein_snippet
+
     card_code = usage_snippet("diffusers", info, folder="exports/zimage-2step")
+    klein_info = {"num_steps": 2, "student_sigmas": [1.0, 0.908144], "resolution": 1024, "latent_shape": [128, 64, 64]}
+    klein_code = klein_snippet("diffusers", klein_info, folder="exports/flux2-klein-2step")  # docs/flux2.md
     root = os.path.join(os.path.dirname(__file__), "..")
     ran = 0
     for doc in ["README.md", *sorted(glob.glob(os.path.join(root, "docs", "*.md")))]:
         for block in _python_blocks(open(os.path.join(root, doc), encoding="utf-8").read()):
-            if block == card_code:
+            if block in (card_code, klein_code):
                 continue
             monkeypatch.chdir(tmp_path)
             exec(compile(block, doc, "exec"), {"__name__": "__snippet__"})  # noqa: S102 - our own docs

@@ -102,6 +102,22 @@ class ModelFamily:
         sigmas."""
         raise NotImplementedError
 
+    def check_guidance(self, folder: str, guidance_scale: float) -> bool:
+        """Whether the teacher of ``folder`` samples with classifier-free guidance at ``guidance_scale`` (by its
+        pipeline's own rule); a scale its pipeline would ignore is a TwostepError naming
+        ``teacher_data.guidance_scale``."""
+        if guidance_scale:
+            from twostep.core.errors import TwostepError
+
+            raise TwostepError(f"teacher_data.guidance_scale={guidance_scale:g}: {self.title} teachers take no "
+                               "guidance in twostep yet; set teacher_data.guidance_scale=0")
+        return False
+
+    def guided_velocity(self, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
+        """The pipeline's CFG rule on two velocities (engine convention; the rules are linear, so a sign or scale
+        between the model's output and ours commutes with them)."""
+        raise NotImplementedError
+
     def load_pipeline(self, folder: str, dtype: torch.dtype):
         """The stock diffusers pipeline of ``folder``."""
         raise NotImplementedError

@@ -143,10 +143,10 @@ def load_transformer_config(model: str):
         for rel in candidates:
             if os.path.isfile(os.path.join(model, rel)):
                 return _read_config(os.path.join(model, rel))
-        raise TwostepError(f"{model} has no transformer/config.json or config.json: pass a diffusers Z-Image "
-                           "pipeline or transformer folder, or zimage-turbo")
+        raise TwostepError(f"{model} has no transformer/config.json or config.json: pass a diffusers pipeline or "
+                           f"transformer folder, or a release's alias ({_aliases()})")
     if os.path.exists(model):
-        raise TwostepError(f"{model} is a file: pass a diffusers Z-Image pipeline or transformer folder")
+        raise TwostepError(f"{model} is a file: pass a diffusers pipeline or transformer folder")
     from huggingface_hub import hf_hub_download
 
     for rel in candidates:  # the hub is unreachable here: the local cache only
@@ -155,7 +155,22 @@ def load_transformer_config(model: str):
         except (OSError, ValueError):
             continue
     raise TwostepError(f"{model!r} is neither a local folder nor in the Hugging Face cache (no download is "
-                       "attempted): pass a local pipeline/transformer folder or zimage-turbo")
+                       f"attempted): pass a local pipeline/transformer folder or a release's alias ({_aliases()})")
+
+
+def _aliases() -> str:
+    from twostep.families.registry import all_families
+
+    return ", ".join(alias for family in all_families() for alias in family.plan_aliases)
+
+
+def default_config_for(model: str | None) -> str:
+    """The packaged config ``plan`` reads when no ``--config`` is given: the recipe of ``--model``'s family (a
+    FLUX.2 klein folder or alias plans the klein recipe), else :data:`DEFAULT_CONFIG`."""
+    if not model:
+        return DEFAULT_CONFIG
+    family, _ = load_transformer_config(model)
+    return family.default_config or DEFAULT_CONFIG
 
 
 def count_parameters(config: dict[str, Any], lora_rank: int, lora_targets: list[str] | None = None,
@@ -425,8 +440,9 @@ def disk_estimate(data_cfg, resolution: int, samples: int, prompts: int, count_f
 def add_plan_arguments(parser) -> None:
     """``twostep plan`` flags: a config (default the packaged real recipe) and dotted overrides; the flags below
     replace the config's value when given."""
-    parser.add_argument("--config", help=f"YAML file or packaged config name (default: {DEFAULT_CONFIG}); batch, "
-                                         "resolution, LoRA, discriminator and precision come from it")
+    parser.add_argument("--config", help="YAML file or packaged config name (default: the packaged recipe of "
+                                         f"--model's family, else {DEFAULT_CONFIG}); batch, resolution, LoRA, "
+                                         "discriminator and precision come from it")
     parser.add_argument("--model", help="pipeline/transformer folder, a cached hub id, or a release's alias such as "
                                         "zimage-turbo (default: the config's model.path; a release's hub id plans "
                                         "its published config)")
@@ -461,8 +477,8 @@ def load_plan_config(name_or_path: str | None, overrides=()):
 
     path = resolve_config(name_or_path or DEFAULT_CONFIG)
     if not is_real_config(path):
-        raise TwostepError(f"{name_or_path}: `twostep plan` sizes the real Z-Image path, and this is not a Z-Image "
-                           f"config (no pipeline model: section or data_dir); give one such as {DEFAULT_CONFIG}")
+        raise TwostepError(f"{name_or_path}: `twostep plan` sizes the real Z-Image path (or another family's), and "
+                           f"this is not such a config (no pipeline model: section or data_dir); give one such as {DEFAULT_CONFIG}")
     return load_config(ZImageDistillConfig, path, list(overrides)), path
 
 
@@ -504,7 +520,8 @@ def _planned_samples(cfg, num_prompts: int | None) -> tuple[int, int, str]:
 
 
 def cmd_plan(args) -> None:
-    cfg, path = load_plan_config(getattr(args, "config", None), getattr(args, "overrides", None) or [])
+    config = getattr(args, "config", None) or default_config_for(getattr(args, "model", None))
+    cfg, path = load_plan_config(config, getattr(args, "overrides", None) or [])
     flags = {field: getattr(args, attr, None) for attr, (_, field) in _FLAGS.items()}
     req = request_from_config(cfg, gpus=args.gpus, card_gib=args.card_gib, **flags)
     if flags.get("batch") is None and req.gpus > 1:  # train.batch_size is the global batch under torchrun
@@ -517,7 +534,7 @@ def cmd_plan(args) -> None:
     plan = plan_memory(req)
     given = [(flag, getattr(req, field), getattr(from_config, field)) for attr, (flag, field) in _FLAGS.items()
              if getattr(args, attr, None) is not None]
-    plan["source"] = {"config": getattr(args, "config", None) or DEFAULT_CONFIG, "path": path,
+    plan["source"] = {"config": config, "path": path,
                       "overrides": list(getattr(args, "overrides", None) or []), "flags": given,
                       "settings": _request_dict(from_config)}
     samples, prompts, where = _planned_samples(cfg, getattr(args, "num_prompts", None))

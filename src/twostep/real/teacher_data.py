@@ -43,6 +43,7 @@ from twostep.families.registry import detect_family
 from twostep.real.text_cache import PromptEmbeds, check_prompt_lengths, encode_prompt_cache, text_provenance
 
 TEXT_DIR = "text"
+NEGATIVE_TEXT_DIR = "text_negative"  # the guided teacher's negative prompt, one entry
 MAX_SEQUENCE_LENGTH = 512  # the longest prompt any family's pipeline encodes
 
 
@@ -60,6 +61,10 @@ class ZImageDataConfig(TeacherDataConfig):
     text_batch_size: int = 16
     max_length: int = 512  # text tokens, as the pipeline's max_sequence_length (512 for Z-Image)
     previews: int = 4
+    # classifier-free guidance of the teacher, by its pipeline's own rule and threshold (Z-Image: on above 0,
+    # FLUX.2 klein base: above 1); the student is trained guidance-free, one forward per step
+    guidance_scale: float = 0.0
+    negative_prompt: str = ""  # the guidance's unconditional prompt, cached like the prompts (OUT/text_negative)
 
     def validate(self) -> None:
         require(self.num_samples >= 0, "num_samples", "must be >= 0 (0 = samples_per_prompt per prompt)")
@@ -73,6 +78,9 @@ class ZImageDataConfig(TeacherDataConfig):
                 f"must be in [16, {MAX_SEQUENCE_LENGTH}] tokens (the longest max_sequence_length of the pipelines "
                 "twostep reads; the teacher's own limit is checked against its folder)")
         require(self.previews >= 0, "previews", "must be >= 0")
+        require(self.guidance_scale >= 0, "guidance_scale", "must be >= 0 (0 = no guidance)")
+        require(not self.guidance_scale or self.mode != "online", "guidance_scale",
+                "a guided teacher runs in `mode: cached` only (online trajectories are unguided)")
         probe = dataclasses.replace(self, num_samples=max(1, self.num_samples))
         TeacherDataConfig.validate(probe)
 
@@ -105,17 +113,32 @@ def resolved_data_config(cfg: ZImageDataConfig, prompts: list[str]) -> ZImageDat
     return dataclasses.replace(cfg, num_samples=count)
 
 
+def is_guided(cfg: ZImageDataConfig, teacher: RealTeacher) -> bool:
+    """Whether the teacher samples with CFG at ``cfg.guidance_scale`` (its family's rule; refuses a scale the
+    pipeline would ignore)."""
+    return teacher.family.check_guidance(teacher.folder, cfg.guidance_scale)
+
+
 def real_provenance_extra(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[str]) -> dict:
-    return {"resolution": cfg.resolution, "prompts_sha256": prompts_sha256(prompts),
-            "text": text_provenance(teacher.folder, prompts, cfg.dtype, cfg.max_length)}
+    extra = {"resolution": cfg.resolution, "prompts_sha256": prompts_sha256(prompts),
+             "text": text_provenance(teacher.folder, prompts, cfg.dtype, cfg.max_length)}
+    if is_guided(cfg, teacher):  # recorded only when on: unguided caches keep the provenance they always had
+        extra["guidance"] = {"scale": float(cfg.guidance_scale), "negative_prompt": cfg.negative_prompt}
+    return extra
 
 
 def pipeline_source(cfg: ZImageDataConfig, teacher: RealTeacher, prompts: list[str], backbone=None,
-                embeds: PromptEmbeds | None = None, device=None) -> TeacherSource:
-    """The teacher as a trajectory source; ``backbone``/``embeds`` may be None when only provenance is needed."""
+                    embeds: PromptEmbeds | None = None, device=None,
+                    negative: PromptEmbeds | None = None) -> TeacherSource:
+    """The teacher as a trajectory source; ``backbone``/``embeds`` may be None when only provenance is needed.
+    ``negative`` (a one-prompt cache): the teacher is guided, two forwards per step combined by the family's rule."""
     def velocity(x, sigma, prompt_index):
-        cond = embeds[prompt_index].to(device)
-        return backbone.velocity(x.to(device), sigma.to(device), cond).float().cpu()
+        x, sigma = x.to(device), sigma.to(device)
+        v = backbone.velocity(x, sigma, embeds[prompt_index].to(device)).float()
+        if negative is not None:
+            uncond = backbone.velocity(x, sigma, negative[torch.zeros_like(prompt_index)].to(device)).float()
+            v = teacher.family.guided_velocity(v, uncond, cfg.guidance_scale)
+        return v.cpu()
 
     return TeacherSource(velocity=velocity, teacher_id=teacher.family.name, weights_sha256=teacher.fingerprint,
                          sample_shape=teacher.latent_shape, num_prompts=len(prompts),
@@ -144,6 +167,8 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
         raise TwostepError(f"teacher_data.max_length={cfg.max_length} is more than {teacher.family.title}'s pipeline "
                            f"encodes ({limit} tokens); set teacher_data.max_length={limit}")
     check_prompt_lengths(teacher.folder, prompts, cfg.max_length, cfg.prompts)
+    if is_guided(cfg, teacher):
+        check_prompt_lengths(teacher.folder, [cfg.negative_prompt], cfg.max_length)
     ensure_writable_dir(out_dir, what="teacher-data folder")
     cfg = resolved_data_config(cfg, prompts)
     # a folder made from another teacher, prompt set or schedule is refused before its text cache is touched
@@ -156,16 +181,22 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     init_process_group()
     dev = rank_device(dev)
     text_dir = os.path.join(out_dir, TEXT_DIR)
+    guided = is_guided(cfg, teacher)
+    negative_dir = os.path.join(out_dir, NEGATIVE_TEXT_DIR)
     if is_main_process():
         encode_prompt_cache(teacher.folder, prompts, text_dir, dtype=cfg.dtype, batch_size=cfg.text_batch_size,
                             max_length=cfg.max_length, device=dev)
+        if guided:
+            encode_prompt_cache(teacher.folder, [cfg.negative_prompt], negative_dir, dtype=cfg.dtype,
+                                batch_size=1, max_length=cfg.max_length, device=dev)
     barrier()
     if cfg.mode == "online":  # training computes the trajectories itself: only the text cache is stored
         return {"provenance": cache_provenance(cfg, pipeline_source(cfg, teacher, prompts)), "shards": {},
                 "complete": True, "mode": "online"}
     embeds = PromptEmbeds(text_dir)
     backbone = teacher.family.load_backbone(teacher.folder, compute).to(dev).eval().requires_grad_(False)
-    source = pipeline_source(cfg, teacher, prompts, backbone, embeds, dev)
+    source = pipeline_source(cfg, teacher, prompts, backbone, embeds, dev,
+                             negative=PromptEmbeds(negative_dir) if guided else None)
     manifest = generate_teacher_data(cfg, source, out_dir)
     del source, backbone  # the closure holds the transformer: free it before the VAE loads
     if dev.type == "cuda":

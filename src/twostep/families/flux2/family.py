@@ -74,6 +74,20 @@ class Flux2KleinFamily(ModelFamily):
         # the step count sets the pipeline's shift (compute_empirical_mu); guidance 1 = one forward per step
         return {"num_inference_steps": num_steps, "guidance_scale": 1.0}
 
+    def check_guidance(self, folder: str, guidance_scale: float) -> bool:
+        if guidance_scale <= 1:  # Flux2KleinPipeline: CFG only above 1
+            return False
+        if pipeline_io.is_guidance_distilled(folder):
+            from twostep.core.errors import TwostepError
+
+            raise TwostepError(f"teacher_data.guidance_scale={guidance_scale:g}: {folder} is a guidance-distilled "
+                               "klein (model_index.json is_distilled: true), whose pipeline ignores guidance; set "
+                               "teacher_data.guidance_scale=0, or distil a klein base model")
+        return True
+
+    def guided_velocity(self, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
+        return uncond + guidance_scale * (cond - uncond)  # Flux2KleinPipeline: neg + g (pos - neg)
+
     def load_pipeline(self, folder: str, dtype: torch.dtype):
         from diffusers import Flux2KleinPipeline
 

@@ -73,6 +73,12 @@ class ZImageFamily(ModelFamily):
     def pipeline_call_kwargs(self, num_steps: int) -> dict[str, Any]:
         return {"guidance_scale": 0.0}
 
+    def check_guidance(self, folder: str, guidance_scale: float) -> bool:
+        return guidance_scale > 0  # ZImagePipeline.do_classifier_free_guidance
+
+    def guided_velocity(self, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
+        return cond + guidance_scale * (cond - uncond)  # ZImagePipeline: pos + g (pos - neg)
+
     def load_pipeline(self, folder: str, dtype: torch.dtype):
         from diffusers import ZImagePipeline
 
