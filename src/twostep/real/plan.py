@@ -202,7 +202,8 @@ def count_parameters(config: dict[str, Any], lora_rank: int, lora_targets: list[
             "block": max(sum(p.numel() for p in b.parameters()) for b in blocks),
             "blocks": len(blocks), "dim": layout["dim"], "ffn_hidden": layout["ffn_hidden"],
             "lora_per_step": lora, "discriminator": sum(p.numel() for p in disc.parameters()),
-            "cap_feat_dim": layout["text_dim"], "in_channels": layout["vae_latent_channels"], "patch": layout["patch"]}
+            "cap_feat_dim": layout["text_dim"], "in_channels": layout["vae_latent_channels"], "patch": layout["patch"],
+            "text_padded": bool(layout.get("text_padded", False))}
 
 
 def _real_discriminator_config():
@@ -265,14 +266,15 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None) -> dict:
         req.batch * req.num_steps * n["disc_blocks"] * image_tokens * n["dim"] * FP32
     parts["CUDA / framework overhead"] = OVERHEAD_BYTES
     total = sum(parts.values())
-    typical = image_tokens + min(req.caption_tokens, TYPICAL_CAPTION_TOKENS)
+    text_tokens = req.caption_tokens if n["text_padded"] else min(req.caption_tokens, TYPICAL_CAPTION_TOKENS)
+    typical = image_tokens + text_tokens
     forward_flops = 2 * n["base"] * typical + 4 * n["main_blocks"] * typical ** 2 * n["dim"]
     return {"request": _request_dict(req), "forward_flops": forward_flops,
             "params": {"base": n["base"], "trainable": trainable, "lora_per_step": n["lora_per_step"],
                        "discriminator": n["discriminator"]},
             "tokens": {"image": image_tokens, "caption": req.caption_tokens, "blocks": n["blocks"]},
             "shapes": {"cap_feat_dim": n["cap_feat_dim"], "in_channels": n["in_channels"]},
-            "components": parts, "total_bytes": total,
+            "components": parts, "total_bytes": total, "flops_text_tokens": text_tokens,
             "fits": {f"{gib:g}": total <= gib * GIB for gib, _ in CARDS}}
 
 
@@ -351,7 +353,7 @@ def _time_lines(plan: dict) -> list[str]:
     per_sample = STEP_FORWARDS + online
     step = per_sample * req["batch"] * forward
     lines = [f"time (estimate, not measured; docs/sizing.md): one forward {forward:.2e} FLOPs at {req['resolution']}px "
-             f"with a {TYPICAL_CAPTION_TOKENS}-token prompt; a step ~{per_sample:g} forwards per sample"
+             f"with a {plan.get('flops_text_tokens', TYPICAL_CAPTION_TOKENS)}-token prompt; a step ~{per_sample:g} forwards per sample"
              + (f" ({STEP_FORWARDS} training + {online} online-teacher)" if online else "") + " = "
              f"{step:.2e} FLOPs: {steps:,} steps take {_hours(steps * step)} on one H100 at "
              f"{MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} of its {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16"

@@ -147,7 +147,8 @@ class Flux2KleinFamily(ModelFamily):
         return {"model": model, "main_blocks": blocks, "blocks": blocks, "dim": int(model.inner_dim),
                 "ffn_hidden": ffn, "text_dim": int(config["joint_attention_dim"]),
                 "patch": 2, "in_channels": int(config.get("in_channels", 128)),
-                "vae_latent_channels": int(config.get("in_channels", 128)) // 4}  # latents patchified 2x2
+                "vae_latent_channels": int(config.get("in_channels", 128)) // 4,  # latents patchified 2x2
+                "text_padded": True}  # every prompt reaches the transformer padded to max_sequence_length
 
 
 FAMILY = Flux2KleinFamily()
