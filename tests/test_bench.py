@@ -12,13 +12,18 @@ def test_bench_quick_produces_the_table_and_plot(tmp_path, capsys):
     out, results = str(tmp_path / "bench"), tmp_path / "docs" / "results.md"
     results.parent.mkdir()
     results.write_text("# Results\n\nhand-written text stays\n")
-    assert main(["bench", "--quick", "--out", out, "--results", str(results)]) == 0
+    assert main(["bench", "--quick", "--steps", "2", "--out", out, "--results", str(results)]) == 0
     report = json.load(open(os.path.join(out, "results.json")))
     assert set(report["runs"]) == set(ARMS)
+    import yaml
+
+    full = yaml.safe_load(open(os.path.join(out, "arms", "full_recipe", "seed0", "config.yaml")))
+    assert (full["train"]["d_warmup_steps"], full["recipe"]["adv_ramp_steps"]) == (1, 2)  # --quick's, not PAPER's
+    assert full["discriminator"]["r1"] == "approx" and full["recipe"]["real_source"] == "teacher"  # PAPER's rest
     for runs in report["runs"].values():
         assert all(math.isfinite(r["fd_real"]) and math.isfinite(r["fd_step1"]) for r in runs)
     text = results.read_text()
-    assert "hand-written text stays" in text and "twostep:bench:begin" in text and "twostep bench --quick" in text
+    assert "hand-written text stays" in text and "twostep:bench:begin" in text and "twostep bench --quick --steps 2" in text
     for arm in ARMS:
         assert f"| {arm} |" in text, arm
     assert "| teacher 8 |" in text and "| teacher naive 2 |" in text
@@ -55,7 +60,7 @@ def test_detail_bench_quick_writes_curves_samples_and_reading(tmp_path):
     from twostep.bench import WORLD_BENCHES
 
     out, results = str(tmp_path / "bench"), tmp_path / "results.md"
-    assert main(["bench", "--world", "detail", "--quick", "--out", out, "--results", str(results)]) == 0
+    assert main(["bench", "--world", "detail", "--quick", "--steps", "2", "--out", out, "--results", str(results)]) == 0
     report = json.load(open(os.path.join(out, "results.json")))
     assert report["world"] == "detail" and set(report["runs"]) == set(WORLD_BENCHES["detail"].arms)
     for name, runs in report["runs"].items():

@@ -41,6 +41,19 @@ def detail_evaluator():
     return DetailEvaluator(seed=0, heldout_samples=300, classifier_steps=100)
 
 
+def test_a_repeated_classifier_is_trained_once_and_leaves_the_rng_as_training_does():
+    from twostep.offline.detail.evaluator import train_classifier
+    from twostep.offline.digits.evaluator import _TRAINED
+
+    _TRAINED.pop(("detail", 3, 4, 8), None)
+    first = train_classifier(seed=3, steps=4, batch_size=8)
+    draws_after_training = torch.rand(5)
+    torch.manual_seed(12345)
+    again = train_classifier(seed=3, steps=4, batch_size=8)
+    assert again is first and torch.equal(torch.rand(5), draws_after_training)
+    assert train_classifier(seed=4, steps=4, batch_size=8) is not first
+
+
 def test_calibration_rows_order_blur(detail_evaluator):
     """The detail evaluator's FD and high-band energy rank 0.5 px and 0.7 px blur worse than sharp images."""
     labels = torch.arange(300) % NUM_CLASSES
