@@ -1,8 +1,9 @@
-"""GPU check of the full-size Z-Image transformer (random weights): sampling latency and training-step memory.
+"""GPU check of a family's full-size transformer (random weights): sampling latency and training-step memory.
 
-Measures, on one CUDA device:
-  (a) latency of 2-step vs 8-step Turbo sampling at 1024^2 (latents (1, 16, 128, 128)), median of --repeats runs
-      after warm-up, and their ratio;
+``--family zimage`` (default: Z-Image-Turbo, 8 teacher steps) or ``--family flux2`` (FLUX.2 klein 4B, 4 teacher
+steps, its 512 padded prompt tokens). Measures, on one CUDA device:
+  (a) latency of 2-step vs teacher-step sampling at 1024^2 (Z-Image latents (1, 16, 128, 128), klein's
+      (1, 128, 64, 64)) on the family's packaged schedule, median of --repeats runs after warm-up, and their ratio;
   (b) peak memory and wall time of one per-step-LoRA training step (discriminator step + generator step, the
       way ``Trainer.d_step`` / ``g_step`` run them) at 512^2 and 1024^2, batches 1, 2 and 4, gradient
       checkpointing on, next to what ``twostep plan`` predicts for the same run and the plan's error.
@@ -10,10 +11,12 @@ Measures, on one CUDA device:
 ``--tiny`` runs the same code on a tiny config (CPU is fine: memory is reported as n/a there). Results go to
 ``OUT/gpu_check.json`` (rewritten after every measurement, so a killed run keeps what it measured).
 
-  (c) with ``--end-to-end``: the whole ``pipe(prompt)`` (text encoder, 2 vs 8 transformer steps, VAE decode) at
-      1024^2 with full-size random weights, the latency a user sees, plus the text encoder and VAE decode alone.
+  (c) with ``--end-to-end`` (Z-Image only so far): the whole ``pipe(prompt)`` (text encoder, 2 vs 8 transformer
+      steps, VAE decode) at 1024^2 with full-size random weights, the latency a user sees, plus the text encoder
+      and VAE decode alone.
 
     python benchmarks/gpu_check.py --out runs/gpu_check [--end-to-end]  # CUDA, ~3-6 min on one H100 (+1-2 min)
+    python benchmarks/gpu_check.py --family flux2 --out runs/gpu_check_klein  # CUDA, ~2-4 min
     python benchmarks/gpu_check.py --tiny --end-to-end --out /tmp/gpu_check   # CPU smoke run, seconds
 """
 
@@ -40,15 +43,46 @@ import torch
 from twostep.engine import flow
 from twostep.engine.backbone import Conditioning
 from twostep.engine.discriminator import Discriminator
-from twostep.engine.recipe import RecipeConfig, discriminator_loss, generator_loss
+from twostep.engine.recipe import discriminator_loss, generator_loss
 from twostep.engine.student import Student
-from twostep.families.zimage.adapter import ZIMAGE_TURBO_CONFIG, ZImageBackbone
-from twostep.real.plan import PlanRequest, plan_memory
-from twostep.real.train import ZImageDistillConfig
-from twostep.testing import tiny_transformer_config
+from twostep.families.registry import FAMILY_MODULES, family_named
+from twostep.real.plan import PlanRequest, load_plan_config, plan_memory
 
 CAPTION_TOKENS = 128  # a typical prompt's length (the planner's 512 is the maximum)
-VAE_DOWN = 8
+TINY_CAPTION_TOKENS = 64
+
+
+class Target:
+    """What is measured: a family's transformer config, its packaged recipe and what its pipeline feeds it.
+    (A plain class: a dataclass needs its module in sys.modules, and the tests load this script from its path.)"""
+
+    def __init__(self, family, config: dict, cfg, caption_tokens: int, latent_down: int):
+        self.family = family  # a ModelFamily
+        self.config = config  # transformer kwargs (published, or a tiny test config)
+        self.cfg = cfg  # the family's packaged distillation config (student, discriminator, recipe, schedule)
+        self.caption_tokens = caption_tokens  # prompt tokens the transformer reads (klein: its padded 512)
+        self.latent_down = latent_down  # pixels per cell of the engine's latents
+
+    @property
+    def teacher_steps(self) -> int:
+        return self.cfg.teacher_data.teacher_steps
+
+    @property
+    def shift(self) -> float:
+        return self.cfg.teacher_data.shift
+
+
+def make_target(family_name: str, tiny: bool) -> Target:
+    from twostep import testing
+
+    family = family_named(family_name)
+    cfg, _ = load_plan_config(family.default_config)
+    if tiny:
+        tiny_config = testing.tiny_flux2_transformer_config if family_name == "flux2" else testing.tiny_transformer_config
+        return Target(family, tiny_config(), cfg, TINY_CAPTION_TOKENS, family.vae_downsample)
+    config = family.published_config()
+    padded = family.transformer_layout(config).get("text_padded", False)  # on the meta device
+    return Target(family, config, cfg, family.max_sequence_length if padded else CAPTION_TOKENS, family.vae_downsample)
 
 
 def _gib(n: int | None) -> float | None:
@@ -93,11 +127,11 @@ class Run:
             json.dump(self.record, f, indent=2)
 
 
-def environment(run: Run, tiny: bool) -> dict:
+def environment(run: Run, tiny: bool, family: str) -> dict:
     import diffusers
     import peft
 
-    env = {"tiny": tiny, "device": str(run.device), "torch": torch.__version__, "diffusers": diffusers.__version__,
+    env = {"tiny": tiny, "family": family, "device": str(run.device), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "peft": peft.__version__, "python": platform.python_version()}
     if run.cuda:
         props = torch.cuda.get_device_properties(run.device)
@@ -107,9 +141,9 @@ def environment(run: Run, tiny: bool) -> dict:
     return env
 
 
-def caption(batch: int, width: int, device, seed: int = 0) -> Conditioning:
+def caption(batch: int, width: int, device, tokens: int, seed: int = 0) -> Conditioning:
     g = torch.Generator().manual_seed(seed)
-    return Conditioning.from_list([torch.randn(CAPTION_TOKENS, width, generator=g) for _ in range(batch)]).to(device)
+    return Conditioning.from_list([torch.randn(tokens, width, generator=g) for _ in range(batch)]).to(device)
 
 
 def timed(run: Run, fn) -> float:
@@ -120,32 +154,34 @@ def timed(run: Run, fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure_latency(run: Run, backbone: ZImageBackbone, latent: int, repeats: int) -> None:
-    """Median seconds of 2-step and 8-step Turbo sampling, one image; warm-up runs first."""
-    cond = caption(1, backbone.cap_feat_dim, run.device)
+def measure_latency(run: Run, backbone, target: Target, px: int, repeats: int) -> None:
+    """Median seconds of 2-step and teacher-step sampling, one image; warm-up runs first."""
+    latent, teacher_steps = px // target.latent_down, target.teacher_steps
+    cond = caption(1, backbone.cap_feat_dim, run.device, target.caption_tokens)
     noise = torch.randn(1, backbone.in_channels, latent, latent, generator=torch.Generator().manual_seed(0))
     noise = noise.to(run.device)
     velocity = lambda x, sigma, i: backbone.velocity(x, sigma, cond)  # noqa: E731
-    result = {"latent_shape": list(noise.shape), "repeats": repeats}
-    for steps in (2, 8):
+    result = {"latent_shape": list(noise.shape), "repeats": repeats, "teacher_steps": teacher_steps,
+              "caption_tokens": target.caption_tokens, "shift": target.shift}
+    for steps in (2, teacher_steps):
         if run.over_budget(f"latency_{steps}"):
             break
-        sigmas = flow.turbo_sigmas(steps, 3.0)
+        sigmas = flow.turbo_sigmas(steps, target.shift)
         sample = lambda: flow.euler_sample(velocity, noise, sigmas)  # noqa: E731
         for _ in range(2):
             sample()
         times = [timed(run, sample) for _ in range(repeats)]
         result[f"latency_{steps}"] = statistics.median(times)
         result[f"latency_{steps}_all"] = [round(t, 5) for t in times]
-        print(f"{steps}-step sampling at {latent * VAE_DOWN}px: median {result[f'latency_{steps}']:.4f}s", flush=True)
-    if "latency_2" in result and "latency_8" in result:
-        result["ratio"] = result["latency_8"] / result["latency_2"]
-        print(f"8-step / 2-step latency: {result['ratio']:.2f}x", flush=True)
+        print(f"{steps}-step sampling at {px}px: median {result[f'latency_{steps}']:.4f}s", flush=True)
+    if "latency_2" in result and f"latency_{teacher_steps}" in result:
+        result["ratio"] = result[f"latency_{teacher_steps}"] / result["latency_2"]
+        print(f"{teacher_steps}-step / 2-step latency: {result['ratio']:.2f}x", flush=True)
     run.record["sampling"] = result
     run.save()
 
 
-def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, latent: int, gen,
+def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, latent: int, gen, target: Target,
                size: int = 1) -> dict:
     """One discriminator update then one generator update, as ``Trainer.d_step`` / ``g_step``, batch ``size``."""
     c, k = student.base.in_channels, student.cfg.num_steps
@@ -154,7 +190,7 @@ def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, la
              "states": torch.randn(size, k, c, latent, latent, generator=gen).to(device),
              "final": torch.randn(size, c, latent, latent, generator=gen).to(device),
              "prompt_index": torch.zeros(size, dtype=torch.long, device=device)}
-    cond = caption(size, student.base.cap_feat_dim, device)
+    cond = caption(size, student.base.cap_feat_dim, device, target.caption_tokens)
     disc.requires_grad_(True)
     with run.autocast():
         d_total, d_logs = discriminator_loss(student, disc, batch, batch["final"], cond, gen)
@@ -164,7 +200,7 @@ def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, la
     disc.requires_grad_(False)
     try:
         with run.autocast():
-            g_total, g_logs, _ = generator_loss(student, disc, batch, cond, RecipeConfig(), gen)
+            g_total, g_logs, _ = generator_loss(student, disc, batch, cond, target.cfg.recipe, gen)
         opt_g.zero_grad(set_to_none=True)
         g_total.backward()
     finally:
@@ -173,11 +209,11 @@ def train_step(run: Run, student: Student, disc: Discriminator, opt_g, opt_d, la
     return {"d_loss": d_logs["d_loss"], "g_total": g_logs["g_total"]}
 
 
-def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutions: list[int],
-                     blocks: list[int], batches: list[int] = (1,)) -> None:
+def measure_training(run: Run, backbone, target: Target, resolutions: list[int], blocks: list[int],
+                     batches: list[int] = (1,)) -> None:
     """Peak memory and wall time of one LoRA training step per resolution and batch, next to the planner's
     prediction and its error."""
-    shipped = ZImageDistillConfig()  # configs/zimage_turbo_2step_lora.yaml's student and heads (tested equal)
+    shipped = target.cfg  # the family's packaged config: its student, heads and recipe
     student = Student(backbone, shipped.student)
     groups = student.parameter_groups()
     for ps in groups.values():  # LoRA trains in fp32 over the bf16 base
@@ -185,32 +221,33 @@ def measure_training(run: Run, backbone: ZImageBackbone, config: dict, resolutio
             p.data = p.data.float()
     student.set_gradient_checkpointing(True)
     heads = dataclasses.replace(shipped.discriminator, blocks=blocks)
-    disc = Discriminator(config["dim"], config["cap_feat_dim"], heads).to(run.device)
+    disc = Discriminator(target.family.hidden_width(backbone), backbone.cap_feat_dim, heads).to(run.device)
     opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()], lr=1e-5)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
-    run.record["training"] = {"disc_blocks": blocks, "caption_tokens": CAPTION_TOKENS, "batches": list(batches),
+    run.record["training"] = {"disc_blocks": blocks, "caption_tokens": target.caption_tokens, "batches": list(batches),
                               "lora_params": sum(p.numel() for ps in groups.values() for p in ps)}
     last_s, last_cost = 0.0, resolutions[0] ** 2
     for res, size in [(r, b) for r in resolutions for b in batches]:
-        latent = res // VAE_DOWN
+        latent = res // target.latent_down
         # a step costs ~ tokens x batch; skip if the projected warm-up + timed step would overrun the budget
         projected = 2 * last_s * (res ** 2 * size) / last_cost
         key = f"train_step_{res}_b{size}"
         if run.over_budget(key, projected):
             continue
         entry: dict = {"resolution": res, "batch": size, "latent_shape": [size, backbone.in_channels, latent, latent]}
-        plan = plan_memory(PlanRequest(mode="lora", resolution=res, batch=size, caption_tokens=CAPTION_TOKENS,
-                                       lora_rank=shipped.student.lora_rank, discriminator=heads), config)
+        plan = plan_memory(PlanRequest(mode="lora", resolution=res, batch=size, caption_tokens=target.caption_tokens,
+                                       lora_rank=shipped.student.lora_rank, lora_targets=shipped.student.lora_targets,
+                                       discriminator=heads), target.config, target.family)
         # max_memory_allocated does not see the CUDA context: compare without the planner's overhead constant
         entry["plan_bytes_without_overhead"] = plan["total_bytes"] - plan["components"]["CUDA / framework overhead"]
         try:
-            entry["warmup_s"] = timed(run, lambda: train_step(run, student, disc, opt_g, opt_d, latent, gen, size))
+            entry["warmup_s"] = timed(run, lambda: train_step(run, student, disc, opt_g, opt_d, latent, gen, target, size))
             if run.cuda:
                 torch.cuda.reset_peak_memory_stats(run.device)
                 entry["allocated_before_bytes"] = torch.cuda.memory_allocated(run.device)
             losses = {}
-            step = lambda: losses.update(train_step(run, student, disc, opt_g, opt_d, latent, gen, size))  # noqa: E731
+            step = lambda: losses.update(train_step(run, student, disc, opt_g, opt_d, latent, gen, target, size))  # noqa: E731
             entry["step_s"] = timed(run, step)
             entry.update(losses)
             entry["peak_bytes"] = torch.cuda.max_memory_allocated(run.device) if run.cuda else None
@@ -309,24 +346,29 @@ def measure_end_to_end(run: Run, pipe, px: int, repeats: int) -> None:
     run.save()
 
 
-def measure_all(run: Run, args, config: dict, sample_px: int, train_px: list[int], blocks: list[int]) -> None:
+def measure_all(run: Run, args, target: Target, sample_px: int, train_px: list[int], blocks: list[int]) -> None:
     """Build the random-weight backbone, then (a) sampling latency and (b) training steps."""
-    run.record["environment"] = environment(run, args.tiny)
+    run.record["environment"] = environment(run, args.tiny, target.family.name)
     t0 = time.perf_counter()
     # CPU: build in fp32 directly (no cast, no "keep in float32" warning)
-    backbone = ZImageBackbone.from_config(config, seed=0, device=run.device, dtype=torch.bfloat16 if run.cuda else None)
+    backbone = target.family.random_backbone(target.config, seed=0, device=run.device,
+                                             dtype=torch.bfloat16 if run.cuda else None)
     backbone.requires_grad_(False)
     if run.cuda:
         torch.cuda.empty_cache()  # the fp32 build before the bf16 cast is not part of any measurement
-    run.record["model"] = {"params": sum(p.numel() for p in backbone.parameters()),
+    run.record["model"] = {"family": target.family.name, "title": target.family.title,
+                           "params": sum(p.numel() for p in backbone.parameters()),
                            "dtype": str(run.dtype).replace("torch.", ""), "build_s": round(time.perf_counter() - t0, 2)}
-    print(f"{run.record['environment']['device_name']}: {run.record['model']['params'] / 1e9:.3f}B params "
-          f"built in {run.record['model']['build_s']}s", flush=True)
+    print(f"{run.record['environment']['device_name']}: {target.family.title}, "
+          f"{run.record['model']['params'] / 1e9:.3f}B params built in {run.record['model']['build_s']}s", flush=True)
     with torch.no_grad():
-        measure_latency(run, backbone, sample_px // VAE_DOWN, args.repeats)
-    measure_training(run, backbone, config, train_px, blocks, [1, 2] if args.tiny else [1, 2, 4])
+        measure_latency(run, backbone, target, sample_px, args.repeats)
+    measure_training(run, backbone, target, train_px, blocks, [1, 2] if args.tiny else [1, 2, 4])
     run.save()
-    if args.end_to_end and not run.over_budget("end_to_end"):
+    if args.end_to_end and target.family.name != "zimage":
+        run.record["skipped"].append(f"end_to_end (not built for {target.family.title} yet: Z-Image only)")
+        run.save()
+    elif args.end_to_end and not run.over_budget("end_to_end"):
         del backbone  # the pipeline brings its own transformer
         if run.cuda:
             torch.cuda.empty_cache()
@@ -335,12 +377,14 @@ def measure_all(run: Run, args, config: dict, sample_px: int, train_px: list[int
 
             pipe, px = tiny_zimage_pipeline(seed=0).to(run.device), 64
         else:
-            pipe, px = full_size_pipeline(run, config), 1024
+            pipe, px = full_size_pipeline(run, target.config), 1024
         measure_end_to_end(run, pipe, px, max(1, min(args.repeats, 5)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", default="zimage", choices=list(FAMILY_MODULES),
+                        help="model family whose published transformer is built (default zimage)")
     parser.add_argument("--tiny", action="store_true", help="tiny config at 64/128 px (runs on CPU)")
     parser.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json")
     parser.add_argument("--repeats", type=int, default=10, help="timed sampling runs per step count (default 10)")
@@ -348,22 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", help="also write the numbers into a marked section of this markdown file")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time the whole pipeline (text encoder, 2 vs 8 steps, VAE decode) at 1024² with "
-                             "full-size random weights (--tiny: the tiny pipeline at 64²)")
+                             "full-size random weights (--tiny: the tiny pipeline at 64²); Z-Image only")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_check: the full-size check needs a CUDA GPU; use --tiny on CPU", file=sys.stderr)
         return 2
     run = Run(args.out, args.budget_s)
+    target = make_target(args.family, args.tiny)
     if args.tiny:
-        config, sample_px, train_px, blocks = tiny_transformer_config(), 128, [64, 128], [0, 1]
+        sample_px, train_px, blocks = 128, [64, 128], [0, 1]
     else:
-        config, sample_px, train_px, blocks = (dict(ZIMAGE_TURBO_CONFIG), 1024, [512, 1024],
-                                               ZImageDistillConfig().discriminator.blocks)
+        sample_px, train_px, blocks = 1024, [512, 1024], list(target.cfg.discriminator.blocks)
     threads = torch.get_num_threads()
     if not run.cuda:  # tiny ops gain nothing from threads, and on a busy CPU spinning OpenMP threads cost 100x
         torch.set_num_threads(1)
     try:
-        measure_all(run, args, config, sample_px, train_px, blocks)
+        measure_all(run, args, target, sample_px, train_px, blocks)
     finally:
         torch.set_num_threads(threads)
     print(f"wrote {run.path} ({run.elapsed():.0f}s)", flush=True)
@@ -371,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         from twostep.core.reports import update_section
 
         command = "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        update_section(args.results, "gpu-check" + ("-tiny" if args.tiny else ""), results_section(run.record, command))
+        section = "gpu-check" + ("" if args.family == "zimage" else f"-{args.family}") + ("-tiny" if args.tiny else "")
+        update_section(args.results, section, results_section(run.record, command))
         print(f"updated {args.results}")
     return 0
 
@@ -379,14 +424,18 @@ def main(argv: list[str] | None = None) -> int:
 def results_section(record: dict, command: str) -> str:
     """Markdown for docs/results.md: the device, sampling latency and ratio, training-step peak vs the plan."""
     env, sampling = record["environment"], record.get("sampling", {})
-    lines = ["### GPU check (`benchmarks/gpu_check.py`)", "",
+    model = record["model"]
+    title = model.get("title", "Z-Image")
+    lines = [f"### GPU check, {title} (`benchmarks/gpu_check.py`)", "",
              f"Written by `{command}`; device: {env['device_name']} ({env['device']}), torch {env['torch']}, "
-             f"diffusers {env['diffusers']}; {record['model']['params'] / 1e9:.3f}B-parameter transformer, random "
-             f"weights, {record['model']['dtype']}.", ""]
-    if sampling:
-        lines += [f"- Sampling at latents {tuple(sampling['latent_shape'])}: 2 steps {sampling['latency_2'] * 1e3:.1f} ms,"
-                  f" 8 steps {sampling['latency_8'] * 1e3:.1f} ms (medians of {sampling['repeats']}): "
-                  f"**{sampling['ratio']:.2f}×** faster."]
+             f"diffusers {env['diffusers']}; {model['params'] / 1e9:.3f}B-parameter {title} transformer, random "
+             f"weights, {model['dtype']}.", ""]
+    teacher = sampling.get("teacher_steps", 8)
+    if "ratio" in sampling:
+        tokens = f", {sampling['caption_tokens']} prompt tokens" if "caption_tokens" in sampling else ""
+        lines += [f"- Sampling at latents {tuple(sampling['latent_shape'])}{tokens}: 2 steps "
+                  f"{sampling['latency_2'] * 1e3:.1f} ms, {teacher} steps {sampling[f'latency_{teacher}'] * 1e3:.1f} ms "
+                  f"(medians of {sampling['repeats']}): **{sampling['ratio']:.2f}×** faster."]
     for key, step in sorted(record.get("training", {}).items()):
         if not key.startswith("train_step_") or not isinstance(step, dict):
             continue

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
@@ -39,6 +40,44 @@ def test_tiny_run_writes_all_measurements(tmp_path, capsys):
     assert all(e2e[k] > 0 for k in ("pipeline_2", "pipeline_8", "text_encoder", "vae_decode"))
     assert e2e["ratio"] == e2e["pipeline_8"] / e2e["pipeline_2"] and "as a user sees it" in section
     assert "8-step / 2-step latency" in capsys.readouterr().out
+
+
+def test_tiny_klein_run_measures_2_against_its_4_teacher_steps(tmp_path):
+    """--family flux2: klein's random transformer, its packaged recipe (LoRA on its modules, 4 teacher steps, its
+    image-size shift), latents at 16 px per cell; the end-to-end part is reported as not built, not left out."""
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n")
+    assert _load().main(["--tiny", "--family", "flux2", "--end-to-end", "--repeats", "1", "--out", str(tmp_path),
+                         "--results", str(doc)]) == 0
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    sampling, training = record["sampling"], record["training"]
+    assert record["model"]["family"] == "flux2" and record["environment"]["family"] == "flux2"
+    assert sampling["teacher_steps"] == 4 and "latency_8" not in sampling
+    assert sampling["ratio"] == sampling["latency_4"] / sampling["latency_2"]
+    assert sampling["shift"] > 3.0 and sampling["latent_shape"] == [1, 16, 128 // 16, 128 // 16]
+    assert training["lora_params"] > 0
+    assert training["train_step_128_b2"]["latent_shape"] == [2, 16, 8, 8]
+    assert math.isfinite(training["train_step_128_b2"]["g_total"])
+    assert record["skipped"] == ["end_to_end (not built for FLUX.2 klein yet: Z-Image only)"]
+    section = doc.read_text()
+    assert "twostep:gpu-check-flux2-tiny:begin" in section and "GPU check, FLUX.2 klein" in section
+    assert "4 steps" in section and "×** faster" in section
+
+
+def test_full_size_targets_are_each_familys_published_model_and_recipe():
+    """What a GPU run builds: the published transformer and packaged recipe of each family; klein reads its 512
+    padded prompt tokens, and the plan gpu_check compares against is `twostep plan`'s for the release."""
+    from twostep.real.plan import PlanRequest, plan_memory
+
+    module = _load()
+    zimage, klein = module.make_target("zimage", False), module.make_target("flux2", False)
+    assert (zimage.teacher_steps, zimage.caption_tokens, zimage.latent_down) == (8, 128, 8)
+    assert (klein.teacher_steps, klein.caption_tokens, klein.latent_down) == (4, 512, 16)
+    assert klein.config == klein.family.published_config() and klein.shift == klein.cfg.teacher_data.shift
+    request = PlanRequest(model="flux2-klein-4b", mode="lora", resolution=1024, batch=1, caption_tokens=512,
+                          lora_rank=klein.cfg.student.lora_rank, lora_targets=klein.cfg.student.lora_targets,
+                          discriminator=klein.cfg.discriminator)
+    assert plan_memory(request, klein.config, klein.family)["total_bytes"] == plan_memory(request)["total_bytes"]
 
 
 def test_budget_skips_and_full_size_needs_cuda(tmp_path):

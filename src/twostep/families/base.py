@@ -57,6 +57,12 @@ class ModelFamily:
         """The transformer of ``folder`` wrapped in the family's :class:`~twostep.engine.backbone.Backbone`."""
         raise NotImplementedError
 
+    def random_backbone(self, config: dict[str, Any], seed: int | None = None, device=None,
+                        dtype: torch.dtype | None = None):
+        """A randomly initialised transformer of ``config`` (transformer kwargs) in the family's Backbone: tiny
+        test configs, or the published one for ``benchmarks/gpu_check.py``."""
+        raise NotImplementedError
+
     def hidden_width(self, backbone) -> int:
         """Channels of the block features the discriminator heads read."""
         raise NotImplementedError
@@ -153,7 +159,7 @@ class ModelFamily:
     # ------------------------------------------------------------------ sizing
 
     plan_aliases: tuple[str, ...] = ()  # `plan --model` names for the released config (e.g. "zimage-turbo")
-    vae_downsample: int = 8  # pixels per latent cell
+    vae_downsample: int = 8  # pixels per cell of the latents the engine works on (:meth:`latent_shape`)
 
     def transformer_layout(self, config: dict[str, Any]) -> dict[str, Any]:
         """The transformer of ``config`` built on the meta device, as ``plan`` counts it: ``model``,

@@ -213,10 +213,11 @@ def _real_discriminator_config():
     return ZImageDistillConfig().discriminator
 
 
-def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None) -> dict:
-    """Per-GPU bytes by component. ``config`` (transformer kwargs) overrides ``req.model`` when given."""
+def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None, family=None) -> dict:
+    """Per-GPU bytes by component. ``config`` (transformer kwargs of ``family``, a ModelFamily; default the first
+    registered one) overrides ``req.model`` when given."""
     req.validate()
-    family, config = load_transformer_config(req.model) if config is None else (None, config)
+    family, config = load_transformer_config(req.model) if config is None else (family, config)
     n = count_parameters(config, req.lora_rank, req.lora_targets, req.discriminator, family)
     patch = n["patch"]
     image_tokens = (req.resolution // VAE_DOWN // patch) ** 2

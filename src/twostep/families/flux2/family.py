@@ -27,6 +27,7 @@ class Flux2KleinFamily(ModelFamily):
     max_sequence_length = pipeline_io.MAX_SEQUENCE_LENGTH
     default_teacher_steps = 4
     plan_aliases = ("flux2-klein-4b",)
+    vae_downsample = 16  # the VAE's 8x, then the pipeline's 2x2 patchify (latents (128, H/16, W/16))
 
     def check_pipeline(self, folder: str, need: Sequence[str] = ("transformer",)) -> dict:
         return pipeline_io.check_pipeline(folder, need=tuple(need))
@@ -42,6 +43,10 @@ class Flux2KleinFamily(ModelFamily):
 
     def load_backbone(self, folder: str, dtype: torch.dtype) -> Flux2Backbone:
         return Flux2Backbone.from_pretrained(folder, dtype=dtype)
+
+    def random_backbone(self, config: dict[str, Any], seed: int | None = None, device=None,
+                        dtype: torch.dtype | None = None) -> Flux2Backbone:
+        return Flux2Backbone.from_config(config, seed=seed, device=device, dtype=dtype)
 
     def hidden_width(self, backbone) -> int:
         return backbone.hidden_width

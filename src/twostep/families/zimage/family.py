@@ -43,6 +43,10 @@ class ZImageFamily(ModelFamily):
     def load_backbone(self, folder: str, dtype: torch.dtype) -> ZImageBackbone:
         return ZImageBackbone.from_pretrained(folder, dtype=dtype)
 
+    def random_backbone(self, config: dict[str, Any], seed: int | None = None, device=None,
+                        dtype: torch.dtype | None = None) -> ZImageBackbone:
+        return ZImageBackbone.from_config(config, seed=seed, device=device, dtype=dtype)
+
     def hidden_width(self, backbone) -> int:
         return int(backbone.transformer.config.dim)
 
