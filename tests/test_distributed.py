@@ -170,9 +170,19 @@ def test_the_adversarial_recipe_trains_under_ddp_and_resumes(teacher, tmp_path):
                     "--allow-config-change")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(open(tmp_path / "r" / "train_log.jsonl").read().splitlines()[-1])["step"] == 3
-    # rank 0 checks the checkpoint (reading it once) and every rank takes its refusal: no rank waits for the others
+
+
+@pytest.mark.slow  # one more 2-process launch (~10 s on 2 cores): `make bench` runs it
+def test_a_refused_resume_is_refused_by_every_rank(teacher, tmp_path):
+    """Rank 0 checks the checkpoint (reading it once) and every rank takes its refusal: no rank waits for the
+    others."""
+    data = str(tmp_path / "data")
+    assert main(["teacher-data", "--teacher", teacher, "--out", data, *TEACHER, *DATA]) == 0
+    assert main(["train", "--teacher", teacher, "--data", data, *TEACHER, *DATA, "student.lora_rank=4",
+                 "discriminator.blocks=[0,1]", "discriminator.hidden=16", "train.steps=1", "train.batch_size=4",
+                 "train.eval_every=0", "train.sample_every=100", "--out", str(tmp_path / "r")]) == 0
     proc = torchrun(2, "train", "--out", str(tmp_path / "r"), "--resume", "latest", "student.lora_rank=8")
-    assert proc.returncode != 0 and proc.stderr.count("'student.lora_rank' (4 in step_000003, 8 now)") == 2
+    assert proc.returncode != 0 and proc.stderr.count("'student.lora_rank' (4 in step_000001, 8 now)") == 2
 
 
 # --------------------------------------------------------------------------- FSDP2 (student.form: full)
