@@ -56,12 +56,15 @@ class Target:
     """What is measured: a family's transformer config, its packaged recipe and what its pipeline feeds it.
     (A plain class: a dataclass needs its module in sys.modules, and the tests load this script from its path.)"""
 
-    def __init__(self, family, config: dict, cfg, caption_tokens: int, latent_down: int):
+    def __init__(self, family, config: dict, cfg, caption_tokens: int):
         self.family = family  # a ModelFamily
         self.config = config  # transformer kwargs (published, or a tiny test config)
         self.cfg = cfg  # the family's packaged distillation config (student, discriminator, recipe, schedule)
         self.caption_tokens = caption_tokens  # prompt tokens the transformer reads (klein: its padded 512)
-        self.latent_down = latent_down  # pixels per cell of the engine's latents
+
+    @property
+    def latent_down(self) -> int:  # pixels per cell of the engine's latents
+        return self.family.vae_downsample
 
     @property
     def teacher_steps(self) -> int:
@@ -73,16 +76,15 @@ class Target:
 
 
 def make_target(family_name: str, tiny: bool) -> Target:
-    from twostep import testing
+    from twostep.testing import tiny_transformer_config_of
 
     family = family_named(family_name)
     cfg, _ = load_plan_config(family.default_config)
     if tiny:
-        tiny_config = testing.tiny_flux2_transformer_config if family_name == "flux2" else testing.tiny_transformer_config
-        return Target(family, tiny_config(), cfg, TINY_CAPTION_TOKENS, family.vae_downsample)
+        return Target(family, tiny_transformer_config_of(family_name), cfg, TINY_CAPTION_TOKENS)
     config = family.published_config()
     padded = family.transformer_layout(config).get("text_padded", False)  # on the meta device
-    return Target(family, config, cfg, family.max_sequence_length if padded else CAPTION_TOKENS, family.vae_downsample)
+    return Target(family, config, cfg, family.max_sequence_length if padded else CAPTION_TOKENS)
 
 
 def _gib(n: int | None) -> float | None:
@@ -131,8 +133,8 @@ def environment(run: Run, tiny: bool, family: str) -> dict:
     import diffusers
     import peft
 
-    env = {"tiny": tiny, "family": family, "device": str(run.device), "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "peft": peft.__version__, "python": platform.python_version()}
+    env = {"tiny": tiny, "family": family, "device": str(run.device), "torch": torch.__version__,
+           "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version()}
     if run.cuda:
         props = torch.cuda.get_device_properties(run.device)
         env.update(device_name=props.name, device_memory_gib=_gib(props.total_memory), cuda=torch.version.cuda)
@@ -242,13 +244,14 @@ def measure_training(run: Run, backbone, target: Target, resolutions: list[int],
         # max_memory_allocated does not see the CUDA context: compare without the planner's overhead constant
         entry["plan_bytes_without_overhead"] = plan["total_bytes"] - plan["components"]["CUDA / framework overhead"]
         try:
-            entry["warmup_s"] = timed(run, lambda: train_step(run, student, disc, opt_g, opt_d, latent, gen, target, size))
+            entry["warmup_s"] = timed(run, lambda: train_step(run, student, disc, opt_g, opt_d, latent, gen, target,
+                                                              size))
             if run.cuda:
                 torch.cuda.reset_peak_memory_stats(run.device)
                 entry["allocated_before_bytes"] = torch.cuda.memory_allocated(run.device)
             losses = {}
-            step = lambda: losses.update(train_step(run, student, disc, opt_g, opt_d, latent, gen, target, size))  # noqa: E731
-            entry["step_s"] = timed(run, step)
+            entry["step_s"] = timed(run, lambda: losses.update(
+                train_step(run, student, disc, opt_g, opt_d, latent, gen, target, size)))
             entry.update(losses)
             entry["peak_bytes"] = torch.cuda.max_memory_allocated(run.device) if run.cuda else None
             last_s, last_cost = entry["step_s"], res ** 2 * size
@@ -434,8 +437,9 @@ def results_section(record: dict, command: str) -> str:
     if "ratio" in sampling:
         tokens = f", {sampling['caption_tokens']} prompt tokens" if "caption_tokens" in sampling else ""
         lines += [f"- Sampling at latents {tuple(sampling['latent_shape'])}{tokens}: 2 steps "
-                  f"{sampling['latency_2'] * 1e3:.1f} ms, {teacher} steps {sampling[f'latency_{teacher}'] * 1e3:.1f} ms "
-                  f"(medians of {sampling['repeats']}): **{sampling['ratio']:.2f}×** faster."]
+                  f"{sampling['latency_2'] * 1e3:.1f} ms, {teacher} steps "
+                  f"{sampling[f'latency_{teacher}'] * 1e3:.1f} ms (medians of {sampling['repeats']}): "
+                  f"**{sampling['ratio']:.2f}×** faster."]
     for key, step in sorted(record.get("training", {}).items()):
         if not key.startswith("train_step_") or not isinstance(step, dict):
             continue

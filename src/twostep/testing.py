@@ -18,6 +18,17 @@ def tiny_transformer_config(cap_feat_dim: int = 32, in_channels: int = 16) -> di
     return config(cap_feat_dim, in_channels)
 
 
+def tiny_transformer_config_of(family: str) -> dict:
+    """The tiny transformer config of family ``family`` (its ``families/<name>/tiny.py``, default arguments)."""
+    import importlib
+
+    from twostep.families.registry import FAMILY_MODULES, family_named
+
+    family_named(family)  # an unknown name is a TwostepError naming the known ones
+    package = FAMILY_MODULES[family].rsplit(".", 1)[0]
+    return importlib.import_module(f"{package}.tiny").tiny_transformer_config()
+
+
 def tiny_zimage_pipeline(seed: int = 0):
     """A random ``ZImagePipeline`` small enough for CPU tests (latents ``(B, 16, H/2, W/2)``: the VAE downsamples
     2x)."""

@@ -42,29 +42,23 @@ class DetailClassifier(nn.Module):
 
 
 def train_classifier(seed: int = 0, steps: int = 400, batch_size: int = 128) -> DetailClassifier:
-    """Trained on freshly generated images; one thread and fixed seeds so the feature space never changes.
-    Trained once per process for each argument set (``trained_once``: 20 s on 2 cores)."""
+    """Trained on freshly generated images, with fixed seeds on one thread so the feature space never changes;
+    once per process for each argument set (:func:`trained_once`: 20 s on 2 cores)."""
     return trained_once(("detail", seed, steps, batch_size), seed, lambda: _train_classifier(seed, steps, batch_size))
 
 
 def _train_classifier(seed: int, steps: int, batch_size: int) -> DetailClassifier:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        torch.manual_seed(seed)
-        model = DetailClassifier()
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-        for _ in range(steps):
-            labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
-            x = generate(labels, gen) + 0.05 * torch.randn(batch_size, 3, 16, 16, generator=gen)
-            loss = nn.functional.cross_entropy(model(x), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return model.eval().requires_grad_(False)
-    finally:
-        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    model = DetailClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    for _ in range(steps):
+        labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
+        x = generate(labels, gen) + 0.05 * torch.randn(batch_size, 3, 16, 16, generator=gen)
+        loss = nn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
 
 
 def edge_width(images: torch.Tensor, top_k: int = 12) -> float:

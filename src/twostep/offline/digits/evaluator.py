@@ -42,42 +42,36 @@ _TRAINED: dict[tuple, tuple[nn.Module, torch.Tensor]] = {}
 
 
 def trained_once(key: tuple, seed: int, train: Callable[[], nn.Module]) -> nn.Module:
-    """``train()`` the first time ``key`` is asked for in this process, the same frozen model after that.
+    """The frozen classifier ``train()`` returns, trained the first time ``key`` is asked for in this process.
 
-    An evaluator's classifier is deterministic in its key, and a demo, its student's evaluation and a bench each
-    build one. A repeat call leaves the global RNG exactly as training would have (``train`` seeds it with
-    ``seed`` and then draws initial weights), so what the caller draws next does not depend on the cache."""
+    ``train`` runs after ``torch.manual_seed(seed)`` on one thread: reduction order must not depend on the caller's
+    thread count (a different classifier is a different feature space and shifts every FD). So the result is
+    deterministic in its key, and a demo, its student's evaluation and a bench share one. A repeat call leaves the
+    global RNG exactly as training would have, so what the caller draws next does not depend on the cache."""
+    torch.manual_seed(seed)  # the CUDA generators too, on every call, as training would
     if key not in _TRAINED:
-        model = train()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model = train()
+        finally:
+            torch.set_num_threads(threads)
         _TRAINED[key] = (model, torch.get_rng_state())
-    else:
-        torch.manual_seed(seed)  # the CUDA generators too, as training would
     model, rng_after = _TRAINED[key]
     torch.set_rng_state(rng_after)
     return model
 
 
 def train_classifier(train: DigitSplit, seed: int = 0, epochs: int = 60, batch_size: int = 64) -> DigitClassifier:
-    """Deterministic: fixed seed, fixed batch order, one thread (reduction order must not depend on the
-    caller's thread count: a different classifier is a different feature space and shifts every FD). Trained
-    once per process for each split and argument set (``trained_once``)."""
+    """Deterministic: fixed seed, fixed batch order, one thread (:func:`trained_once`, keyed on the split's
+    contents and the arguments)."""
     digest = hashlib.sha256(train.images.numpy().tobytes() + train.labels.numpy().tobytes()).hexdigest()
     return trained_once(("digits", digest, seed, epochs, batch_size), seed,
                         lambda: _train_classifier(train, seed, epochs, batch_size))
 
 
 def _train_classifier(train: DigitSplit, seed: int, epochs: int, batch_size: int) -> DigitClassifier:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_classifier_one_thread(train, seed, epochs, batch_size)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_classifier_one_thread(train: DigitSplit, seed: int, epochs: int, batch_size: int) -> DigitClassifier:
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     model = DigitClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     n = len(train)
