@@ -272,18 +272,27 @@ def test_fsdp2_adversarial_recipe_trains_evaluates_and_a_sigterm_saves_shards_on
     assert "step_000002.png" in os.listdir(os.path.join(run, "samples"))
 
 
-def test_zimage_full_student_under_fsdp2_exports_from_its_sharded_checkpoint(tmp_path):
-    """The real path with full per-step copies on 2 processes (with evaluation during training): `export
-    --checkpoint latest` gathers the sharded EMA weights whole and writes the same merged transformers as the export of the finished run's weights."""
-    from twostep.cli import DEFAULT_ZIMAGE_CONFIG
+@pytest.fixture(scope="module")
+def zimage_data(tmp_path_factory) -> str:
+    """A tiny random Z-Image pipeline's teacher data (2 prompts x 2 samples at 32 px)."""
     from twostep.testing import tiny_zimage_pipeline
 
-    pipe, prompts, data, run = (str(tmp_path / n) for n in ("pipe", "prompts.txt", "data", "run"))
+    root = tmp_path_factory.mktemp("zimage")
+    pipe, prompts, data = (str(root / n) for n in ("pipe", "prompts.txt", "data"))
     tiny_zimage_pipeline(seed=0).save_pretrained(pipe)
     open(prompts, "w").write("a red cat on a sofa\nthe city at night\n")
     assert main(["teacher-data", "--teacher", pipe, "--prompts", prompts, "--resolution", "32", "--out", data,
                  "teacher_data.samples_per_prompt=2", "teacher_data.shard_size=4", "teacher_data.batch_size=2",
                  "teacher_data.previews=0"]) == 0
+    return data
+
+
+def test_zimage_full_student_under_fsdp2_exports_from_its_sharded_checkpoint(zimage_data, tmp_path):
+    """The real path with full per-step copies on 2 processes (with evaluation during training): `export
+    --checkpoint latest` gathers the sharded EMA weights whole and writes the same merged transformers as the export of the finished run's weights."""
+    from twostep.cli import DEFAULT_ZIMAGE_CONFIG
+
+    data, run = zimage_data, str(tmp_path / "run")
     proc = torchrun(2, "train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", data, "--out", run, "student.form=full",
                     "train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "train.sample_every=100",
                     "train.bf16=false", "model.dtype=float32", "discriminator.blocks=[0,1]", "discriminator.hidden=16",
@@ -301,3 +310,23 @@ def test_zimage_full_student_under_fsdp2_exports_from_its_sharded_checkpoint(tmp
         b = load_file(os.path.join(outs["checkpoint"], f"transformer_step{k}", "diffusion_pytorch_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert json.load(open(os.path.join(outs["checkpoint"], "twostep.json")))["train_steps"] == 2
+
+
+def test_zimage_dmd2_with_its_gan_trains_under_ddp_and_resumes(zimage_data, tmp_path):
+    """`recipe.kind: dmd2` (zimage_turbo_2step_dmd2) plus a GAN term on 2 processes: the student's adapters, the
+    fake-score adapter (its own DDP module over parameters that live in the shared base) and the heads train; the
+    checkpoint resumes in one process."""
+    run = str(tmp_path / "run")
+    proc = torchrun(2, "train", "--config", "zimage_turbo_2step_dmd2", "--data", zimage_data, "--out", run,
+                    "train.steps=2", "train.batch_size=4", "train.warmup_steps=1", "train.sample_every=100",
+                    "train.bf16=false", "model.dtype=float32", "discriminator.blocks=[0,1]", "discriminator.hidden=16",
+                    "student.lora_rank=4", "train.fake_steps_per_g=2", "train.d_warmup_steps=1", "train.log_every=1",
+                    "recipe.adv_weight=0.1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = _log(run)
+    assert [r["step"] for r in log] == [1, 2]
+    for key in ("dmd_loss", "dmd_loss/step1", "fake_score_total", "grad_norm/fake_score", "d_loss", "g_adv"):
+        assert all(math.isfinite(r[key]) for r in log), key
+    assert log[-1]["grad_norm/fake_score"] > 0 and log[-1]["grad_norm/step0"] > 0
+    assert main(["train", "--out", run, "--resume", "latest", "train.steps=3", "--allow-config-change"]) == 0
+    assert _log(run)[-1]["step"] == 3

@@ -568,3 +568,28 @@ def test_a_real_run_resumes_from_its_own_config_outside_the_checkout(chain, tmp_
     assert "resumed from" in out and "step_000003" in out and "train.steps: 3 -> 4" in out
     steps = [json.loads(line)["step"] for line in open(copy / "train_log.jsonl")]
     assert steps[-1] == 4 and "teacher" not in capsys.readouterr().err
+
+
+def test_dmd2_trains_resumes_exactly_and_exports_only_the_student(chain, tmp_path):
+    """`recipe.kind: dmd2` on the real path (the packaged zimage_turbo_2step_dmd2: a fake-score LoRA on the shared
+    base): a run stopped at step 2 and resumed equals the uninterrupted one bit for bit (student and fake score),
+    and the export carries the student's adapters only."""
+    from twostep.engine.checkpoint import load_state
+
+    args = ["train", "--config", "zimage_turbo_2step_dmd2", "--data", chain["data"], *TRAIN,
+            "train.fake_steps_per_g=2", "train.d_warmup_steps=1", "train.log_every=1", "train.sample_every=100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*args, "--out", str(straight)]) == 0
+    assert main([*args, "train.steps=2", "--out", str(resumed)]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "latest", "train.steps=3", "--allow-config-change"]) == 0
+    assert (resumed / "student.safetensors").read_bytes() == (straight / "student.safetensors").read_bytes()
+    a, b = (load_state(str(run / "checkpoints" / "step_000003")) for run in (straight, resumed))
+    assert a["fake_score"] and all(torch.equal(a["fake_score"][n], b["fake_score"][n]) for n in a["fake_score"])
+    log = [json.loads(line) for line in open(straight / "train_log.jsonl")]
+    assert all(k in log[-1] for k in ("dmd_loss", "dmd_loss/step1", "fake_score_total", "time/step_s"))
+    assert "d_loss" not in log[-1], "DMD2 without its GAN trains no discriminator"
+    out = str(tmp_path / "lora")
+    assert main(["export", str(straight), "--format", "lora", "--out", out, "--dtype", "float32"]) == 0
+    for k in (1, 2):
+        keys = load_file(os.path.join(out, f"step{k}_lora.safetensors")).keys()
+        assert keys and not any("fake" in key for key in keys)

@@ -1,6 +1,9 @@
 """The recipe's adversarial part on a tiny teacher: what the discriminator sees as fake, approximate vs exact R1,
 the discriminator warm-up and the adversarial ramp, wrong-prompt fakes, and the LADD reference arm's inputs."""
 
+import copy
+import math
+
 import pytest
 import torch
 from test_engine import make_cfg, make_trainer, perturb_lora, world  # noqa: F401  (world is a fixture)
@@ -260,3 +263,98 @@ def test_nonsense_recipes_name_the_key(extra, key):
     make_cfg(*LADD)  # the LADD arm as the lead sets it is valid
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make_cfg(*LADD, *extra)
+
+
+# --------------------------------------------------------------------------- DMD2 (issue 21)
+
+DMD2 = ["recipe.kind=dmd2", "train.fake_steps_per_g=2", "train.warmup_steps=1", "train.g_lr=0.01"]
+
+
+def make_dmd_trainer(world, *extra):
+    from twostep.engine.train import Trainer
+    from twostep.offline.distill import build_student, load_teacher_data
+
+    cfg = make_cfg(*DMD2, *extra)
+    student, disc, base = build_student(world["teacher"], cfg, for_training=True)
+    data = load_teacher_data(base, cfg, world["data"])
+    return Trainer(cfg, student, disc, data, base.prompt_table, None, str(world["root"] / "run")), student, disc
+
+
+def test_kind_dmd2_is_dmd2_as_published_and_explicit_keys_win():
+    from twostep.core.config import from_dict
+    from twostep.engine.recipe import RecipeConfig
+
+    turbo, dmd2 = RecipeConfig(), from_dict(RecipeConfig, {"kind": "dmd2"})
+    assert (turbo.end_to_end, turbo.step1_loss, turbo.adv_weight, turbo.dmd_weight) == (True, "intermediate", 1.0,
+                                                                                        0.0)
+    assert (dmd2.end_to_end, dmd2.step1_loss, dmd2.adv_weight, dmd2.dmd_weight) == (False, "none", 0.0, 1.0)
+    assert from_dict(RecipeConfig, {"kind": "dmd2", "adv_weight": 0.1}).adv_weight == 0.1  # DMD2 + GAN
+    assert make_cfg("recipe.kind=dmd2", "recipe.step1_loss=final").recipe.step1_loss == "final", "set keys stay"
+    with pytest.raises(ConfigError, match=r"recipe\.dmd_weight"):
+        make_cfg("recipe.kind=dmd2", "recipe.dmd_weight=0")
+    with pytest.raises(ConfigError, match=r"recipe\.dmd_sigma_min"):
+        make_cfg("recipe.kind=dmd2", "recipe.dmd_sigma_min=0.9", "recipe.dmd_sigma_max=0.5")
+    with pytest.raises(ConfigError, match=r"train\.fake_steps_per_g"):
+        make_cfg("recipe.kind=dmd2", "train.fake_steps_per_g=0")
+
+
+def test_dmd_outputs_are_every_step_in_backward_simulation_and_the_final_end_to_end():
+    from twostep.engine.recipe import dmd_outputs
+
+    assert dmd_outputs(make_cfg("recipe.kind=dmd2").recipe, 2) == [0, 1]
+    assert dmd_outputs(make_cfg("recipe.kind=dmd2", "recipe.end_to_end=true").recipe, 2) == [1]
+    assert dmd_outputs(make_cfg().recipe, 2) == [], "Turbo++ has no DMD term unless dmd_weight > 0"
+    assert dmd_outputs(make_cfg("recipe.dmd_weight=0.5").recipe, 2) == [1]
+
+
+def test_the_fake_score_starts_as_the_teacher_and_each_network_trains_apart(world):
+    trainer, student, disc = make_dmd_trainer(world)
+    fake_ids = {id(p) for p in student.fake_score_parameters()}
+    assert fake_ids and not fake_ids & {id(p) for ps in student.parameter_groups().values() for p in ps}
+    batch, cond = trainer._batch()
+    x, sigma = batch["states"][:, 1], torch.full((len(cond),), 0.75)
+    with torch.no_grad():
+        with student.teacher() as teacher:
+            v_teacher = teacher.velocity(x, sigma, cond)
+        with student.fake_score() as fake:
+            torch.testing.assert_close(fake.velocity(x, sigma, cond), v_teacher)  # LoRA B = 0: the teacher
+
+    def snapshot():
+        return {n: p.detach().clone() for n, p in [*student.named_parameters(), *disc.named_parameters()]}
+
+    def moved(before):
+        return {n for n, p in [*student.named_parameters(), *disc.named_parameters()] if not torch.equal(p, before[n])}
+
+    before = snapshot()
+    logs = trainer.fake_step(updates=1)
+    names = {id(p): n for n, p in student.named_parameters()}
+    fake_names = {names[i] for i in fake_ids}
+    changed = moved(before)
+    assert changed <= fake_names and {n for n in fake_names if "lora_B" in n} <= changed, "the fake score only"
+    assert {"fake_score_loss", "fake_score_loss/step1"} <= logs.keys()  # backward simulation: both outputs
+    before = snapshot()
+    g_logs = trainer.g_step()
+    changed = moved(before)
+    assert changed and not changed & fake_names, "the generator update leaves the fake score"
+    assert all(n in changed for ps in trainer.named_groups.values() for n, _ in ps if "lora_B" in n)
+    assert {"dmd_loss", "dmd_loss/step1", "dmd_grad_norm", "dmd_real_fake_gap"} <= g_logs.keys()
+    assert math.isfinite(g_logs["g_total"]) and g_logs["dmd_real_fake_gap"] > 0
+
+
+def test_a_dmd2_trainer_state_resumes_its_fake_score_and_refuses_a_turbo_checkpoint(world):
+    from twostep.core.errors import TwostepError
+
+    trainer, student, _ = make_dmd_trainer(world)
+    trainer.train_step()
+    state = copy.deepcopy(trainer.state_dict())  # (the live one shares the optimisers' tensors)
+    assert {"fake_score", "opt_f", "sched_f"} <= state.keys() and state["fake_score"]
+    assert not any("fake_score" in n for n in state["student"]), "the student's weights exclude the fake score"
+    fresh, fresh_student, _ = make_dmd_trainer(world)
+    fresh.load_state_dict(state)
+    own = dict(fresh_student.named_parameters())
+    assert all(torch.equal(own[n], v) for n, v in state["fake_score"].items())
+    a, b = trainer.train_step(), fresh.train_step()
+    assert a["g_total"] == b["g_total"] and a["fake_score_total"] == b["fake_score_total"]
+    turbo, _, _ = make_trainer(world)
+    with pytest.raises(TwostepError, match="fake-score network"):
+        turbo.load_state_dict(state)

@@ -22,11 +22,17 @@ def make_optimizers(tc, groups: dict[str, list[nn.Parameter]], disc: nn.Module):
     """``(opt_g, opt_d, sched_g, sched_d)``: AdamW for the student's parameter groups and for the discriminator's
     heads, each with a linear learning-rate warm-up over ``tc.warmup_steps`` updates (``tc``: the ``train``
     section)."""
-    opt_g = torch.optim.AdamW([{"params": ps, "name": n} for n, ps in groups.items()], lr=tc.g_lr,
-                              betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.d_lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    opt_g, sched_g = adamw([{"params": ps, "name": n} for n, ps in groups.items()], tc.g_lr, tc)
+    opt_d, sched_d = adamw(disc.parameters(), tc.d_lr, tc)
+    return opt_g, opt_d, sched_g, sched_d
+
+
+def adamw(params, lr: float, tc):
+    """``(optimizer, scheduler)``: AdamW with the ``train`` section's betas and weight decay, and a linear
+    learning-rate warm-up over ``tc.warmup_steps`` updates."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     warm = lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps))  # noqa: E731
-    return opt_g, opt_d, torch.optim.lr_scheduler.LambdaLR(opt_g, warm), torch.optim.lr_scheduler.LambdaLR(opt_d, warm)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm)
 
 
 def clip_and_step(optimizer, named_params, logs: dict[str, float], norm: float, grad_clip: float,

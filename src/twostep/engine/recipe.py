@@ -28,6 +28,15 @@ where the heads never looked (the hinge generator loss has no lower bound). Outp
 - a non-final x_hat_k (``step1_loss: adversarial``): ``step1_adv_real: final`` = the same reals as the final output,
   or ``implied`` = x_tilde, the clean image implied by the teacher's state at sigma_{k+1}.
 
+Distribution matching (``kind: dmd2``, or ``dmd_weight > 0`` on Turbo++; DMD2, Yin et al. 2024; ``dmd.py``): a
+fake-score network (``Student.fake_score``) learns the student's own output distribution by flow matching
+(:func:`fake_score_step_loss`, ``train.fake_steps_per_g`` updates per generator step), and each output in
+:func:`dmd_outputs` gets ``dmd_weight * L_dmd`` at a renoising level uniform in ``[dmd_sigma_min, dmd_sigma_max]``.
+With ``end_to_end: false`` that is every step's output (DMD2's backward simulation: step k's input is the student's
+own chain, detached); with ``end_to_end: true`` only the final output (the gradient flows back through every step,
+as in Turbo++). DMD2's GAN is ``adv_weight > 0`` on the same discriminator heads as Turbo++'s (DMD2 puts its heads on
+the fake-score network's features; ours read the frozen teacher's), with ``real_source: data`` as DMD2 has it.
+
 Each output is seen at noise levels that suit it: x_hat_k only has to be right at the coarse level that survives
 renoising to sigma_{k+1}, so its sigma_d = sigma_{k+1} + (1 - sigma_{k+1}) * u with u logit-normal (the final
 output: sigma_{k+1} = 0, plain logit-normal), drawn the same way in the G and the D terms; real and fake of one
@@ -47,6 +56,7 @@ from torch.nn import functional as F
 from twostep.core.config import require
 from twostep.engine import flow
 from twostep.engine.backbone import Conditioning
+from twostep.engine.dmd import dmd_loss, fake_score_loss, sample_dmd_sigmas
 from twostep.engine.discriminator import (
     Discriminator,
     approx_r1_penalty,
@@ -63,12 +73,23 @@ from twostep.engine.student import Student
 Tensor = torch.Tensor
 
 
+# the keys whose default depends on `kind` (None in a config = the kind's default, resolved on load)
+KIND_DEFAULTS = {
+    "turbo": {"end_to_end": True, "step1_loss": "intermediate", "adv_weight": 1.0, "dmd_weight": 0.0},
+    # DMD2 as published: the distribution matching gradient on every step's output (backward simulation), no GAN
+    "dmd2": {"end_to_end": False, "step1_loss": "none", "adv_weight": 0.0, "dmd_weight": 1.0},
+}
+
+
 @dataclass
 class RecipeConfig:
+    # `turbo`: the adversarial loss on the final output is the main loss (the paper's recipe). `dmd2`: the
+    # distribution matching gradient is (adv_weight > 0 adds DMD2's GAN term)
+    kind: Literal["turbo", "dmd2"] = "turbo"
     real_source: Literal["teacher", "data"] = "teacher"
-    end_to_end: bool = True
-    step1_loss: Literal["intermediate", "final", "adversarial", "none"] = "intermediate"
-    adv_weight: float = 1.0
+    end_to_end: bool | None = None
+    step1_loss: Literal["intermediate", "final", "adversarial", "none"] | None = None
+    adv_weight: float | None = None
     step1_weight: float = 1.0
     final_reg_weight: float = 0.0
     # the discriminator's reals for a non-final output with an adversarial loss: `final` = the final output's reals
@@ -79,12 +100,33 @@ class RecipeConfig:
     # `own`: each step starts from the previous step's transition (the recipe). `teacher_renoised`: step k > 0 starts
     # from the teacher's final renoised to sigma_k with fresh noise (LADD's inputs; needs end_to_end false)
     student_inputs: Literal["own", "teacher_renoised"] = "own"
+    # distribution matching (dmd.py): its weight, and the range of the renoising level of the scored outputs
+    # (DMD2 trims both ends of the teacher's range)
+    dmd_weight: float | None = None
+    dmd_sigma_min: float = 0.02
+    dmd_sigma_max: float = 0.98
+
+    def __post_init__(self) -> None:
+        for key, value in KIND_DEFAULTS.get(self.kind, KIND_DEFAULTS["turbo"]).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    @property
+    def uses_dmd(self) -> bool:
+        """A fake-score network is trained and the generator gets the distribution matching gradient."""
+        return self.dmd_weight > 0
 
     def validate(self) -> None:
-        for key in ("adv_weight", "step1_weight", "final_reg_weight"):
+        for key in ("adv_weight", "step1_weight", "final_reg_weight", "dmd_weight"):
             require(getattr(self, key) >= 0, key, "must be >= 0 (a loss weight)")
-        require(self.adv_weight > 0 or self.final_reg_weight > 0, "adv_weight",
-                "and final_reg_weight are both 0: the final output would get no loss")
+        if self.kind == "dmd2":
+            require(self.dmd_weight > 0, "dmd_weight", "must be > 0 with kind=dmd2 (its main loss)")
+            require(self.student_inputs == "own", "student_inputs",
+                    "must be own with kind=dmd2 (DMD2 trains each step on the student's own chain)")
+        require(self.adv_weight > 0 or self.final_reg_weight > 0 or self.dmd_weight > 0, "adv_weight",
+                "is 0, and so are final_reg_weight and dmd_weight: the final output would get no loss")
+        require(0 <= self.dmd_sigma_min < self.dmd_sigma_max <= 1, "dmd_sigma_min",
+                f"and dmd_sigma_max must satisfy 0 <= min < max <= 1 (got {self.dmd_sigma_min}, {self.dmd_sigma_max})")
         require(self.adv_ramp_steps >= 0, "adv_ramp_steps", "must be >= 0 (0 = no ramp)")
         if self.student_inputs == "teacher_renoised":
             require(not self.end_to_end, "end_to_end", "must be false with student_inputs=teacher_renoised (no step "
@@ -117,6 +159,18 @@ def adversarial_outputs(rc: RecipeConfig, num_steps: int) -> list[int]:
     if rc.step1_loss == "adversarial" and rc.step1_weight > 0:
         return final + list(range(num_steps - 1))
     return final
+
+
+def dmd_outputs(rc: RecipeConfig, num_steps: int) -> list[int]:
+    """Indices k of the outputs that get the distribution matching loss (and train the fake score): every step's
+    with ``end_to_end: false`` (DMD2's backward simulation), the final one only with ``end_to_end: true``."""
+    if not rc.uses_dmd:
+        return []
+    return list(range(num_steps)) if not rc.end_to_end else [num_steps - 1]
+
+
+def clean_estimate(backbone, x_sigma: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+    return flow.x0_from_velocity(x_sigma, backbone.velocity(x_sigma, sigma, cond), sigma)
 
 
 def sigma_floor(student: Student, k: int) -> float:
@@ -185,14 +239,17 @@ def generator_loss(student: Student, disc: Discriminator, batch: dict[str, Tenso
     num = len(x_hats)
 
     # adversarial terms: every scored output, the final one first, each at its own sigma_d range
+    # (a term with weight 0, the final output's without a GAN, is only logged: no graph through the teacher)
     adv_terms, fake_logits = {}, {}
     with student.teacher() as teacher:
         for k in adversarial_outputs(rc, num):
             sigma_d = sample_sigma_d(noise.shape[0], disc, generator, noise.device, floor=sigma_floor(student, k))
             d_noise = _randn_like(final, generator)
-            fake_logits[k] = disc.score(teacher.features, x_hats[k], sigma_d, d_noise, cond)
-            adv_terms[k] = g_loss(fake_logits[k], disc.cfg.loss)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (rc.adv_weight if k == num - 1 else 1.0) > 0):
+                fake_logits[k] = disc.score(teacher.features, x_hats[k], sigma_d, d_noise, cond)
+                adv_terms[k] = g_loss(fake_logits[k], disc.cfg.loss)
     adv = adv_terms[num - 1]
+    dmd, dmd_logs = distribution_matching(student, x_hats, cond, rc, generator)
 
     # step-1 regulariser on every non-final output
     step1 = final.new_zeros(())
@@ -206,6 +263,8 @@ def generator_loss(student: Student, disc: Discriminator, batch: dict[str, Tenso
 
     reg = F.mse_loss(final, batch["final"]) if rc.final_reg_weight > 0 else final.new_zeros(())
     total = adv_scale * rc.adv_weight * adv + rc.step1_weight * step1 + rc.final_reg_weight * reg
+    if rc.uses_dmd:
+        total = total + rc.dmd_weight * dmd
 
     logs = {"g_adv": adv.item(), "g_step1": step1.item(), "g_reg": reg.item(), "g_total": total.item(),
             "adv_ramp": float(adv_scale), "adv_weight_eff": float(adv_scale * rc.adv_weight),
@@ -213,7 +272,58 @@ def generator_loss(student: Student, disc: Discriminator, batch: dict[str, Tenso
             "step1_mse_to_teacher": F.mse_loss(x_hats[0].detach(), implied_clean(batch, student, 0)).item()
             if num > 1 else 0.0}
     logs.update({f"g_fake_logit{_suffix(k, num)}": v.mean().item() for k, v in fake_logits.items()})
+    logs.update(dmd_logs)
     return total, logs, out
+
+
+def distribution_matching(student: Student, x_hats: list[Tensor], cond: Conditioning, rc: RecipeConfig,
+                          generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    """The sum of :func:`~twostep.engine.dmd.dmd_loss` over :func:`dmd_outputs` (0 and no logs without DMD): the
+    teacher's and the fake score's clean estimates at ``sigma ~ U[dmd_sigma_min, dmd_sigma_max]``, drawn from
+    ``generator`` (sigmas, then noise, per output)."""
+    outputs = dmd_outputs(rc, len(x_hats))
+    total = x_hats[-1].new_zeros((), dtype=torch.float32)
+    if not outputs:
+        return total, {}
+    logs: dict[str, float] = {}
+
+    def real_x0(x_sigma, sigma):
+        with student.teacher() as teacher:
+            return clean_estimate(teacher, x_sigma, sigma, cond)
+
+    def fake_x0(x_sigma, sigma):
+        with student.fake_score() as fake:
+            return clean_estimate(fake, x_sigma, sigma, cond)
+
+    for k in outputs:
+        x = x_hats[k]
+        sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator).to(x.device)
+        loss, part = dmd_loss(x, sigma, _randn_like(x, generator), real_x0, fake_x0)
+        total = total + loss
+        sfx = _suffix(k, len(x_hats))
+        logs.update({f"{key}{sfx}": value for key, value in part.items()})
+    return total, logs
+
+
+def fake_score_step_loss(student: Student, batch: dict[str, Tensor], cond: Conditioning, rc: RecipeConfig,
+                         generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    """One update of the fake-score network: flow matching on sg(x_hat_k) of every output in :func:`dmd_outputs`
+    (fresh student outputs of this batch, computed without a graph), each at ``sigma ~ U[dmd_sigma_min,
+    dmd_sigma_max]``. Returns ``(loss, logs)``."""
+    with torch.no_grad():
+        x_hats = student_outputs(student, batch, cond, rc, generator)["x_hat"]
+    total = x_hats[-1].new_zeros((), dtype=torch.float32)
+    logs: dict[str, float] = {}
+    with student.fake_score() as fake:
+        for k in dmd_outputs(rc, len(x_hats)):
+            x = x_hats[k]
+            sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator).to(x.device)
+            loss = fake_score_loss(x, sigma, _randn_like(x, generator),
+                                   lambda x_sigma, s: fake.velocity(x_sigma, s, cond))
+            total = total + loss
+            logs[f"fake_score_loss{_suffix(k, len(x_hats))}"] = loss.item()
+    logs["fake_score_total"] = total.item()
+    return total, logs
 
 
 def discriminator_loss(student: Student, disc: Discriminator, batch: dict[str, Tensor], real: Tensor,

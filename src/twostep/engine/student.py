@@ -8,6 +8,10 @@ Parameter forms (DESIGN §1.2):
 - ``decoupled`` + ``full``: one trainable full copy per step (under torchrun: FSDP2, see :meth:`Student.shard`).
 - ``shared``: one parameter set (one adapter, or one copy) for every step: the ablation baseline.
 
+With ``fake_score=True`` (distribution matching, ``recipe.dmd_weight > 0``) the student also holds DMD's fake-score
+network, initialised as the teacher: one more LoRA adapter on the same frozen base (``lora``), or one more full copy
+(``full``). It is trained by its own optimiser (:meth:`Student.fake_score_parameters`), never exported.
+
 Sampling (:meth:`Student.sample`): ``x_hat_k = x - sigma_k * v_k``; between steps the state moves to
 ``sigma_{k+1}`` by the deterministic Euler step (``renoise="euler"``; from sigma=1 that is exactly
 ``sigma2 * eps + (1 - sigma2) * x_hat_1``) or by fresh noise (``renoise="fresh"``).
@@ -128,9 +132,12 @@ class KStepSampler:
 class Student(KStepSampler, nn.Module):
     """``velocity(k, x, sigma, cond)`` with parameter set ``k``; ``teacher()`` gives the frozen base view."""
 
-    def __init__(self, teacher: Backbone, cfg: StudentConfig):
+    FAKE_SCORE = "fake_score"  # the fake-score network's adapter name (LoRA)
+
+    def __init__(self, teacher: Backbone, cfg: StudentConfig, fake_score: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.has_fake_score = fake_score
         self.num_sets = cfg.num_steps if cfg.params == "decoupled" else 1
         self._active: str | None = "<unset>"  # LoRA routing: adapter name, or None for the teacher
         teacher.requires_grad_(False)
@@ -146,24 +153,28 @@ class Student(KStepSampler, nn.Module):
                               init_lora_weights=True)
             with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point
                 warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-                for name in self.adapter_names:
+                for name in self.adapter_names + ([self.FAKE_SCORE] if fake_score else []):
                     teacher.transformer.add_adapter(lora, adapter_name=name)
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             self._lora_params = {name: [p for n, p in teacher.named_parameters() if f".{name}." in n]
                                  for name in self.adapter_names}
-            for params in self._lora_params.values():
+            self._fake_params = [p for n, p in teacher.named_parameters() if f".{self.FAKE_SCORE}." in n]
+            for params in (*self._lora_params.values(), self._fake_params):
                 for p in params:
                     p.data = p.data.float()  # adapters train in fp32 on a bf16 base (peft casts inputs to match)
                     p.requires_grad_(True)
             self._tuner_layers = [m for m in teacher.transformer.modules() if isinstance(m, BaseTunerLayer)]
             self._teacher_view = teacher
             self.copies = None
+            self.fake_copy = None
             self._set_adapter_state(self.adapter_names[0])
         else:
             self.base = None
             self.copies = nn.ModuleList(copy.deepcopy(teacher).requires_grad_(True) for _ in range(self.num_sets))
-            for p in self.copies.parameters():  # fp32 master weights on a bf16 base (FSDP2 computes in its policy's)
+            self.fake_copy = copy.deepcopy(teacher).requires_grad_(True) if fake_score else None
+            self._fake_params = list(self.fake_copy.parameters()) if fake_score else []
+            for p in (*self.copies.parameters(), *self._fake_params):  # fp32 master weights on a bf16 base
                 p.data = p.data.float()
             self._teacher_view = teacher  # a frozen submodule (moves with .to()), never in parameter_groups()
 
@@ -181,6 +192,10 @@ class Student(KStepSampler, nn.Module):
         if self.cfg.form == "lora":
             return {name: list(params) for name, params in self._lora_params.items()}
         return {f"step{k}": list(c.parameters()) for k, c in enumerate(self.copies)}
+
+    def fake_score_parameters(self) -> list[nn.Parameter]:
+        """The fake-score network's trainable parameters (empty without one)."""
+        return list(self._fake_params)
 
     def _select(self, step: int) -> Backbone:
         index = self.set_index(step)
@@ -221,11 +236,22 @@ class Student(KStepSampler, nn.Module):
         else:
             yield self._teacher_view
 
+    @contextmanager
+    def fake_score(self):
+        """DMD's fake-score network (LoRA: the shared base with the fake-score adapter on)."""
+        if not self.has_fake_score:
+            raise TwostepError("this student has no fake-score network (build it with fake_score=True)")
+        if self.cfg.form == "lora":
+            with self._adapter_state(self.FAKE_SCORE):
+                yield self.base
+        else:
+            yield self.fake_copy
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Checkpoint transformer blocks. For LoRA the recompute in backward reruns a block with the adapter
         that was active in its forward (steps and the teacher share one module)."""
         if self.cfg.form == "full":
-            for backbone in self.copies:
+            for backbone in (*self.copies, *([self.fake_copy] if self.has_fake_score else [])):
                 backbone.set_gradient_checkpointing(enabled)
             return
         if not enabled:
@@ -250,8 +276,10 @@ class Student(KStepSampler, nn.Module):
 
         if self.cfg.form != "full":
             raise ValueError("only student.form=full is sharded (LoRA trains with DDP over the adapters)")
-        for backbone in (*self.copies, self._teacher_view):
+        for backbone in (*self.copies, *([self.fake_copy] if self.has_fake_score else []), self._teacher_view):
             shard_backbone(backbone, param_dtype, reduce_dtype)
+        if self.has_fake_score:
+            self._fake_params = list(self.fake_copy.parameters())  # now sharded DTensors
 
     def reshard(self) -> None:
         """FSDP2 keeps a root's gathered parameters after a forward (and after one stopped early): free them, so the
@@ -259,7 +287,8 @@ class Student(KStepSampler, nn.Module):
         optimizer step (EMA weights swapped in and out)."""
         from torch.distributed.fsdp import FSDPModule
 
-        for backbone in (*(self.copies or ()), self._teacher_view):
+        for backbone in (*(self.copies or ()), *([self.fake_copy] if self.fake_copy is not None else []),
+                         self._teacher_view):
             for module in backbone.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()
@@ -310,4 +339,10 @@ def merge_student(student: Student) -> MergedStudent:
 def trainable_state(student: Student) -> dict[str, Tensor]:
     """Only what the student trains (LoRA adapters, or the per-step copies); sharded under FSDP2."""
     names = {id(p) for params in student.parameter_groups().values() for p in params}
+    return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}
+
+
+def fake_score_state(student: Student) -> dict[str, Tensor]:
+    """The fake-score network's trainable parameters by name (empty without one); sharded under FSDP2."""
+    names = {id(p) for p in student.fake_score_parameters()}
     return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}

@@ -1,6 +1,8 @@
 """The distillation loop: the D:G schedule, warm-ups, micro-batches, and when to log, sample, evaluate and save.
 
-The method lives in ``recipe.py``; this file only schedules it. Around it: ``train_config.py`` (the ``train``
+The method lives in ``recipe.py``; this file only schedules it: per generator step, ``d_steps_per_g`` discriminator
+updates (when a loss is adversarial), ``fake_steps_per_g`` fake-score updates (with distribution matching), then one
+generator update. Around it: ``train_config.py`` (the ``train``
 section), ``callbacks.py`` (optimisers, clipping, the non-finite guard, EMA), ``train_log.py`` (the JSONL and
 TensorBoard log) and ``run_folder.py`` (run folders, checkpoint scheduling, resume). Rank-aware: logs, bars and files on rank 0; under
 torchrun the student's trainable parameters and the heads train with DDP on slices of the global batch.
@@ -39,7 +41,7 @@ from torch import nn
 from twostep.core.config import to_dict
 from twostep.core.errors import TwostepError
 from twostep.core.utils import is_main_process, progress
-from twostep.engine.callbacks import EMA, NonFiniteTraining, clip_and_step, grad_norm, make_optimizers
+from twostep.engine.callbacks import EMA, NonFiniteTraining, adamw, clip_and_step, grad_norm, make_optimizers
 from twostep.engine.checkpoint import (
     CheckpointError,
     ShardedRef,
@@ -53,14 +55,23 @@ from twostep.engine.checkpoint import (
 from twostep.engine.discriminator import Discriminator
 from twostep.engine.distributed import any_rank, full_tensor, like_layout, mean_over_ranks
 from twostep.engine.preemption import Preempted, StopOnSignal
-from twostep.engine.recipe import adv_ramp, discriminator_loss, generator_loss
+from twostep.engine.recipe import adv_ramp, discriminator_loss, fake_score_step_loss, generator_loss
 from twostep.engine.run_folder import is_due, write_checkpoint
-from twostep.engine.student import Student, trainable_state
+from twostep.engine.student import Student, fake_score_state, trainable_state
 from twostep.engine.teacher_data import TeacherData
 from twostep.engine.train_config import RunConfig
 from twostep.engine.train_log import TrainLog, step_record
 
 Tensor = torch.Tensor
+
+
+class _Parameters(nn.Module):
+    """Parameters that live inside another module (the fake score's LoRA on the shared base), registered here so
+    that DDP averages exactly these."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        super().__init__()
+        self.params = nn.ParameterList(params)
 
 
 class _LossModule(nn.Module):
@@ -110,12 +121,21 @@ class Trainer:
             if tc.batch_size % (self.world * self.accum):
                 raise TwostepError(f"config key 'train.batch_size' {tc.batch_size} (the global batch) must be a "
                                    f"multiple of the {self.world} processes x train.grad_accum_steps {self.accum}")
+        self.uses_dmd = cfg.recipe.uses_dmd
+        if self.uses_dmd and not student.has_fake_score:
+            raise TwostepError("recipe.dmd_weight > 0 needs the student built with its fake-score network "
+                               "(Student(..., fake_score=True))")
         if self.sharded:
             student.shard(tc.fsdp_param_dtype, tc.fsdp_reduce_dtype)
         self.groups = student.parameter_groups()
         names = {id(p): n for n, p in student.named_parameters()}
         self.named_groups = {g: [(names[id(p)], p) for p in ps] for g, ps in self.groups.items()}
         self.opt_g, self.opt_d, self.sched_g, self.sched_d = make_optimizers(tc, self.groups, disc)
+        # distribution matching: the fake-score network and its own optimiser (DMD2's two time-scale updates)
+        self.fake_params = student.fake_score_parameters() if self.uses_dmd else []
+        self.named_fake = [(names[id(p)], p) for p in self.fake_params]
+        self.opt_f, self.sched_f = adamw(self.fake_params, tc.fake_lr or tc.g_lr, tc) if self.uses_dmd else (None,
+                                                                                                           None)
         self.ema = EMA(self.groups, tc.ema_decay, before_write=student.reshard if self.sharded else None)
         self.generator = torch.Generator().manual_seed(tc.seed)  # batch indices: the same stream on every rank
         # noise: a run started under torchrun draws each rank's noise from its own stream, reseeded at every step
@@ -127,8 +147,10 @@ class Trainer:
             self.g_loss = self._generator_loss if self.sharded else _data_parallel(
                 _LossModule(student, self._generator_loss), self.device)
             self.d_loss = _data_parallel(_LossModule(disc, self._discriminator_loss), self.device)
+            self.f_loss = self._fake_score_loss if self.sharded or not self.uses_dmd else _data_parallel(
+                _LossModule(_Parameters(self.fake_params), self._fake_score_loss), self.device)
         else:
-            self.g_loss, self.d_loss = self._generator_loss, self._discriminator_loss
+            self.g_loss, self.d_loss, self.f_loss = self._generator_loss, self._discriminator_loss, self._fake_score_loss
         self.step = 0  # generator updates done
         self.d_warmup_done = 0  # discriminator-only warm-up updates done (train.d_warmup_steps)
         self.bad_steps = 0  # consecutive steps with a skipped update
@@ -142,7 +164,9 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"student": trainable_state(self.student), "disc": self.disc.state_dict(),
+        fake = {"fake_score": fake_score_state(self.student), "opt_f": self.opt_f.state_dict(),
+                "sched_f": self.sched_f.state_dict()} if self.uses_dmd else {}
+        return {**fake, "student": trainable_state(self.student), "disc": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
                 "ema": self.ema.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
@@ -156,7 +180,6 @@ class Trainer:
         sharded ones (:class:`ShardedRef`) are read from ``folder`` into this rank's shards or whole tensors, and
         whole ones become this rank's shard under FSDP2. So a checkpoint resumes on any number of processes."""
         own = dict(self.student.named_parameters())
-        params = [p for group in self.opt_g.param_groups for p in group["params"]]
         targets: dict[str, Tensor] = {}
 
         def fit(value, template: Tensor, dtype=None):
@@ -167,27 +190,41 @@ class Trainer:
                 return like_layout(value, template)
             return value  # a mismatch: load_state_dict names it
 
-        state["student"] = {n: fit(v, own[n]) if n in own else v for n, v in state["student"].items()}
+        for part in ("student", "fake_score"):
+            if part in state:
+                state[part] = {n: fit(v, own[n]) if n in own else v for n, v in state[part].items()}
         state["ema"] = {g: [fit(v, p, torch.float32) for v, p in zip(values, self.groups.get(g, []))]
                         for g, values in state["ema"].items()}
-        for index, entry in state["opt_g"]["state"].items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in entry and int(index) < len(params):
-                    entry[key] = fit(entry[key], params[int(index)])
+        for opt, optimizer in (("opt_g", self.opt_g), ("opt_f", self.opt_f)):
+            if opt not in state or optimizer is None:
+                continue
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for index, entry in state[opt]["state"].items():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in entry and int(index) < len(params):
+                        entry[key] = fit(entry[key], params[int(index)])
         if targets:
             if folder is None:
                 raise CheckpointError("a sharded checkpoint needs its folder to load")
             load_sharded(folder, targets)
 
     def load_state_dict(self, state: dict, folder: str | None = None) -> None:
+        if self.uses_dmd != ("fake_score" in state):
+            raise TwostepError("the checkpoint was " + ("" if "fake_score" in state else "not ") + "written with a "
+                               "fake-score network (recipe.dmd_weight > 0) and this config "
+                               + ("has none" if "fake_score" in state else "has one") + "; resume with the config "
+                               "the run was made with")
         self._fit_layout(state, folder)
         own = dict(self.student.named_parameters())
         with torch.no_grad():
-            for name, value in state["student"].items():
+            for name, value in (*state["student"].items(), *state.get("fake_score", {}).items()):
                 if name not in own or own[name].shape != value.shape:
                     raise TwostepError(f"checkpoint tensor '{name}' does not fit this student; resume with the "
                                        "config the run was made with")
                 own[name].copy_(value)
+        if self.uses_dmd:
+            self.opt_f.load_state_dict(state["opt_f"])
+            self.sched_f.load_state_dict(state["sched_f"])
         self.disc.load_state_dict(state["disc"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
@@ -231,8 +268,9 @@ class Trainer:
         """Gradients are reduced over the ranks on the last micro-batch only (the earlier ones accumulate)."""
         if last or self.world == 1:
             yield
-        elif self.sharded and loss_fn is self.g_loss:
-            copies = [c.transformer for c in self.student.copies]
+        elif self.sharded and loss_fn in (self.g_loss, self.f_loss):
+            copies = ([c.transformer for c in self.student.copies] if loss_fn is self.g_loss else
+                      [self.student.fake_copy.transformer])
             for module in copies:
                 module.set_requires_gradient_sync(False)
             try:
@@ -291,18 +329,35 @@ class Trainer:
         return logs
 
     def d_warmup(self) -> dict[str, float]:
-        """The discriminator-only updates still due (``train.d_warmup_steps``), one at a time; the student is not
-        touched. Returns the last update's D health as ``d_warmup/...`` (empty once the warm-up is done)."""
+        """The critic-only updates still due (``train.d_warmup_steps``), one at a time: the discriminator's (when a
+        loss is adversarial) and the fake score's (with distribution matching); the student is not touched. Returns
+        the last update's health as ``d_warmup/...`` (empty once the warm-up is done)."""
         remaining = self.cfg.train.d_warmup_steps - self.d_warmup_done
         if remaining <= 0:
             return {}
         logs: dict[str, float] = {}
-        for _ in progress(range(remaining), total=remaining, desc="discriminator warm-up", leave=False):
+        for _ in progress(range(remaining), total=remaining, desc="critic warm-up", leave=False):
             if self._stop_requested():
                 break  # the warm-up can outlast a grace period: stop between two of its updates
-            logs = self.d_step(updates=1)
+            logs = {**(self.d_step(updates=1) if self.uses_discriminator else {}),
+                    **(self.fake_step(updates=1) if self.uses_dmd else {})}
             self.d_warmup_done += 1
-        return {f"d_warmup/{k}": logs[k] for k in ("d_loss", "d_accuracy", "d_logit_gap") if k in logs}
+        return {f"d_warmup/{k}": logs[k] for k in ("d_loss", "d_accuracy", "d_logit_gap", "fake_score_total")
+                if k in logs}
+
+    def fake_step(self, updates: int | None = None) -> dict[str, float]:
+        """``updates`` (default ``fake_steps_per_g``) updates of the fake-score network on fresh student outputs
+        (the student only runs under no_grad)."""
+        logs: dict[str, float] = {}
+        for _ in range(self.cfg.train.fake_steps_per_g if updates is None else updates):
+            micro = self._micro_batches()
+            self.opt_f.zero_grad(set_to_none=True)
+            f_logs = self._accumulate(self.f_loss, micro, lambda batch, cond: (batch, cond))
+            f_logs["grad_norm/fake_score"] = grad_norm(self.fake_params)
+            self._apply(self.opt_f, self.named_fake, f_logs, f_logs["grad_norm/fake_score"], "fake-score update")
+            logs.update(f_logs)
+        self.sched_f.step()
+        return logs
 
     def g_step(self) -> dict[str, float]:
         """One student update; the discriminator is frozen meanwhile (its heads get no gradient). The adversarial
@@ -329,6 +384,9 @@ class Trainer:
         return generator_loss(self.student, self.disc, batch, cond, self.cfg.recipe, self.noise_generator,
                               adv_scale=adv_scale)
 
+    def _fake_score_loss(self, batch, cond):
+        return fake_score_step_loss(self.student, batch, cond, self.cfg.recipe, self.noise_generator)
+
     def _discriminator_loss(self, batch, real, cond):
         return discriminator_loss(self.student, self.disc, batch, real, cond, self.noise_generator,
                                   rc=self.cfg.recipe)
@@ -352,11 +410,12 @@ class Trainer:
         self.problems = []
         if self.per_rank_noise:  # this rank's noise for this step: exact on resume, whatever the process count
             self.noise_generator.manual_seed(self.cfg.train.seed + 1_000_003 * (self.rank + 1) + self.step)
-        if self.uses_discriminator:
+        if self.uses_discriminator or self.uses_dmd:
             warm = self.d_warmup()
             if self.d_warmup_done < self.cfg.train.d_warmup_steps:
                 return None  # a signal stopped the warm-up: no generator step; fit() saves and stops
-            logs = {**warm, **self.d_step(), **self.g_step()}
+            logs = {**warm, **(self.d_step() if self.uses_discriminator else {}),
+                    **(self.fake_step() if self.uses_dmd else {}), **self.g_step()}
         else:
             logs = self.g_step()
         if self.world > 1:  # the global batch's values, not rank 0's slice (grad norms are global already)
@@ -386,8 +445,11 @@ class Trainer:
         with StopOnSignal("training") as stop, TrainLog(self.run_dir, self.step, enabled=main) as log:
             self.stop = stop
             for _ in bar:
+                step_started = time.perf_counter()
                 logs = self.train_step()
                 self.elapsed = time.perf_counter() - started
+                if logs is not None:  # the price of one generator step with its critic updates (no evaluation)
+                    logs["time/step_s"] = time.perf_counter() - step_started
                 if logs is None:  # stopped inside the discriminator warm-up
                     if every_rank:
                         self.save_checkpoint()

@@ -21,8 +21,13 @@ class DistillTrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
     d_steps_per_g: int = 1
+    # distribution matching (recipe.dmd_weight > 0): fake-score updates per generator update (DMD2's two
+    # time-scale rule: 5) and their learning rate (None = g_lr, as DMD2)
+    fake_steps_per_g: int = 5
+    fake_lr: float | None = None
     warmup_steps: int = 20  # learning-rate warm-up (both optimizers)
-    # discriminator-only updates before the first generator update (not counted in `steps`; resume-safe)
+    # critic-only updates (the discriminator's, and the fake score's with distribution matching) before the first
+    # generator update (not counted in `steps`; resume-safe)
     d_warmup_steps: int = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.99
@@ -50,6 +55,9 @@ class DistillTrainConfig:
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
         require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.d_steps_per_g >= 1, "d_steps_per_g", "must be at least 1")
+        require(self.fake_steps_per_g >= 1, "fake_steps_per_g", "must be at least 1")
+        require(self.fake_lr is None or (math.isfinite(self.fake_lr) and self.fake_lr > 0), "fake_lr",
+                "must be a positive number (or null: train.g_lr)")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (0 = no learning-rate warm-up)")
         require(self.d_warmup_steps >= 0, "d_warmup_steps", "must be >= 0 (0 = no discriminator warm-up)")
         require(math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",

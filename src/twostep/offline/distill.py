@@ -6,6 +6,8 @@ supplies the teacher run, the cached prompt table, the real images for ``real_so
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass, field
 
@@ -84,10 +86,12 @@ def online_teacher_data(student: Student, teacher: Teacher, cfg: DistillConfig) 
                                           cond=lambda prompt_index: teacher.prompt_table[prompt_index])
 
 
-def build_student(teacher_run: str, cfg: DistillConfig) -> tuple[Student, Discriminator, Teacher]:
-    """A fresh student on its own copy of the teacher's weights, plus the discriminator heads."""
+def build_student(teacher_run: str, cfg: DistillConfig, for_training: bool = False
+                  ) -> tuple[Student, Discriminator, Teacher]:
+    """A fresh student on its own copy of the teacher's weights, plus the discriminator heads (``for_training``:
+    with the fake-score network that distribution matching trains)."""
     base = load_teacher(teacher_run)  # the student owns (and, for LoRA, wraps) this copy
-    student = Student(base.backbone, cfg.student)
+    student = Student(base.backbone, cfg.student, fake_score=for_training and cfg.recipe.uses_dmd)
     blocks = cfg.discriminator.blocks
     if max(blocks) >= base.backbone.num_blocks:
         raise TwostepError(f"config key 'discriminator.blocks' {blocks}: the teacher has only "
@@ -153,7 +157,7 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
     checkpoint = check_run_dir(cfg, out_dir, resume, allow_config_change, overwrite, protected=(teacher_run, data_dir))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    student, disc, base = build_student(teacher_run, cfg)
+    student, disc, base = build_student(teacher_run, cfg, for_training=True)
     online = cfg.teacher_data.mode == "online"
     data = online_teacher_data(student, base, cfg) if online else load_teacher_data(base, cfg, data_dir)
     warn_small_cache(len(data), cfg.train.batch_size)  # no minimum: the toy worlds' caches are small on purpose
@@ -174,6 +178,40 @@ def train_student(teacher_run: str, data_dir: str, cfg: DistillConfig, out_dir: 
             "trainable_parameters": sum(v.numel() for v in state.values()), "torch_threads": torch.get_num_threads()}
     write_meta(out_dir, meta)
     return meta
+
+
+def probe_step_cost(teacher_run: str, data_dir: str, cfg: DistillConfig, scratch_dir: str, timed_steps: int = 5,
+                    metered_steps: int = 2) -> dict[str, float]:
+    """The price of one generator step of ``cfg`` with its critic updates (no warm-up, no evaluation), measured in
+    this process: ``step_s``, the median wall time of ``timed_steps`` steps after one untimed step, and the training
+    memory in MiB over ``metered_steps`` more: the persistent state (weights, gradients, optimisers, EMA) and the
+    peak of the activations autograd saves (:mod:`twostep.engine.memory`; metered apart, the hooks cost time).
+    ``scratch_dir`` is the trainer's folder (nothing is saved there)."""
+    import statistics
+    import time
+
+    from twostep.engine.memory import SavedActivationMeter, training_state_bytes
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, d_warmup_steps=0, eval_every=0))
+    student, disc, base = build_student(teacher_run, cfg, for_training=True)
+    trainer = Trainer(cfg, student, disc, load_teacher_data(base, cfg, data_dir), base.prompt_table,
+                      real_image_sampler(base), scratch_dir)
+    trainer.train_step()  # first-call costs (allocations, lazy imports) stay out of the timing
+    times = []
+    for _ in range(timed_steps):
+        started = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - started)
+    with SavedActivationMeter(exclude=[*student.parameters(), *disc.parameters()]) as meter:
+        for _ in range(metered_steps):
+            trainer.train_step()
+    state = training_state_bytes([student, disc], [trainer.opt_g, trainer.opt_d, trainer.opt_f],
+                                 [t for group in trainer.ema.shadow.values() for t in group])
+    cost = {f"state_{k}_mib": v / 2 ** 20 for k, v in state.items()}
+    cost["activations_peak_mib"] = meter.peak / 2 ** 20
+    cost["total_mib"] = sum(state.values()) / 2 ** 20 + cost["activations_peak_mib"]
+    cost["step_s"] = statistics.median(times)
+    return cost
 
 
 def load_student(run_dir: str, teacher_run: str | None = None) -> tuple[Student, Teacher, DistillConfig]:

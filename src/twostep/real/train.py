@@ -40,7 +40,10 @@ from twostep.real.preview import preview_writer
 
 
 def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, device,
-                       family: ModelFamily | None = None) -> tuple[Student, Discriminator]:
+                       family: ModelFamily | None = None, for_training: bool = False
+                       ) -> tuple[Student, Discriminator]:
+    """The student on the pipeline's transformer and the discriminator heads (``for_training``: with the
+    fake-score network that distribution matching trains, a LoRA on the same base or a full copy)."""
     family = family or detect_family(folder)
     backbone = family.load_backbone(folder, torch_dtype(cfg.model.dtype)).to(device)
     blocks = cfg.discriminator.blocks
@@ -48,7 +51,7 @@ def build_real_student(cfg: ZImageDistillConfig, folder: str, text_width: int, d
         raise TwostepError(f"config key 'discriminator.blocks' {blocks}: the transformer has only "
                            f"{backbone.num_blocks} blocks")
     torch.manual_seed(cfg.train.seed)  # LoRA A init and the heads: a fresh run is reproducible
-    student = Student(backbone, cfg.student)
+    student = Student(backbone, cfg.student, fake_score=for_training and cfg.recipe.uses_dmd)
     disc = Discriminator(family.hidden_width(backbone), text_width, cfg.discriminator).to(device)
     return student, disc
 
@@ -102,7 +105,7 @@ def train_zimage_student(cfg: ZImageDistillConfig, out_dir: str, resume: str | N
         torch.set_num_threads(cfg.train.threads)
     if evaluator is not None:
         evaluator.setup()  # the text encoder comes and goes before the student takes the memory
-    student, disc = build_real_student(cfg, teacher.folder, embeds.width, device, teacher.family)
+    student, disc = build_real_student(cfg, teacher.folder, embeds.width, device, teacher.family, for_training=True)
     if online:
         data = online_teacher_data(student, cfg, teacher, embeds, device)
     trainer = Trainer(cfg, student, disc, data, embeds, None, out_dir,
