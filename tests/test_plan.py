@@ -265,3 +265,22 @@ def test_online_teacher_mode_plans_no_latent_cache_and_the_teachers_forwards_in_
         return float(line.split(" steps take ")[1].split("-")[0])
 
     assert hours(online) == pytest.approx(hours(cached) * 29.4 / 13.4, rel=0.05)
+
+
+def test_dmd2_plans_its_fake_score_adapter_and_five_critic_updates_per_step(capsys):
+    """zimage_turbo_2step_dmd2: one more LoRA (a step adapter's size) with gradients and AdamW, no EMA; two graph
+    passes at the peak instead of Turbo++'s three (no discriminator graph); the step's forwards are the DMD2 terms
+    of real/plan.py (5 fake-score updates of 2 + 3·2 forwards, 3·2 + 0.9 + 2·2 for the generator)."""
+    from twostep.real.plan import load_plan_config, request_from_config
+
+    turbo = plan_memory(request_from_config(load_plan_config("zimage_turbo_2step_lora")[0]))
+    dmd2 = plan_memory(request_from_config(load_plan_config("zimage_turbo_2step_dmd2")[0]))
+    assert dmd2["components"]["fake-score LoRA + grads + AdamW (fp32)"] == dmd2["params"]["lora_per_step"] * 16
+    assert "fake-score LoRA + grads + AdamW (fp32)" not in turbo["components"]
+    assert (turbo["graph_passes"], dmd2["graph_passes"]) == (3, 2)
+    assert dmd2["step_forwards"] == pytest.approx(5 * (2 + 3 * 2) + 3 * 2 + 0.9 + 2 * 2)
+    assert "discriminator heads' fp32 feature maps" not in " ".join(dmd2["components"])
+    gan = plan_memory(request_from_config(load_plan_config("zimage_turbo_2step_dmd2", ["recipe.adv_weight=0.1"])[0]))
+    assert gan["graph_passes"] == 3 and gan["step_forwards"] == pytest.approx(13.4 + 5 * 8 + 4)
+    out = _plan(capsys, "--config", "zimage_turbo_2step_dmd2")
+    assert "fake-score LoRA" in out and "~50.9 forwards per sample (DMD2: 5 fake-score updates each)" in out

@@ -52,6 +52,8 @@ FULL = "full recipe"
 DEFAULTS = "defaults"
 LADD = "LADD"
 REGRESSION = "regression only"
+DMD2 = "DMD2"
+DMD2_GAN = "DMD2 + GAN"
 
 # name -> (overrides on top of PAPER, what it tests); DEFAULTS takes the config as it is
 ARMS: dict[str, tuple[list[str], str]] = {
@@ -72,6 +74,23 @@ ARMS: dict[str, tuple[list[str], str]] = {
             "recipe.end_to_end=false"],
            "reference (LADD): step k's input is the teacher's output renoised to σ_k; adversarial loss only"),
     DEFAULTS: ([], "the shipped defaults of this world's config, chosen from this bench"),
+    # DMD2 (issue 21), at the same budget: the distribution matching gradient on every step's output of the student's
+    # own chain (backward simulation), a fake-score LoRA trained 5x per generator step; PAPER's D-only warm-up
+    # becomes the fake score's warm-up
+    DMD2: (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0", "recipe.step1_loss=none",
+            "recipe.end_to_end=false", "recipe.adv_ramp_steps=0", "discriminator.r1_weight=0.0"],
+           "reference (DMD2): distribution matching with a fake-score LoRA, backward simulation, no GAN"),
+    # DMD2's GAN: on dataset images, at a weight scaled from DMD2's (5e-3 on SDXL's 65,536 latent values, 3e-3 on
+    # ImageNet's 12,288) by the number of values per image: the DMD term's gradient per value is 1 / numel
+    DMD2_GAN: (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.1", "recipe.step1_loss=none",
+                "recipe.end_to_end=false", "recipe.real_source=data"],
+               "reference (DMD2 + GAN): DMD2 with its GAN term on dataset images (weight 0.1)"),
+    "DMD2 end-to-end": (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0",
+                         "recipe.step1_loss=none", "recipe.end_to_end=true", "recipe.adv_ramp_steps=0",
+                         "discriminator.r1_weight=0.0"],
+                        "DMD2 trained end to end as Turbo++ (DMD on the final output only, gradient through both "
+                        "steps)"),
+    "Turbo++ + DMD": (["recipe.dmd_weight=1.0"], "the paper's recipe plus DMD2's distribution matching term"),
 }
 ABLATIONS = ["real_source=data", "params=shared", "end_to_end=false", "step1_loss=none"]
 
@@ -108,6 +127,11 @@ class WorldBench:
     budget: BenchConfig
     quick_overrides: list[str]
     quick: BenchConfig  # --quick's budget: a few steps, and curves only where the full budget has them
+    # other questions at the same budget (`--suite NAME`, their own section of docs/results.md): name -> arms
+    suites: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+SUITE_DEFAULT = "ablations"
 
 
 QUICK = BenchConfig(seeds=1, steps=4, batch_size=8, eval_samples=40, curve_every=0, curve_samples=40)
@@ -121,7 +145,8 @@ QUICK_TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.mod
 QUICK_WARMUPS = ["train.d_warmup_steps=1", "recipe.adv_ramp_steps=2"]
 WORLD_BENCHES = {
     # digits: the original ablation table (endpoints; 100 steps x 3 seeds)
-    "digits": WorldBench("toy_demo", list(ARMS), BenchConfig(), QUICK_TEACHER, QUICK),
+    "digits": WorldBench("toy_demo", [a for a in ARMS if a not in (DMD2_GAN, "DMD2 end-to-end", "Turbo++ + DMD")],
+                         BenchConfig(), QUICK_TEACHER, QUICK),
     # detail: learning curves on the world where blur is measurable, 2 seeds. A detail step costs ~6x a digits step
     # on 2 CPU cores (64 image tokens, RGB), so 500 steps at batch 16 is what fits the 90-minute bar: 5x the digits
     # budget in generator steps, 2.5x in samples
@@ -130,9 +155,12 @@ WORLD_BENCHES = {
                          BenchConfig(seeds=2, steps=500, batch_size=16, eval_samples=1000, curve_every=50,
                                      curve_samples=500),
                          QUICK_TEACHER + ["teacher.model.axes_lens=[64,16,16]"],
-                         dataclasses.replace(QUICK, curve_every=2)),
+                         dataclasses.replace(QUICK, curve_every=2),
+                         # DMD2 against the paper's recipe (issue 21): the detail block's budget and seeds
+                         suites={"dmd2": [FULL, DMD2, DMD2_GAN]}),
 }
-CURVE_METRICS = ["gap_closure", "high_band_ratio", "d_accuracy", "d_logit_gap"]
+CURVE_METRICS = ["gap_closure", "high_band_ratio", "d_accuracy", "d_logit_gap", "fake_score_loss",
+                 "dmd_real_fake_gap"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -156,6 +184,9 @@ def _curves(log_path: str, refs: dict[str, dict[str, float]] | None) -> dict[str
         if "d_accuracy" in record:
             curves["d_accuracy"].append((record["step"], record["d_accuracy"]))
             curves["d_logit_gap"].append((record["step"], record["d_real_logit"] - record["d_fake_logit"]))
+        if "fake_score_total" in record:  # the fake score's health: its flow-matching loss, and how far it is
+            curves["fake_score_loss"].append((record["step"], record["fake_score_total"]))  # from the teacher
+            curves["dmd_real_fake_gap"].append((record["step"], record["dmd_real_fake_gap"]))
     return {m: c for m, c in curves.items() if c}
 
 
@@ -169,10 +200,14 @@ def _add_curves(record: dict, run_dir: str, refs: dict | None, steps: int) -> No
 
 def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = False, seeds: int | None = None,
               arms: list[str] | None = None, teacher_dir: str | None = None, steps: int | None = None,
-              batch_size: int | None = None, world: str = "digits", workers: int = 1) -> dict:
+              batch_size: int | None = None, world: str = "digits", workers: int = 1,
+              suite: str = SUITE_DEFAULT) -> dict:
     if world not in WORLD_BENCHES:
         raise TwostepError(f"unknown world {world!r} for the bench; known: {', '.join(WORLD_BENCHES)}")
     spec = WORLD_BENCHES[world]
+    if suite != SUITE_DEFAULT and suite not in spec.suites:
+        raise TwostepError(f"unknown bench suite {suite!r} for the {world} world; known: "
+                           f"{', '.join([SUITE_DEFAULT, *spec.suites])}")
     base = spec.quick if quick else spec.budget
     bc = BenchConfig(seeds=seeds or base.seeds, steps=steps or base.steps, batch_size=batch_size or base.batch_size,
                      eval_samples=base.eval_samples, curve_every=base.curve_every, curve_samples=base.curve_samples)
@@ -186,7 +221,7 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
         raise TwostepError(f"unknown bench arm {unknown[0]!r}; known: {', '.join(ARMS)}")
     ensure_writable_dir(out, what="bench folder")
     bench_started = time.perf_counter()
-    arm_names = arms or spec.arms
+    arm_names = arms or (spec.suites[suite] if suite != SUITE_DEFAULT else spec.arms)
 
     if teacher_dir is None and not quick:
         teacher_dir = matching_shipped_teacher(to_dict(cfg.teacher))[0]
@@ -238,7 +273,18 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
         references.update(calibration_rows(reference_images, evaluator, cfg.teacher.sampling.steps,
                                            clean_teacher.num_classes))
     arms_info = {n: {"overrides": arm_overrides(n, overrides), "what": ARMS[n][1]} for n in arm_names}
-    report = {"world": world, "bench": to_dict(bc), "quick": quick, "arms": arms_info, "config": config_path,
+    if suite != SUITE_DEFAULT:  # the price of each arm's step, measured one arm after the other in this process
+        for name, seed, job_overrides, run_dir in jobs:
+            if seed == 0:
+                cost = _probe_cost(config_path, job_overrides, teacher_dir, data_dir, run_dir)
+                for record in runs[name]:
+                    record["memory_mib"] = cost["total_mib"]
+                    record["activations_mib"] = cost["activations_peak_mib"]
+                    record["step_s"] = cost["step_s"]
+        summary = {name: {metric: _mean_std([r[metric] for r in rs]) for metric in rs[0] if metric not in
+                          ("seed", "curves")} for name, rs in runs.items()}
+    report = {"world": world, "suite": suite, "bench": to_dict(bc), "quick": quick, "arms": arms_info,
+              "config": config_path,
               "defaults_arm": defaults_arm(config_path, arm_names),
               "references": references, "runs": runs, "summary": summary, "machine": platform_summary(),
               "total_wall_s": time.perf_counter() - bench_started}
@@ -256,6 +302,33 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
 
 
 _WORKER: dict = {}
+
+
+def _probe_cost(config_path: str | None, overrides: list[str], teacher_dir: str, data_dir: str,
+                run_dir: str) -> dict[str, float]:
+    """Time and memory of one step of an arm (:func:`~twostep.offline.distill.probe_step_cost`), on one thread as
+    the runs train, every arm in this process one after the other; cached beside its run (keyed by its config)."""
+    import tempfile
+
+    import torch
+
+    from twostep.offline.distill import probe_step_cost
+
+    cfg = load_config(DistillConfig, config_path, overrides)
+    path = os.path.join(run_dir, "bench_cost.json")
+    if os.path.isfile(path):
+        saved = read_json_object(path, what="bench cost record", hint=f"delete {path} to measure it again")
+        if saved.get("config") == to_dict(cfg):
+            return saved["cost"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            cost = probe_step_cost(teacher_dir, data_dir, cfg, scratch)
+    finally:
+        torch.set_num_threads(threads)
+    write_text(path, json.dumps({"config": to_dict(cfg), "cost": cost}, indent=2) + "\n")
+    return cost
 
 
 def _init_worker(teacher_dir: str, reference_images: dict) -> None:
@@ -361,7 +434,8 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
     import numpy as np
 
     titles = {"gap_closure": "gap closure (FD, 500 samples) ↑", "high_band_ratio": "high-band ratio vs teacher-8 → 1",
-              "d_accuracy": "discriminator accuracy", "d_logit_gap": "D real − fake logit"}
+              "d_accuracy": "discriminator accuracy", "d_logit_gap": "D real − fake logit",
+              "fake_score_loss": "fake score: flow-matching loss", "dmd_real_fake_gap": "DMD: |x̂0 fake − x̂0 real|"}
     present = [m for m in CURVE_METRICS if any(m in r["curves"] for rs in runs.values() for r in rs)]
     fig, axes = plt.subplots(1, len(present), figsize=(4.6 * len(present), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], present):
@@ -372,7 +446,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
             length = min(len(s) for s in series)
             steps = np.array([p[0] for p in series[0][:length]])
             values = np.array([[p[1] for p in s[:length]] for s in series])
-            if metric.startswith("d_") and length > 8:  # logged every few steps: a running mean of 5 for reading
+            if metric not in ("gap_closure", "high_band_ratio") and length > 8:  # logged every few steps: smoothed
                 kernel = np.ones(5) / 5
                 values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
                 steps = steps[2:-2]
@@ -518,6 +592,8 @@ def _ms(ms, p: int = 3) -> str:
 
 
 def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
+    if report.get("suite", SUITE_DEFAULT) == "dmd2":
+        return dmd2_section(report, command, images)
     refs, world = report["references"], report.get("world", "digits")
     detail = world == "detail"
     minutes, bar_min = report["total_wall_s"] / 60, (90 if detail else 60)
@@ -582,23 +658,127 @@ def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def bench_images(out: str, world: str = "digits") -> dict[str, str]:
+def bench_images(out: str, world: str = "digits", suite: str = SUITE_DEFAULT) -> dict[str, str]:
     """The pictures a world's bench section shows, in its output folder, by kind."""
-    kinds = ("curves", "samples") if world == "detail" else ("gap_closure",)
+    kinds = ("curves", "samples") if world == "detail" or suite != SUITE_DEFAULT else ("gap_closure",)
     return {kind: os.path.join(out, f"{kind}.png") for kind in kinds}
 
 
+def section_name(world: str, suite: str = SUITE_DEFAULT) -> str:
+    """The marker of a bench's block in docs/results.md: ``bench``, ``bench-detail``, ``bench-detail-dmd2``."""
+    name = "bench" if world == "digits" else f"bench-{world}"
+    return name if suite == SUITE_DEFAULT else f"{name}-{suite}"
+
+
 def write_bench_section(path: str, report: dict, command: str, out: str) -> None:
-    """Rewrite this world's bench block of ``path``; its pictures are copied next to it (``img/``)."""
+    """Rewrite this bench's block of ``path``; its pictures are copied next to it (``img/``)."""
     import shutil
 
-    world = report.get("world", "digits")
+    world, suite = report.get("world", "digits"), report.get("suite", SUITE_DEFAULT)
     image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "img")
     os.makedirs(image_dir, exist_ok=True)
-    prefix = "bench" if world == "digits" else f"bench_{world}"
+    prefix = section_name(world, suite).replace("-", "_")
     rel = {}
-    for kind, src in bench_images(out, world).items():
+    for kind, src in bench_images(out, world, suite).items():
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(image_dir, f"{prefix}_{kind}.png"))
             rel[kind] = f"img/{prefix}_{kind}.png"
-    update_section(path, "bench" if world == "digits" else f"bench-{world}", bench_section(report, command, rel))
+    update_section(path, section_name(world, suite), bench_section(report, command, rel))
+
+
+# the measures of the DMD2 comparison: (summary key, label, direction): True = higher is better, False = lower,
+# "one" = closest to 1 (the teacher's detail)
+DMD2_MEASURES = [("gap_closure", "gap closure (FD to held-out real)", True),
+                 ("fd_teacher", "FD to the teacher's 8-step samples", False),
+                 ("high_band_ratio", "high-band ratio (detail; 1 = the teacher's)", "one"),
+                 ("edge_width", "edge width (px)", False),
+                 ("psnr_vs_teacher", "PSNR to the teacher, same noise", True),
+                 ("step_s", "time per generator step", False),
+                 ("memory_mib", "training memory per step", False)]
+
+
+def _versus(summary: dict, a: str, b: str, metric: str, direction) -> tuple[str, float, float]:
+    """:func:`compare` for ``a`` against ``b``; ``direction == "one"`` compares the distance to 1."""
+    if direction == "one":
+        dist = {n: {metric: (abs(1 - summary[n][metric][0]), summary[n][metric][1])} for n in (a, b)}
+        return compare(dist, a, b, metric, higher_is_better=False)
+    return compare(summary, a, b, metric, higher_is_better=direction)
+
+
+def dmd2_reading(summary: dict) -> list[str]:
+    """Metric by metric: where the paper's recipe beats each DMD2 arm, where it loses, and whether the difference
+    exceeds the seeds' spread (time and memory: beyond 5 %, they are one measurement per arm)."""
+    lines = []
+    if FULL not in summary:
+        return [f"- The paper's recipe (`{FULL}`) was not among the arms run; nothing to compare against."]
+    fidelity = {"fd_teacher", "high_band_ratio"}
+    for rival in [n for n in summary if n != FULL]:
+        wins, losses, ties = [], [], []
+        for metric, label, direction in DMD2_MEASURES:
+            if metric not in summary[FULL] or metric not in summary[rival]:
+                continue
+            if not (math.isfinite(summary[FULL][metric][0]) and math.isfinite(summary[rival][metric][0])):
+                continue
+            verdict, delta, margin = _versus(summary, FULL, rival, metric, direction)
+            if metric in ("step_s", "memory_mib"):  # no seed spread: a difference under 5 % is a tie
+                scale = abs(summary[rival][metric][0]) or 1.0
+                verdict = "tie" if abs(delta) <= 0.05 * scale else verdict
+            text = (f"{label}: {_ms(summary[FULL][metric])} vs {_ms(summary[rival][metric])}"
+                    + ("" if metric in ("step_s", "memory_mib") else f" (spread ±{margin:.3f})"))
+            {"better": wins, "worse": losses, "tie": ties}[verdict].append(text)
+        lines.append(f"- **`{FULL}` vs `{rival}`** ({ARMS[rival][1]}):")
+        lines.append("  - the paper's recipe wins on " + ("; ".join(wins) if wins else "nothing") + ".")
+        lines.append("  - it loses on " + ("; ".join(losses) if losses else "nothing") + ".")
+        lines.append("  - within the spread: " + ("; ".join(ties) if ties else "nothing") + ".")
+        ahead = [label for m, label, d in DMD2_MEASURES if m in fidelity and m in summary[rival]
+                 and _versus(summary, FULL, rival, m, d)[0] == "worse"]
+        behind = [label for m, label, d in DMD2_MEASURES if m in fidelity and m in summary[rival]
+                  and _versus(summary, FULL, rival, m, d)[0] == "better"]
+        lines.append(f"  - on the measures that decide a distillation (FD to the teacher, high-band ratio): `{rival}` "
+                     f"is ahead of the paper's recipe beyond the spread on {len(ahead)} of 2"
+                     + (f" ({'; '.join(ahead)})" if ahead else "") + f", behind on {len(behind)} of 2"
+                     + (f" ({'; '.join(behind)})" if behind else "") + ".")
+    return lines
+
+
+def dmd2_section(report: dict, command: str, images: dict[str, str]) -> str:
+    """The DMD2 comparison's block: every detail column, plus the price of a step in time and memory."""
+    refs, bench = report["references"], report["bench"]
+    minutes = report["total_wall_s"] / 60
+    num = lambda v, p=3: "–" if v is None or not math.isfinite(v) else f"{v:.{p}f}"  # noqa: E731
+    lines = [
+        f"### DMD2 against the paper's recipe on the {report.get('world', 'detail')} world", "",
+        f"Written by `{command}`; machine: {report['machine']}. Budget per arm: {bench['steps']} generator steps at "
+        f"batch {bench['batch_size']}, {bench['seeds']} seed(s), {bench['eval_samples']} evaluation samples (same "
+        "noise and prompts for every arm)"
+        + (f"; learning curves every {bench['curve_every']} steps on {bench['curve_samples']} samples"
+           if bench.get("curve_every") else "")
+        + f". Whole bench: {minutes:.1f} min"
+        + (f" (this invocation took {report['invocation_wall_s'] / 60:.1f} min and reused {report['reused_runs']} "
+           "finished runs, whose recorded training time is added per worker)" if report.get("reused_runs") else "")
+        + ". The price of a step is measured after training, every arm in one process one after the other on one "
+          "thread: s / step is the median of 5 generator steps with their critic updates (discriminator, fake "
+          "score); memory is the weights, gradients, optimiser and EMA state plus the peak of the activations "
+          "autograd saves over two steps (`engine/memory.py`; on a GPU the allocator's peak measures the same). "
+          "`train s` is each run's wall time, two runs at a time on a shared machine: read it as a rough total.", "",
+        "| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | high-band ratio (→ 1) | edge width px ↓ | PSNR vs "
+        "teacher | D acc (end) | s / step ↓ | memory MiB ↓ | of it activations | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ref_name, row in refs.items():
+        if ref_name == "real_floor" or "blurred" in ref_name:
+            continue
+        lines.append(f"| {ref_name.replace('_', ' ')} | – | {num(row['fd_real'])} | {num(row['fd_teacher'])} | "
+                     f"{num(row.get('high_band_ratio'))} | {num(row.get('edge_width'), 2)} | "
+                     f"{num(row.get('psnr_vs_teacher'), 2)} | – | – | – | – | – |")
+    for name, m in report["summary"].items():
+        lines.append(f"| {name} | {_ms(m['gap_closure'])} | {_ms(m['fd_real'])} | {_ms(m['fd_teacher'])} | "
+                     f"{_ms(m['high_band_ratio'])} | {_ms(m['edge_width'], 2)} | {_ms(m['psnr_vs_teacher'], 2)} | "
+                     f"{num(m['final_d_accuracy'][0], 2)} | {num(m.get('step_s', (float('nan'),))[0], 3)} | "
+                     f"{num(m.get('memory_mib', (float('nan'),))[0], 1)} | "
+                     f"{num(m.get('activations_mib', (float('nan'),))[0], 1)} | {m['train_wall_s'][0]:.0f} |")
+    lines += ["", "Same noise and prompts in every block (rows: classes; teacher 8 steps, naive 2 steps, each arm's "
+              "seed 0):", "", f"![samples per arm]({images.get('samples', '')})", "",
+              "Learning curves (mean over seeds; band: min..max), the discriminator's and the fake score's health:",
+              "", f"![learning curves]({images.get('curves', '')})", "", "Reading (generated from the numbers above; a "
+              "quality difference counts only beyond the seeds' spread):", "", *dmd2_reading(report["summary"])]
+    return "\n".join(lines)

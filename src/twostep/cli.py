@@ -386,8 +386,8 @@ def cmd_bench(args) -> None:
         check_markdown_target(args.results)
     report = run_bench(args.out, config, args.overrides, quick=args.quick, seeds=args.seeds, arms=args.arm,
                        teacher_dir=args.teacher, steps=args.steps, batch_size=args.batch_size, world=args.world,
-                       workers=args.workers)
-    print(bench_section(report, _command_line(args), bench_images(args.out, args.world)))
+                       workers=args.workers, suite=args.suite)
+    print(bench_section(report, _command_line(args), bench_images(args.out, args.world, args.suite)))
     if args.results:
         write_bench_section(args.results, report, _command_line(args), args.out)
         print(f"updated {args.results}")
@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="reuse this teacher run (default: train one into OUT/teacher)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny teacher, one seed, a few steps")
     p.add_argument("--seeds", type=_positive_int, help="seeds per arm (default 3; 1 with --quick)")
+    p.add_argument("--suite", default="ablations",
+                   help="ablations (default) | dmd2 (detail world: DMD2 against the paper's recipe): which "
+                        "question, and which block of --results it writes")
     p.add_argument("--arm", action="append", help="run only this arm (repeatable)")
     p.add_argument("--steps", type=_positive_int, help="generator steps per arm (default 100; 4 with --quick)")
     p.add_argument("--batch-size", type=_positive_int, help="batch per arm (default 32; 8 with --quick)")

@@ -51,6 +51,13 @@ OVERHEAD_BYTES = 2 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmenta
 # generator step of the default recipe runs about 13.4 F per sample (D update 4.7 F, G update 8.7 F) and a teacher
 # sample 8 F; an H100 SXM peaks at 989 TFLOP/s dense bf16, of which 30-50 % is typical here (not measured)
 STEP_FORWARDS = 13.4
+# DMD2 (recipe.dmd_weight > 0), per sample, with S student steps, K outputs under the DMD loss and N fake-score
+# updates per generator step: a fake-score update runs the student without a graph (S F) and the fake score with its
+# backward (3 F per output); the generator update adds the teacher's and the fake score's estimates without a graph
+# (2 F per output). Without an adversarial term the generator update is the student with its backward (3 S F) and the
+# discriminator's health pass under no_grad (0.9 F) instead of Turbo++'s 13.4 F. Checked against the detail bench:
+# 50.9 / 13.4 = 3.8x predicted, 3.9x measured per step (docs/results.md)
+DMD_HEALTH_FORWARDS = 0.9
 H100_BF16_FLOPS = 989e12
 MFU_RANGE = (0.30, 0.50)
 TYPICAL_CAPTION_TOKENS = 128
@@ -79,6 +86,10 @@ class PlanRequest:
     bf16: bool = True  # train.bf16 (autocast)
     base_dtype: str = "bfloat16"  # model.dtype: the frozen base
     discriminator: Any = None  # a DiscriminatorConfig (None: the real path's default heads)
+    adversarial: bool = True  # a loss is adversarial (recipe.adv_weight > 0 or an adversarial step-1 loss)
+    dmd: bool = False  # distribution matching: a fake-score network (recipe.dmd_weight > 0)
+    dmd_outputs: int = 1  # outputs under the DMD loss (every step's with end_to_end false, the final one else)
+    fake_steps_per_g: int = 5  # train.fake_steps_per_g
 
     @property
     def parameter_sets(self) -> int:
@@ -241,6 +252,14 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None, family=N
         parts["EMA of the copies (fp32, sharded)"] = -(-trainable * FP32 // req.gpus)
         if req.gpus > 1:
             parts["FSDP2 unsharded block buffers"] = n["block"] * (FSDP_PREFETCH_BLOCKS * BF16 + FP32)
+    if req.dmd:  # DMD's fake-score network: one more adapter on the same base, or one more (sharded) copy
+        if req.mode == "lora":
+            parts["fake-score LoRA + grads + AdamW (fp32)"] = n["lora_per_step"] * optim
+            if req.gpus > 1:
+                parts["DDP gradient buckets (fake score)"] = n["lora_per_step"] * FP32
+        else:
+            parts["fake-score copy: bf16 + fp32 master/grads/AdamW (sharded)"] = -(-n["base"] * (BF16 + optim)
+                                                                                 // req.gpus)
     parts["discriminator heads + grads + AdamW (fp32)"] = n["discriminator"] * optim
     act = req.activation_bytes
     per_block = tokens * (RECOMPUTE_DIM_FACTOR * n["dim"] + RECOMPUTE_FFN_FACTOR * n["ffn_hidden"]) * act
@@ -248,35 +267,57 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None, family=N
     # bf16 copy of it for the matmul's backward; RMSNorm and RoPE compute in fp32
     casts = tokens * n["lora_in_per_block"] * (FP32 + BF16) if req.mode == "lora" else 0
     fp32_parts = tokens * n["dim"] * FP32 * FP32_INTERMEDIATES
+    passes = graph_passes(req)
     if req.gradient_checkpointing:
-        saved = GRAPH_PASSES * n["blocks"] * tokens * n["dim"] * act  # one block input kept per checkpointed block
+        saved = passes * n["blocks"] * tokens * n["dim"] * act  # one block input kept per checkpointed block
         parts["activations: checkpointed block inputs (estimate)"] = req.batch * saved
         parts["activations: one block recompute (estimate)"] = req.batch * per_block
         scale, where = 1, "in the recomputed block"
     else:  # every block keeps its tensors for backward, in every graph-keeping pass
         parts["activations: every block's tensors, no checkpointing (estimate)"] = \
-            req.batch * GRAPH_PASSES * n["blocks"] * per_block
-        scale, where = GRAPH_PASSES * n["blocks"], "in every block"
+            req.batch * passes * n["blocks"] * per_block
+        scale, where = passes * n["blocks"], "in every block"
     if casts:
         parts[f"activations: peft's fp32 LoRA-input casts + autocast bf16 copies {where} (estimate)"] = \
             req.batch * scale * casts
     parts[f"activations: fp32 RMSNorm / RoPE intermediates {where} (estimate)"] = req.batch * scale * fp32_parts
     # each head reads its block's image tokens as fp32 (feats.float()), kept for the head's backward, for every
     # output the generator scores adversarially (both student steps at most)
-    parts["activations: discriminator heads' fp32 feature maps (estimate)"] = \
-        req.batch * req.num_steps * n["disc_blocks"] * image_tokens * n["dim"] * FP32
+    if req.adversarial:
+        parts["activations: discriminator heads' fp32 feature maps (estimate)"] = \
+            req.batch * req.num_steps * n["disc_blocks"] * image_tokens * n["dim"] * FP32
     parts["CUDA / framework overhead"] = OVERHEAD_BYTES
     total = sum(parts.values())
     text_tokens = req.caption_tokens if n["text_padded"] else min(req.caption_tokens, TYPICAL_CAPTION_TOKENS)
     typical = image_tokens + text_tokens
     forward_flops = 2 * n["base"] * typical + 4 * n["main_blocks"] * typical ** 2 * n["dim"]
-    return {"request": _request_dict(req), "forward_flops": forward_flops,
+    return {"request": _request_dict(req), "forward_flops": forward_flops, "step_forwards": step_forwards(req),
+            "graph_passes": passes,
             "params": {"base": n["base"], "trainable": trainable, "lora_per_step": n["lora_per_step"],
                        "discriminator": n["discriminator"]},
             "tokens": {"image": image_tokens, "caption": req.caption_tokens, "blocks": n["blocks"]},
             "shapes": {"cap_feat_dim": n["cap_feat_dim"], "in_channels": n["in_channels"]},
             "components": parts, "total_bytes": total, "flops_text_tokens": text_tokens,
             "fits": {f"{gib:g}": total <= gib * GIB for gib, _ in CARDS}}
+
+
+def graph_passes(req: PlanRequest) -> int:
+    """Transformer passes whose graph is alive at the step's peak: Turbo++'s 3 (:data:`GRAPH_PASSES`); with
+    distribution matching the larger of the generator update's (the student's steps, plus the discriminator's
+    feature pass when a loss is adversarial) and the fake-score update's (one per output under the DMD loss)."""
+    if not req.dmd:
+        return GRAPH_PASSES
+    generator = GRAPH_PASSES if req.adversarial else req.num_steps
+    return max(generator, req.dmd_outputs)
+
+
+def step_forwards(req: PlanRequest) -> float:
+    """Transformer forwards per sample of one generator step with its critic updates (the FLOPs of the time
+    estimate; :data:`STEP_FORWARDS`, and the DMD2 terms above it)."""
+    if not req.dmd:
+        return STEP_FORWARDS
+    base = STEP_FORWARDS if req.adversarial else 3 * req.num_steps + DMD_HEALTH_FORWARDS
+    return base + req.fake_steps_per_g * (req.num_steps + 3 * req.dmd_outputs) + 2 * req.dmd_outputs
 
 
 def _request_dict(req: PlanRequest) -> dict:
@@ -319,7 +360,8 @@ def format_plan(plan: dict) -> str:
     checkpointing = "on" if req.get("gradient_checkpointing", True) else "off"
     lines += ["-" * (width + 8), f"{'total per GPU':<{width}}{total / GIB:8.2f}", "",
               "fits: " + " / ".join(f"{gib:g} GiB ({name}) {_fit_word(total, gib)}" for gib, name in CARDS),
-              f"activations are an estimate (gradient checkpointing {checkpointing}, 3 graph-keeping passes); weights "
+              f"activations are an estimate (gradient checkpointing {checkpointing}, "
+              f"{plan.get('graph_passes', GRAPH_PASSES)} graph-keeping passes); weights "
               "and optimizer states are exact counts. VAE and text encoder are not loaded (cached latents and "
               "embeddings)."]
     lines += _disk_lines(plan.get("disk"))
@@ -351,11 +393,12 @@ def _time_lines(plan: dict) -> list[str]:
         return []
     forward = plan["forward_flops"]
     online = plan.get("online_forwards", 0)  # teacher_data.mode online: each batch drawn runs the teacher
-    per_sample = STEP_FORWARDS + online
+    per_sample = round(plan.get("step_forwards", STEP_FORWARDS), 1) + online
     step = per_sample * req["batch"] * forward
     lines = [f"time (estimate, not measured; docs/sizing.md): one forward {forward:.2e} FLOPs at {req['resolution']}px "
              f"with a {plan.get('flops_text_tokens', TYPICAL_CAPTION_TOKENS)}-token prompt; a step ~{per_sample:g} forwards per sample"
-             + (f" ({STEP_FORWARDS} training + {online} online-teacher)" if online else "") + " = "
+             + (f" ({per_sample - online:g} training + {online} online-teacher)" if online else "")
+             + (f" (DMD2: {req.get('fake_steps_per_g', 5)} fake-score updates each)" if req.get("dmd") else "") + " = "
              f"{step:.2e} FLOPs: {steps:,} steps take {_hours(steps * step)} on one H100 at "
              f"{MFU_RANGE[1]:.0%}-{MFU_RANGE[0]:.0%} of its {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16"
              + (f" (/{req['gpus']} GPUs ideal)" if req["gpus"] > 1 else "")]
@@ -494,7 +537,11 @@ def request_from_config(cfg, **flags) -> PlanRequest:
                       batch=cfg.train.batch_size, lora_rank=cfg.student.lora_rank, num_steps=cfg.student.num_steps,
                       params=cfg.student.params, lora_targets=list(cfg.student.lora_targets),
                       gradient_checkpointing=cfg.train.gradient_checkpointing, bf16=cfg.train.bf16,
-                      base_dtype=cfg.model.dtype, discriminator=cfg.discriminator)
+                      base_dtype=cfg.model.dtype, discriminator=cfg.discriminator,
+                      adversarial=cfg.recipe.adv_weight > 0 or (cfg.recipe.step1_loss == "adversarial"
+                                                                and cfg.recipe.step1_weight > 0),
+                      dmd=cfg.recipe.uses_dmd, fake_steps_per_g=cfg.train.fake_steps_per_g,
+                      dmd_outputs=cfg.student.num_steps if cfg.recipe.uses_dmd and not cfg.recipe.end_to_end else 1)
     return dataclasses.replace(req, **{k: v for k, v in flags.items() if v is not None})
 
 
