@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from twostep.bench import ABLATIONS, ARMS, DEFAULTS, FULL, REGRESSION, reading
+from twostep.bench import ABLATIONS, ARMS, DEFAULTS, DMD2, DMD2_GAN, FULL, REGRESSION, reading
 from twostep.cli import main
 
 
@@ -29,7 +29,7 @@ def test_every_arm_of_every_world_is_a_valid_config_that_changes_the_recipe():
     for world, spec in WORLD_BENCHES.items():
         path = resolve_config(spec.config)
         full = to_dict(load_config(DistillConfig, path, arm_overrides(FULL)))
-        for arm in spec.arms:
+        for arm in {*spec.arms, *(a for arms in spec.suites.values() for a in arms)}:
             cfg = to_dict(load_config(DistillConfig, path, arm_overrides(arm)))
             assert cfg["teacher"]["world"] == world
             assert arm in (FULL, DEFAULTS) or cfg != full, f"{world}: arm {arm!r} changes nothing"
@@ -107,6 +107,22 @@ def test_detail_bench_quick_writes_curves_samples_and_reading(tmp_path, arms):
     assert "regression only" in text and "Reading (generated" in text
     for image in ("bench_detail_curves.png", "bench_detail_samples.png"):
         assert (tmp_path / "img" / image).stat().st_size > 1000
+    if arms != DETAIL_SUBSET:
+        return
+    # the DMD2 suite in the same folder: the paper's arm is reused, DMD2's arms train, each arm's step is priced
+    assert main(["bench", "--world", "detail", "--suite", "dmd2", "--quick", "--steps", "2", "--out", out,
+                 "--results", str(results)]) == 0
+    report = json.load(open(os.path.join(out, "results.json")))
+    assert report["suite"] == "dmd2" and report.get("reused_runs") == 1
+    for name in (FULL, DMD2, DMD2_GAN):
+        run = report["runs"][name][0]
+        assert run["step_s"] > 0 and run["memory_mib"] > run["activations_mib"] > 0, name
+    assert report["runs"][DMD2][0]["curves"]["fake_score_loss"] and "d_accuracy" not in report["runs"][DMD2][0]["curves"]
+    text = results.read_text()
+    assert "twostep:bench-detail:begin" in text, "the ablation block stays"
+    block = text.split("twostep:bench-detail-dmd2:begin")[1]
+    assert "s / step" in block and f"**`{FULL}` vs `{DMD2}`**" in block and "decide a distillation" in block
+    assert (tmp_path / "img" / "bench_detail_dmd2_curves.png").stat().st_size > 1000
 
 
 def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
@@ -125,3 +141,18 @@ def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
     assert "lower than the paper's recipe" in shared and "further from the teacher" in shared
     summary[REGRESSION]["gap_closure"] = (0.89, 0.05)
     assert "does **not** differ from" in detail_reading(summary)[0]
+
+
+def test_dmd2_reading_names_wins_losses_and_ties_beyond_the_spread():
+    from twostep.bench import dmd2_reading
+
+    base = {"gap_closure": (1.0, 0.01), "fd_teacher": (2.0, 0.2), "high_band_ratio": (0.99, 0.01),
+            "edge_width": (1.4, 0.02), "psnr_vs_teacher": (23.0, 0.1), "step_s": (1.0, 0.0), "memory_mib": (100, 0)}
+    rival = {**base, "fd_teacher": (1.0, 0.1), "high_band_ratio": (0.90, 0.01), "step_s": (4.0, 0.0),
+             "memory_mib": (103, 0)}
+    lines = dmd2_reading({FULL: base, DMD2: rival})
+    wins, losses, ties, verdict = lines[1], lines[2], lines[3], lines[4]
+    assert "high-band ratio" in wins and "time per generator step" in wins
+    assert "FD to the teacher" in losses
+    assert "gap closure" in ties and "training memory" in ties  # memory within 5 %: one measurement per arm
+    assert "ahead of the paper's recipe beyond the spread on 1 of 2" in verdict and "behind on 1 of 2" in verdict
