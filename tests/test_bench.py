@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from twostep.bench import ABLATIONS, ARMS, DEFAULTS, DMD2, DMD2_GAN, FULL, REGRESSION, reading
+from twostep.bench import ABLATIONS, ARMS, DEFAULTS, DMD2, FULL, REGRESSION, reading
 from twostep.cli import main
 
 
@@ -111,10 +111,10 @@ def test_detail_bench_quick_writes_curves_samples_and_reading(tmp_path, arms):
         return
     # the DMD2 suite in the same folder: the paper's arm is reused, DMD2's arms train, each arm's step is priced
     assert main(["bench", "--world", "detail", "--suite", "dmd2", "--quick", "--steps", "2", "--out", out,
-                 "--results", str(results)]) == 0
+                 *_arm_flags([FULL, DMD2]), "--results", str(results)]) == 0
     report = json.load(open(os.path.join(out, "results.json")))
     assert report["suite"] == "dmd2" and report.get("reused_runs") == 1
-    for name in (FULL, DMD2, DMD2_GAN):
+    for name in (FULL, DMD2):
         run = report["runs"][name][0]
         assert run["step_s"] > 0 and run["memory_mib"] > run["activations_mib"] > 0, name
     assert report["runs"][DMD2][0]["curves"]["fake_score_loss"] and "d_accuracy" not in report["runs"][DMD2][0]["curves"]

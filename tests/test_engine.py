@@ -371,3 +371,23 @@ def test_train_warns_when_the_batch_exceeds_the_cache(world, tmp_path, capsys, m
     assert "twostep: warning: train.batch_size 64 exceeds the 48 cached samples" in out
     assert main([*argv[:5], "--out", str(tmp_path / "r2"), *argv[5:], "train.batch_size=48"]) == 2
     assert "warning" not in capsys.readouterr().out
+
+
+def test_the_activation_meter_counts_what_autograd_keeps_and_releases_it():
+    """A matmul keeps both inputs (the parameter is not an activation), a sine keeps its input: 2 x 256 KiB at the
+    peak; a storage saved twice counts once; backward releases all of it."""
+    from twostep.engine.memory import SavedActivationMeter, training_state_bytes
+
+    weight = torch.nn.Parameter(torch.randn(256, 256))
+    x = torch.randn(256, 256)
+    with SavedActivationMeter(exclude=[weight]) as meter:
+        y = x @ weight
+        loss = (y.sin() + y.sin()).sum()  # y saved by both sines: one storage
+        assert meter.live == 2 * 256 * 256 * 4
+        loss.backward()
+    del loss, y
+    assert meter.peak == 2 * 256 * 256 * 4 and meter.live == 0
+    opt = torch.optim.AdamW([weight])
+    opt.step()
+    state = training_state_bytes([torch.nn.Linear(2, 2, bias=False).requires_grad_(False)], [opt], [x])
+    assert state == {"weights": 16, "gradients": 0, "optimizer": 2 * 256 * 256 * 4 + 4, "ema": 256 * 256 * 4}

@@ -276,7 +276,7 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
     if suite != SUITE_DEFAULT:  # the price of each arm's step, measured one arm after the other in this process
         for name, seed, job_overrides, run_dir in jobs:
             if seed == 0:
-                cost = _probe_cost(config_path, job_overrides, teacher_dir, data_dir, run_dir)
+                cost = _probe_cost(config_path, job_overrides, teacher_dir, data_dir, run_dir, quick)
                 for record in runs[name]:
                     record["memory_mib"] = cost["total_mib"]
                     record["activations_mib"] = cost["activations_peak_mib"]
@@ -305,7 +305,7 @@ _WORKER: dict = {}
 
 
 def _probe_cost(config_path: str | None, overrides: list[str], teacher_dir: str, data_dir: str,
-                run_dir: str) -> dict[str, float]:
+                run_dir: str, quick: bool = False) -> dict[str, float]:
     """Time and memory of one step of an arm (:func:`~twostep.offline.distill.probe_step_cost`), on one thread as
     the runs train, every arm in this process one after the other; cached beside its run (keyed by its config)."""
     import tempfile
@@ -324,7 +324,8 @@ def _probe_cost(config_path: str | None, overrides: list[str], teacher_dir: str,
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            cost = probe_step_cost(teacher_dir, data_dir, cfg, scratch)
+            cost = probe_step_cost(teacher_dir, data_dir, cfg, scratch, **({"timed_steps": 1, "metered_steps": 1}
+                                                                             if quick else {}))
     finally:
         torch.set_num_threads(threads)
     write_text(path, json.dumps({"config": to_dict(cfg), "cost": cost}, indent=2) + "\n")
