@@ -25,12 +25,13 @@ test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q
 
 # The ablation benchmarks (from the shipped teachers): digits endpoints, then the detail world's learning curves,
-# then DMD2 against the paper's recipe on the detail world (its paper arm reused from the block before); about
-# two and a half hours on 2 cores. Then any slow-marked tests.
+# then DMD2 against the paper's recipe and the discriminator's strength on the detail world (their paper arm reused
+# from the block before); about three hours on 2 cores. Then any slow-marked tests.
 bench: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/twostep bench --workers 2 --results docs/results.md
 	$(OFFLINE) $(VENV)/bin/twostep bench --world detail --workers 2 --out runs/bench_detail --results docs/results.md
 	$(OFFLINE) $(VENV)/bin/twostep bench --world detail --suite dmd2 --workers 2 --out runs/bench_detail --results docs/results.md
+	$(OFFLINE) $(VENV)/bin/twostep bench --world detail --suite discriminator --seeds 1 --workers 2 --out runs/bench_detail --results docs/results.md
 	$(OFFLINE) $(PY) -m pytest -q -m slow || test $$? -eq 5
 
 # Regenerates the command-written sections of docs/results.md from the demo's teacher.

@@ -143,14 +143,14 @@ def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
     assert "does **not** differ from" in detail_reading(summary)[0]
 
 
-def test_dmd2_reading_names_wins_losses_and_ties_beyond_the_spread():
-    from twostep.bench import dmd2_reading
+def test_suite_reading_names_wins_losses_and_ties_beyond_the_spread():
+    from twostep.bench import suite_reading
 
     base = {"gap_closure": (1.0, 0.01), "fd_teacher": (2.0, 0.2), "high_band_ratio": (0.99, 0.01),
             "edge_width": (1.4, 0.02), "psnr_vs_teacher": (23.0, 0.1), "step_s": (1.0, 0.0), "memory_mib": (100, 0)}
     rival = {**base, "fd_teacher": (1.0, 0.1), "high_band_ratio": (0.90, 0.01), "step_s": (4.0, 0.0),
              "memory_mib": (103, 0)}
-    lines = dmd2_reading({FULL: base, DMD2: rival})
+    lines = suite_reading({FULL: base, DMD2: rival})
     wins, losses, ties, verdict = lines[1], lines[2], lines[3], lines[4]
     assert "high-band ratio" in wins and "time per generator step" in wins
     assert "FD to the teacher" in losses

@@ -91,6 +91,11 @@ ARMS: dict[str, tuple[list[str], str]] = {
                         "DMD2 trained end to end as Turbo++ (DMD on the final output only, gradient through both "
                         "steps)"),
     "Turbo++ + DMD": (["recipe.dmd_weight=1.0"], "the paper's recipe plus DMD2's distribution matching term"),
+    # the discriminator's strength and placement (issue 21): it ends near chance in every arm with teacher reals
+    "D: every block": (["discriminator.blocks=[0,1,2,3]"], "heads on all 4 teacher blocks instead of blocks 1 and 3"),
+    "D: wider heads": (["discriminator.hidden=128"], "heads twice as wide (128 channels)"),
+    "D: lower σ_d": (["discriminator.sigma_mean=-2.0"], "σ_d logit-normal centred at -2 instead of -1 (less noise)"),
+    "D: 2 updates per G": (["train.d_steps_per_g=2"], "two discriminator updates per generator update"),
 }
 ABLATIONS = ["real_source=data", "params=shared", "end_to_end=false", "step1_loss=none"]
 
@@ -132,6 +137,8 @@ class WorldBench:
 
 
 SUITE_DEFAULT = "ablations"
+SUITE_TITLES = {"dmd2": "DMD2 against the paper's recipe",
+                "discriminator": "The discriminator's strength and placement in the paper's recipe"}
 
 
 QUICK = BenchConfig(seeds=1, steps=4, batch_size=8, eval_samples=40, curve_every=0, curve_samples=40)
@@ -145,8 +152,8 @@ QUICK_TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.mod
 QUICK_WARMUPS = ["train.d_warmup_steps=1", "recipe.adv_ramp_steps=2"]
 WORLD_BENCHES = {
     # digits: the original ablation table (endpoints; 100 steps x 3 seeds)
-    "digits": WorldBench("toy_demo", [a for a in ARMS if a not in (DMD2_GAN, "DMD2 end-to-end", "Turbo++ + DMD")],
-                         BenchConfig(), QUICK_TEACHER, QUICK),
+    "digits": WorldBench("toy_demo", [a for a in ARMS if a not in (DMD2_GAN, "DMD2 end-to-end", "Turbo++ + DMD")
+                                      and not a.startswith("D: ")], BenchConfig(), QUICK_TEACHER, QUICK),
     # detail: learning curves on the world where blur is measurable, 2 seeds. A detail step costs ~6x a digits step
     # on 2 CPU cores (64 image tokens, RGB), so 500 steps at batch 16 is what fits the 90-minute bar: 5x the digits
     # budget in generator steps, 2.5x in samples
@@ -157,7 +164,9 @@ WORLD_BENCHES = {
                          QUICK_TEACHER + ["teacher.model.axes_lens=[64,16,16]"],
                          dataclasses.replace(QUICK, curve_every=2),
                          # DMD2 against the paper's recipe (issue 21): the detail block's budget and seeds
-                         suites={"dmd2": [FULL, DMD2, DMD2_GAN]}),
+                         suites={"dmd2": [FULL, DMD2, DMD2_GAN],
+                                 "discriminator": [FULL, "D: every block", "D: wider heads", "D: lower σ_d",
+                                                   "D: 2 updates per G"]}),
 }
 CURVE_METRICS = ["gap_closure", "high_band_ratio", "d_accuracy", "d_logit_gap", "fake_score_loss",
                  "dmd_real_fake_gap"]
@@ -593,8 +602,8 @@ def _ms(ms, p: int = 3) -> str:
 
 
 def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
-    if report.get("suite", SUITE_DEFAULT) == "dmd2":
-        return dmd2_section(report, command, images)
+    if report.get("suite", SUITE_DEFAULT) != SUITE_DEFAULT:
+        return suite_section(report, command, images)
     refs, world = report["references"], report.get("world", "digits")
     detail = world == "detail"
     minutes, bar_min = report["total_wall_s"] / 60, (90 if detail else 60)
@@ -706,8 +715,8 @@ def _versus(summary: dict, a: str, b: str, metric: str, direction) -> tuple[str,
     return compare(summary, a, b, metric, higher_is_better=direction)
 
 
-def dmd2_reading(summary: dict) -> list[str]:
-    """Metric by metric: where the paper's recipe beats each DMD2 arm, where it loses, and whether the difference
+def suite_reading(summary: dict, measures: list = DMD2_MEASURES) -> list[str]:
+    """Metric by metric: where the paper's recipe beats each other arm, where it loses, and whether the difference
     exceeds the seeds' spread (time and memory: beyond 5 %, they are one measurement per arm)."""
     lines = []
     if FULL not in summary:
@@ -715,7 +724,7 @@ def dmd2_reading(summary: dict) -> list[str]:
     fidelity = {"fd_teacher", "high_band_ratio"}
     for rival in [n for n in summary if n != FULL]:
         wins, losses, ties = [], [], []
-        for metric, label, direction in DMD2_MEASURES:
+        for metric, label, direction in measures:
             if metric not in summary[FULL] or metric not in summary[rival]:
                 continue
             if not (math.isfinite(summary[FULL][metric][0]) and math.isfinite(summary[rival][metric][0])):
@@ -742,13 +751,16 @@ def dmd2_reading(summary: dict) -> list[str]:
     return lines
 
 
-def dmd2_section(report: dict, command: str, images: dict[str, str]) -> str:
-    """The DMD2 comparison's block: every detail column, plus the price of a step in time and memory."""
-    refs, bench = report["references"], report["bench"]
+def suite_section(report: dict, command: str, images: dict[str, str]) -> str:
+    """A suite's block (DMD2, the discriminator): every detail column, the price of a step in time and memory, and
+    the paper's recipe against each other arm, metric by metric."""
+    refs, bench, suite = report["references"], report["bench"], report["suite"]
+    measures = DMD2_MEASURES + ([("final_d_accuracy", "discriminator accuracy (end)", True)]
+                                if suite == "discriminator" else [])
     minutes = report["total_wall_s"] / 60
     num = lambda v, p=3: "–" if v is None or not math.isfinite(v) else f"{v:.{p}f}"  # noqa: E731
     lines = [
-        f"### DMD2 against the paper's recipe on the {report.get('world', 'detail')} world", "",
+        f"### {SUITE_TITLES.get(suite, suite)} on the {report.get('world', 'detail')} world", "",
         f"Written by `{command}`; machine: {report['machine']}. Budget per arm: {bench['steps']} generator steps at "
         f"batch {bench['batch_size']}, {bench['seeds']} seed(s), {bench['eval_samples']} evaluation samples (same "
         "noise and prompts for every arm)"
@@ -781,5 +793,7 @@ def dmd2_section(report: dict, command: str, images: dict[str, str]) -> str:
               "seed 0):", "", f"![samples per arm]({images.get('samples', '')})", "",
               "Learning curves (mean over seeds; band: min..max), the discriminator's and the fake score's health:",
               "", f"![learning curves]({images.get('curves', '')})", "", "Reading (generated from the numbers above; a "
-              "quality difference counts only beyond the seeds' spread):", "", *dmd2_reading(report["summary"])]
+              "quality difference counts only beyond the seeds' spread"
+              + ("; with one seed there is no spread, so read every difference as indicative only" if bench["seeds"] < 2
+                 else "") + "):", "", *suite_reading(report["summary"], measures)]
     return "\n".join(lines)

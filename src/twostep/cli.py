@@ -554,8 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny teacher, one seed, a few steps")
     p.add_argument("--seeds", type=_positive_int, help="seeds per arm (default 3; 1 with --quick)")
     p.add_argument("--suite", default="ablations",
-                   help="ablations (default) | dmd2 (detail world: DMD2 against the paper's recipe): which "
-                        "question, and which block of --results it writes")
+                   help="ablations (default) | dmd2 | discriminator (detail world: DMD2 against the paper's "
+                        "recipe; the discriminator's strength): which question, and which block of --results it "
+                        "writes")
     p.add_argument("--arm", action="append", help="run only this arm (repeatable)")
     p.add_argument("--steps", type=_positive_int, help="generator steps per arm (default 100; 4 with --quick)")
     p.add_argument("--batch-size", type=_positive_int, help="batch per arm (default 32; 8 with --quick)")

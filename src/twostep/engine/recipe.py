@@ -46,6 +46,7 @@ reals) and wrong-prompt fakes (real images with another sample's prompt), see ``
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -125,6 +126,10 @@ class RecipeConfig:
                     "must be own with kind=dmd2 (DMD2 trains each step on the student's own chain)")
         require(self.adv_weight > 0 or self.final_reg_weight > 0 or self.dmd_weight > 0, "adv_weight",
                 "is 0, and so are final_reg_weight and dmd_weight: the final output would get no loss")
+        if self.kind == "dmd2" and self.end_to_end and self.step1_loss == "intermediate" and self.adv_weight >= 1:
+            warnings.warn("recipe.kind=dmd2 keeps the Turbo++ settings this config sets (end_to_end: true, "
+                          "step1_loss: intermediate, adv_weight >= 1): that is DMD plus Turbo++'s losses, not DMD2 as "
+                          "published; use --config zimage_turbo_2step_dmd2, or set those keys", stacklevel=2)
         require(0 <= self.dmd_sigma_min < self.dmd_sigma_max <= 1, "dmd_sigma_min",
                 f"and dmd_sigma_max must satisfy 0 <= min < max <= 1 (got {self.dmd_sigma_min}, {self.dmd_sigma_max})")
         require(self.adv_ramp_steps >= 0, "adv_ramp_steps", "must be >= 0 (0 = no ramp)")

@@ -121,6 +121,13 @@ def _shard_name(index: int) -> str:
 
 
 @torch.no_grad()
+def seeded_noise(seeds: Tensor, shape, dtype: torch.dtype, device=None) -> Tensor:
+    """``(N, *shape)`` float32 noise, sample i from seed ``seeds[i]``, rounded to the stored dtype first, so the cached
+    noise is exactly what the teacher started from."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(dtype).float().to(device or "cpu")
+
+
 def trajectories(cfg: TeacherDataConfig, source: TeacherSource, samples: Tensor,
                  stop: StopOnSignal | None = None, desc: str = "", device=None) -> dict[str, Tensor] | None:
     """The teacher's trajectories of the samples numbered ``samples`` ``(N,)`` int64: sample i starts from the noise
@@ -131,9 +138,7 @@ def trajectories(cfg: TeacherDataConfig, source: TeacherSource, samples: Tensor,
     samples = samples.to(torch.int64)
     seeds = samples + cfg.seed
     dtype = DTYPES[cfg.dtype]
-    # rounded to the stored dtype first, so the cached noise is exactly what the teacher started from
-    noise = torch.stack([torch.randn(source.sample_shape, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds]).to(dtype).float().to(device or "cpu")
+    noise = seeded_noise(seeds, source.sample_shape, dtype, device)
     prompt_index = samples % source.num_prompts
     finals, states = [], []
     batches = range(0, len(samples), cfg.batch_size)
@@ -190,6 +195,13 @@ class OnlineTeacherData:
                 return frozen.velocity(x, sigma, looked_up["cond"]).float()
 
         return cls(cfg, dataclasses.replace(source, velocity=velocity), device=device)
+
+    def inputs(self, index: Tensor) -> dict[str, Tensor]:
+        """The noise and prompt of the samples ``index``, without running the teacher (what a fake-score update
+        reads)."""
+        samples = index.cpu().to(torch.int64)
+        noise = seeded_noise(samples + self.cfg.seed, self.source.sample_shape, DTYPES[self.cfg.dtype], self.device)
+        return {"noise": noise, "prompt_index": samples % self.source.num_prompts}
 
     def batch(self, index: Tensor) -> dict[str, Tensor]:
         out = trajectories(self.cfg, self.source, index.cpu(), device=self.device)

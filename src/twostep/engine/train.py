@@ -88,9 +88,15 @@ class _LossModule(nn.Module):
         return self.fn(*args, **kwargs)
 
 
-def _data_parallel(module: nn.Module, device: torch.device):
+def _data_parallel(module: nn.Module, device: torch.device, ignore: list[nn.Parameter] = ()):
+    """DDP over ``module``'s trainable parameters except ``ignore`` (trained by another DDP module: the fake score's
+    adapter inside the student's base)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    if ignore:
+        ids = {id(p) for p in ignore}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            module, [n for n, p in module.named_parameters() if id(p) in ids])
     ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
@@ -145,7 +151,7 @@ class Trainer:
         self.noise_generator = torch.Generator() if self.per_rank_noise else self.generator
         if self.world > 1:
             self.g_loss = self._generator_loss if self.sharded else _data_parallel(
-                _LossModule(student, self._generator_loss), self.device)
+                _LossModule(student, self._generator_loss), self.device, ignore=self.fake_params)
             self.d_loss = _data_parallel(_LossModule(disc, self._discriminator_loss), self.device)
             self.f_loss = self._fake_score_loss if self.sharded or not self.uses_dmd else _data_parallel(
                 _LossModule(_Parameters(self.fake_params), self._fake_score_loss), self.device)
@@ -247,18 +253,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
 
-    def _batch(self) -> tuple[dict[str, Tensor], object]:
+    def _batch(self, inputs_only: bool = False) -> tuple[dict[str, Tensor], object]:
+        """A batch of the data and its conditioning; ``inputs_only``: just the noise and prompts where the data can
+        give them without running a teacher (online mode)."""
         index = torch.randint(0, len(self.data), (self.cfg.train.batch_size,), generator=self.generator)
         if self.world > 1:  # this rank's slice of the global batch
             local = len(index) // self.world
             index = index[self.rank * local:(self.rank + 1) * local]
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(index).items()}
+        fetch = getattr(self.data, "inputs", self.data.batch) if inputs_only else self.data.batch
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in fetch(index).items()}
         return batch, self.prompt_table[batch["prompt_index"].cpu()].to(self.device)
 
-    def _micro_batches(self):
+    def _micro_batches(self, inputs_only: bool = False):
         """This rank's slice of one global batch, split into ``train.grad_accum_steps`` micro-batches:
         ``[(batch, cond, is_last)]``."""
-        batch, cond = self._batch()
+        batch, cond = self._batch(inputs_only)
         size = len(cond) // self.accum
         return [({k: v[i * size:(i + 1) * size] for k, v in batch.items()}, cond[i * size:(i + 1) * size],
                  i == self.accum - 1) for i in range(self.accum)]
@@ -349,8 +358,9 @@ class Trainer:
         """``updates`` (default ``fake_steps_per_g``) updates of the fake-score network on fresh student outputs
         (the student only runs under no_grad)."""
         logs: dict[str, float] = {}
+        own_chain = self.cfg.recipe.student_inputs == "own"  # the student's outputs need only noise and prompts
         for _ in range(self.cfg.train.fake_steps_per_g if updates is None else updates):
-            micro = self._micro_batches()
+            micro = self._micro_batches(inputs_only=own_chain)
             self.opt_f.zero_grad(set_to_none=True)
             f_logs = self._accumulate(self.f_loss, micro, lambda batch, cond: (batch, cond))
             f_logs["grad_norm/fake_score"] = grad_norm(self.fake_params)

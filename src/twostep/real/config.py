@@ -57,6 +57,9 @@ class ZImageDistillConfig:
                 "must equal teacher_data.student_sigmas (the cache holds the teacher states there)")
         require(self.recipe.real_source == "teacher", "recipe.real_source",
                 "must be 'teacher' on the real path (no natural-image set is wired in)")
+        require(not (self.recipe.uses_dmd and self.teacher_data.guidance_scale > 1), "recipe.dmd_weight",
+                "must be 0 with a guided teacher (teacher_data.guidance_scale > 1): DMD's real score is the teacher "
+                "without guidance, so it would pull the student toward the unguided distribution, not the cache's")
 
 
 def is_real_config(path: str | None) -> bool:

@@ -106,8 +106,11 @@ def _config_summary(cfg, meta: dict) -> dict[str, str]:
     return {
         "student": f"{s.form}, {s.params} parameters per step" + (f", LoRA rank {s.lora_rank}" if s.form == "lora"
                                                                      else ""),
-        "recipe": f"adversarial weight {r.adv_weight}, step-1 loss {r.step1_loss} (weight {r.step1_weight}), "
-                  f"end to end {r.end_to_end}, reals from the {r.real_source}",
+        "recipe": (f"{'DMD2' if r.kind == 'dmd2' else 'Turbo++'}: "
+                   + (f"distribution matching weight {r.dmd_weight} ({t.fake_steps_per_g} fake-score updates per "
+                      f"step), " if r.uses_dmd else "")
+                   + f"adversarial weight {r.adv_weight}, step-1 loss {r.step1_loss} (weight {r.step1_weight}), "
+                   f"end to end {r.end_to_end}, reals from the {r.real_source}"),
         "discriminator": f"heads on blocks {list(cfg.discriminator.blocks)}, {cfg.discriminator.loss} loss",
         "training": f"{meta.get('steps')} steps, batch {t.batch_size}, lr {t.g_lr} / {t.d_lr}, EMA {t.ema_decay}",
         "teacher data": f"{cfg.teacher_data.resolution}px, {cfg.teacher_data.teacher_steps} teacher steps",

@@ -591,9 +591,10 @@ def cmd_plan(args) -> None:
     plan["disk"] = disk_estimate(cfg.teacher_data, req.resolution, samples, prompts, where,
                                  channels=plan["shapes"]["in_channels"], width=plan["shapes"]["cap_feat_dim"])
     plan["steps"], plan["teacher_steps"] = cfg.train.steps, cfg.teacher_data.teacher_steps
-    if cfg.teacher_data.mode == "online":  # every batch drawn (d_steps_per_g + 1 per step) runs the teacher's steps
-        plan["disk"]["online"] = True
-        plan["online_forwards"] = cfg.teacher_data.teacher_steps * (cfg.train.d_steps_per_g + 1)
+    if cfg.teacher_data.mode == "online":  # every batch drawn for a D or G update runs the teacher's steps (the
+        plan["disk"]["online"] = True      # fake score's draw only the noise)
+        d_batches = cfg.train.d_steps_per_g if req.adversarial else 0
+        plan["online_forwards"] = cfg.teacher_data.teacher_steps * (d_batches + 1)
     text = format_plan(plan)
     print(text)
     if getattr(args, "results", None):
