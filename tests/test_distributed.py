@@ -95,6 +95,9 @@ def test_online_batches_are_the_cached_trajectories(teacher, tmp_path):
     assert len(online) == len(cached) and torch.equal(a["prompt_index"], b["prompt_index"])
     for key in ("noise", "states", "final"):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    inputs = online.inputs(index)  # what a fake-score update draws: the same noise and prompts, no teacher run
+    assert inputs.keys() == {"noise", "prompt_index"} and torch.equal(inputs["noise"], b["noise"])
+    assert torch.equal(inputs["prompt_index"], b["prompt_index"])
 
 
 def test_training_in_online_mode_needs_no_cache(teacher, tmp_path):

@@ -292,7 +292,7 @@ def test_kind_dmd2_is_dmd2_as_published_and_explicit_keys_win():
     assert make_cfg("recipe.kind=dmd2", "recipe.step1_loss=final").recipe.step1_loss == "final", "set keys stay"
     with pytest.raises(ConfigError, match=r"recipe\.dmd_weight"):
         make_cfg("recipe.kind=dmd2", "recipe.dmd_weight=0")
-    with pytest.raises(ConfigError, match=r"recipe\.dmd_sigma_min"):
+    with pytest.raises(ConfigError, match=r"recipe\.dmd_sigma_max"):
         make_cfg("recipe.kind=dmd2", "recipe.dmd_sigma_min=0.9", "recipe.dmd_sigma_max=0.5")
     with pytest.raises(ConfigError, match=r"train\.fake_steps_per_g"):
         make_cfg("recipe.kind=dmd2", "train.fake_steps_per_g=0")

@@ -130,8 +130,10 @@ class RecipeConfig:
             warnings.warn("recipe.kind=dmd2 keeps the Turbo++ settings this config sets (end_to_end: true, "
                           "step1_loss: intermediate, adv_weight >= 1): that is DMD plus Turbo++'s losses, not DMD2 as "
                           "published; use --config zimage_turbo_2step_dmd2, or set those keys", stacklevel=2)
-        require(0 <= self.dmd_sigma_min < self.dmd_sigma_max <= 1, "dmd_sigma_min",
-                f"and dmd_sigma_max must satisfy 0 <= min < max <= 1 (got {self.dmd_sigma_min}, {self.dmd_sigma_max})")
+        require(0 <= self.dmd_sigma_min < 1, "dmd_sigma_min", "must be in [0, 1) (a noise level)")
+        require(0 < self.dmd_sigma_max <= 1, "dmd_sigma_max", "must be in (0, 1] (a noise level)")
+        require(self.dmd_sigma_min < self.dmd_sigma_max, "dmd_sigma_max",
+                f"must be above dmd_sigma_min ({self.dmd_sigma_min})")
         require(self.adv_ramp_steps >= 0, "adv_ramp_steps", "must be >= 0 (0 = no ramp)")
         if self.student_inputs == "teacher_renoised":
             require(not self.end_to_end, "end_to_end", "must be false with student_inputs=teacher_renoised (no step "

@@ -55,8 +55,8 @@ STEP_FORWARDS = 13.4
 # updates per generator step: a fake-score update runs the student without a graph (S F) and the fake score with its
 # backward (3 F per output); the generator update adds the teacher's and the fake score's estimates without a graph
 # (2 F per output). Without an adversarial term the generator update is the student with its backward (3 S F) and the
-# discriminator's health pass under no_grad (0.9 F) instead of Turbo++'s 13.4 F. Checked against the detail bench:
-# 50.9 / 13.4 = 3.8x predicted, 3.9x measured per step (docs/results.md)
+# discriminator's health pass under no_grad (0.9 F) instead of Turbo++'s 13.4 F: 50.9 / 13.4 = 3.8x a Turbo++ step
+# (the detail bench's measured ratio per step is in the DMD2 block of docs/results.md)
 DMD_HEALTH_FORWARDS = 0.9
 H100_BF16_FLOPS = 989e12
 MFU_RANGE = (0.30, 0.50)
