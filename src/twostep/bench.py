@@ -276,8 +276,6 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
         _add_curves(results[(name, seed)]["record"], run_dir, curve_refs, bc.steps)
     runs = {name: [results[(name, seed)]["record"] for seed in range(bc.seeds)] for name in arm_names}
     references = dict(results[jobs[0][:2]]["references"])
-    summary = {name: {metric: _mean_std([r[metric] for r in rs]) for metric in rs[0] if metric not in
-                      ("seed", "curves")} for name, rs in runs.items()}
     if world == "detail":
         references.update(calibration_rows(reference_images, evaluator, cfg.teacher.sampling.steps,
                                            clean_teacher.num_classes))
@@ -290,8 +288,8 @@ def run_bench(out: str, config_path: str | None, overrides=(), quick: bool = Fal
                     record["memory_mib"] = cost["total_mib"]
                     record["activations_mib"] = cost["activations_peak_mib"]
                     record["step_s"] = cost["step_s"]
-        summary = {name: {metric: _mean_std([r[metric] for r in rs]) for metric in rs[0] if metric not in
-                          ("seed", "curves")} for name, rs in runs.items()}
+    summary = {name: {metric: _mean_std([r[metric] for r in rs]) for metric in rs[0] if metric not in
+                      ("seed", "curves")} for name, rs in runs.items()}
     report = {"world": world, "suite": suite, "bench": to_dict(bc), "quick": quick, "arms": arms_info,
               "config": config_path,
               "defaults_arm": defaults_arm(config_path, arm_names),
@@ -597,6 +595,11 @@ def defaults_arm(config_path: str | None, arm_names: list[str]) -> str | None:
     return None
 
 
+def _num(value, p: int = 3) -> str:
+    """A table cell: the value, or a dash when there is none."""
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{p}f}"
+
+
 def _ms(ms, p: int = 3) -> str:
     return f"{ms[0]:.{p}f} ± {ms[1]:.{p}f}"
 
@@ -622,7 +625,7 @@ def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
         + ".", "",
     ]
     fmt = _ms
-    num = lambda v, p=3: "–" if v is None or not math.isfinite(v) else f"{v:.{p}f}"  # noqa: E731
+    num = _num
     if detail:
         lines += ["| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | high-band ratio (→ 1) | edge width px ↓ | "
                   "class acc ↑ | PSNR vs teacher | D acc (end) | D logit gap (end) | train s |",
@@ -758,7 +761,7 @@ def suite_section(report: dict, command: str, images: dict[str, str]) -> str:
     measures = DMD2_MEASURES + ([("final_d_accuracy", "discriminator accuracy (end)", True)]
                                 if suite == "discriminator" else [])
     minutes = report["total_wall_s"] / 60
-    num = lambda v, p=3: "–" if v is None or not math.isfinite(v) else f"{v:.{p}f}"  # noqa: E731
+    num = _num
     lines = [
         f"### {SUITE_TITLES.get(suite, suite)} on the {report.get('world', 'detail')} world", "",
         f"Written by `{command}`; machine: {report['machine']}. Budget per arm: {bench['steps']} generator steps at "

@@ -336,13 +336,16 @@ def merge_student(student: Student) -> MergedStudent:
         plain.load_state_dict(state, assign=True)
         merged_sets.append(type(student.base)(plain.eval().requires_grad_(False)))
     return MergedStudent([merged_sets[student.set_index(k)] for k in range(cfg.num_steps)], cfg)
+def _named_copies(student: Student, params) -> dict[str, Tensor]:
+    ids = {id(p) for p in params}
+    return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in ids}
+
+
 def trainable_state(student: Student) -> dict[str, Tensor]:
     """Only what the student trains (LoRA adapters, or the per-step copies); sharded under FSDP2."""
-    names = {id(p) for params in student.parameter_groups().values() for p in params}
-    return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}
+    return _named_copies(student, [p for params in student.parameter_groups().values() for p in params])
 
 
 def fake_score_state(student: Student) -> dict[str, Tensor]:
     """The fake-score network's trainable parameters by name (empty without one); sharded under FSDP2."""
-    names = {id(p) for p in student.fake_score_parameters()}
-    return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in names}
+    return _named_copies(student, student.fake_score_parameters())
