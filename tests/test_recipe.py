@@ -163,6 +163,37 @@ def test_discriminator_warmup_trains_only_the_heads_and_survives_resume(world):
     assert fresh.d_warmup_done == 3 and fresh.d_warmup() == {}, "a resumed run does not repeat the warm-up"
 
 
+class _StopAfter:
+    """A stop signal that arrives after ``n`` checks (the trainer checks before each warm-up update)."""
+
+    def __init__(self, n):
+        self.checks, self.n = 0, n
+
+    @property
+    def requested(self):
+        self.checks += 1
+        return self.checks > self.n
+
+
+def test_a_run_stopped_inside_the_warmup_resumes_exactly_with_per_rank_noise(world):
+    """Under torchrun each rank seeds its noise per update; a warm-up cut short must not replay its first draws."""
+    extra = ("train.d_warmup_steps=3", "train.d_lr=0.01", "train.warmup_steps=1")
+    whole, _, whole_disc = make_trainer(world, *extra)
+    cut, _, _ = make_trainer(world, *extra)
+    for trainer in (whole, cut):  # a torchrun run's noise, in one process
+        trainer.per_rank_noise, trainer.noise_generator = True, torch.Generator()
+    whole.train_step()
+    cut.stop = _StopAfter(1)
+    assert cut.train_step() is None and cut.d_warmup_done == 1, "stopped after one warm-up update"
+    resumed, _, resumed_disc = make_trainer(world, *extra)
+    resumed.load_state_dict(copy.deepcopy(cut.state_dict()))
+    assert resumed.per_rank_noise, "the checkpoint says its noise was per rank"
+    resumed.train_step()
+    assert resumed.step == whole.step == 1
+    for (name, p), q in zip(whole_disc.named_parameters(), resumed_disc.parameters()):
+        assert torch.equal(p, q), f"discriminator {name} differs after a resumed warm-up"
+
+
 def test_adversarial_ramp_weights(world):
     cfg = make_cfg("recipe.adv_ramp_steps=4", "recipe.adv_weight=2.0")
     assert [adv_ramp(cfg.recipe, s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]

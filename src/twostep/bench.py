@@ -736,8 +736,11 @@ def suite_reading(summary: dict, measures: list = DMD2_MEASURES) -> list[str]:
             if metric in ("step_s", "memory_mib"):  # no seed spread: a difference under 5 % is a tie
                 scale = abs(summary[rival][metric][0]) or 1.0
                 verdict = "tie" if abs(delta) <= 0.05 * scale else verdict
-            text = (f"{label}: {_ms(summary[FULL][metric])} vs {_ms(summary[rival][metric])}"
-                    + ("" if metric in ("step_s", "memory_mib") else f" (spread ±{margin:.3f})"))
+            if metric in ("step_s", "memory_mib"):  # one measurement per arm: no ± to show
+                text = f"{label}: {_num(summary[FULL][metric][0])} vs {_num(summary[rival][metric][0])}"
+            else:
+                text = (f"{label}: {_ms(summary[FULL][metric])} vs {_ms(summary[rival][metric])} "
+                        f"(spread ±{margin:.3f})")
             {"better": wins, "worse": losses, "tie": ties}[verdict].append(text)
         lines.append(f"- **`{FULL}` vs `{rival}`** ({ARMS[rival][1]}):")
         lines.append("  - the paper's recipe wins on " + ("; ".join(wins) if wins else "nothing") + ".")

@@ -348,6 +348,7 @@ class Trainer:
         for _ in progress(range(remaining), total=remaining, desc="critic warm-up", leave=False):
             if self._stop_requested():
                 break  # the warm-up can outlast a grace period: stop between two of its updates
+            self._seed_noise(-1 - self.d_warmup_done)  # warm-up update i has its own stream, below step 0's
             logs = {**(self.d_step(updates=1) if self.uses_discriminator else {}),
                     **(self.fake_step(updates=1) if self.uses_dmd else {})}
             self.d_warmup_done += 1
@@ -401,6 +402,13 @@ class Trainer:
         return discriminator_loss(self.student, self.disc, batch, real, cond, self.noise_generator,
                                   rc=self.cfg.recipe)
 
+    def _seed_noise(self, offset: int) -> None:
+        """Under torchrun, this rank's noise for one update (``offset``: the generator step, or ``-1 - i`` for
+        warm-up update ``i``) is a function of the seed, the rank and the progress alone, so a resumed run draws
+        what an uninterrupted one would, whatever the process count. One process keeps one saved stream."""
+        if self.per_rank_noise:
+            self.noise_generator.manual_seed(self.cfg.train.seed + 1_000_003 * (self.rank + 1) + offset)
+
     def _stop_requested(self) -> bool:
         """A signal reached this process (under torchrun: any process; all stop at the same step)."""
         requested = self.stop is not None and self.stop.requested
@@ -418,16 +426,13 @@ class Trainer:
         Updates with a non-finite loss or gradient are skipped (see :meth:`_apply`); ``train.max_bad_steps``
         steps in a row with a skipped update raise :class:`NonFiniteTraining`."""
         self.problems = []
-        if self.per_rank_noise:  # this rank's noise for this step: exact on resume, whatever the process count
-            self.noise_generator.manual_seed(self.cfg.train.seed + 1_000_003 * (self.rank + 1) + self.step)
-        if self.uses_discriminator or self.uses_dmd:
-            warm = self.d_warmup()
-            if self.d_warmup_done < self.cfg.train.d_warmup_steps:
-                return None  # a signal stopped the warm-up: no generator step; fit() saves and stops
-            logs = {**warm, **(self.d_step() if self.uses_discriminator else {}),
-                    **(self.fake_step() if self.uses_dmd else {}), **self.g_step()}
-        else:
-            logs = self.g_step()
+        critics = self.uses_discriminator or self.uses_dmd
+        warm = self.d_warmup() if critics else {}
+        if critics and self.d_warmup_done < self.cfg.train.d_warmup_steps:
+            return None  # a signal stopped the warm-up: no generator step; fit() saves and stops
+        self._seed_noise(self.step)
+        logs = {**warm, **(self.d_step() if self.uses_discriminator else {}),
+                **(self.fake_step() if self.uses_dmd else {}), **self.g_step()}
         if self.world > 1:  # the global batch's values, not rank 0's slice (grad norms are global already)
             logs = mean_over_ranks(logs)
         self.step += 1
