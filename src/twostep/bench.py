@@ -733,10 +733,9 @@ def suite_reading(summary: dict, measures: list = DMD2_MEASURES) -> list[str]:
             if not (math.isfinite(summary[FULL][metric][0]) and math.isfinite(summary[rival][metric][0])):
                 continue
             verdict, delta, margin = _versus(summary, FULL, rival, metric, direction)
-            if metric in ("step_s", "memory_mib"):  # no seed spread: a difference under 5 % is a tie
+            if metric in ("step_s", "memory_mib"):  # one measurement per arm: no ±, under 5 % is a tie
                 scale = abs(summary[rival][metric][0]) or 1.0
                 verdict = "tie" if abs(delta) <= 0.05 * scale else verdict
-            if metric in ("step_s", "memory_mib"):  # one measurement per arm: no ± to show
                 text = f"{label}: {_num(summary[FULL][metric][0])} vs {_num(summary[rival][metric][0])}"
             else:
                 text = (f"{label}: {_ms(summary[FULL][metric])} vs {_ms(summary[rival][metric])} "

@@ -336,6 +336,8 @@ def merge_student(student: Student) -> MergedStudent:
         plain.load_state_dict(state, assign=True)
         merged_sets.append(type(student.base)(plain.eval().requires_grad_(False)))
     return MergedStudent([merged_sets[student.set_index(k)] for k in range(cfg.num_steps)], cfg)
+
+
 def _named_copies(student: Student, params) -> dict[str, Tensor]:
     ids = {id(p) for p in params}
     return {n: p.detach().clone() for n, p in student.named_parameters() if id(p) in ids}
