@@ -156,3 +156,14 @@ def test_suite_reading_names_wins_losses_and_ties_beyond_the_spread():
     assert "FD to the teacher" in losses
     assert "gap closure" in ties and "training memory" in ties  # memory within 5 %: one measurement per arm
     assert "ahead of the paper's recipe beyond the spread on 1 of 2" in verdict and "behind on 1 of 2" in verdict
+
+
+def test_discriminator_accuracy_is_reported_as_a_measurement_not_as_a_win_or_loss():
+    from twostep.bench import discriminator_health, suite_reading
+
+    base = {"gap_closure": (1.0, 0.0), "fd_teacher": (2.0, 0.0), "final_d_accuracy": (0.56, 0.0)}
+    summary = {FULL: base, DMD2: {**base, "final_d_accuracy": (0.71, 0.0)},
+               REGRESSION: {**base, "final_d_accuracy": (float("nan"), 0.0)}}
+    assert not any("iscriminator" in line for line in suite_reading(summary))
+    (health,) = discriminator_health(summary)
+    assert f"`{FULL}` 0.56" in health and f"`{DMD2}` 0.71" in health and REGRESSION not in health

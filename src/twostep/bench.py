@@ -568,12 +568,7 @@ def detail_reading(summary: dict) -> list[str]:
         lines.append(f"- `{name}` ({ARMS[name][1]}): gap closure {_ms(summary[name]['gap_closure'])}, {word} the "
                      f"paper's recipe ({delta:+.3f}); FD to the teacher {_ms(summary[name]['fd_teacher'])}, {t_word} "
                      f"the teacher than the paper's recipe; high-band ratio {_ms(summary[name]['high_band_ratio'])}.")
-    health = [f"`{n}` {v['final_d_accuracy'][0]:.2f}" for n, v in summary.items()
-              if math.isfinite(v.get("final_d_accuracy", (float("nan"),))[0]) and v["gap_closure"] is not None
-              and n != REGRESSION]
-    if health:
-        lines.append("- Discriminator accuracy over the last fifth of training (0.5 = chance): " + ", ".join(health)
-                     + ".")
+    lines += discriminator_health({n: v for n, v in summary.items() if n != REGRESSION})
     ranked = sorted(((v["gap_closure"][0], n) for n, v in summary.items() if math.isfinite(v["gap_closure"][0])),
                     reverse=True)
     if ranked:
@@ -624,8 +619,7 @@ def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
         + ("" if report["quick"] else f" (bar: ≤ {bar_min} min — {'**met**' if minutes <= bar_min else '**NOT met**'})")
         + ".", "",
     ]
-    fmt = _ms
-    num = _num
+    fmt, num = _ms, _num  # short names keep the table rows on one line each
     if detail:
         lines += ["| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | high-band ratio (→ 1) | edge width px ↓ | "
                   "class acc ↑ | PSNR vs teacher | D acc (end) | D logit gap (end) | train s |",
@@ -760,10 +754,7 @@ def suite_section(report: dict, command: str, images: dict[str, str]) -> str:
     """A suite's block (DMD2, the discriminator): every detail column, the price of a step in time and memory, and
     the paper's recipe against each other arm, metric by metric."""
     refs, bench, suite = report["references"], report["bench"], report["suite"]
-    measures = DMD2_MEASURES + ([("final_d_accuracy", "discriminator accuracy (end)", True)]
-                                if suite == "discriminator" else [])
     minutes = report["total_wall_s"] / 60
-    num = _num
     lines = [
         f"### {SUITE_TITLES.get(suite, suite)} on the {report.get('world', 'detail')} world", "",
         f"Written by `{command}`; machine: {report['machine']}. Budget per arm: {bench['steps']} generator steps at "
@@ -785,20 +776,29 @@ def suite_section(report: dict, command: str, images: dict[str, str]) -> str:
     for ref_name, row in refs.items():
         if ref_name == "real_floor" or "blurred" in ref_name:
             continue
-        lines.append(f"| {ref_name.replace('_', ' ')} | – | {num(row['fd_real'])} | {num(row['fd_teacher'])} | "
-                     f"{num(row.get('high_band_ratio'))} | {num(row.get('edge_width'), 2)} | "
-                     f"{num(row.get('psnr_vs_teacher'), 2)} | – | – | – | – | – |")
+        lines.append(f"| {ref_name.replace('_', ' ')} | – | {_num(row['fd_real'])} | {_num(row['fd_teacher'])} | "
+                     f"{_num(row.get('high_band_ratio'))} | {_num(row.get('edge_width'), 2)} | "
+                     f"{_num(row.get('psnr_vs_teacher'), 2)} | – | – | – | – | – |")
     for name, m in report["summary"].items():
         lines.append(f"| {name} | {_ms(m['gap_closure'])} | {_ms(m['fd_real'])} | {_ms(m['fd_teacher'])} | "
                      f"{_ms(m['high_band_ratio'])} | {_ms(m['edge_width'], 2)} | {_ms(m['psnr_vs_teacher'], 2)} | "
-                     f"{num(m['final_d_accuracy'][0], 2)} | {num(m.get('step_s', (float('nan'),))[0], 3)} | "
-                     f"{num(m.get('memory_mib', (float('nan'),))[0], 1)} | "
-                     f"{num(m.get('activations_mib', (float('nan'),))[0], 1)} | {m['train_wall_s'][0]:.0f} |")
+                     f"{_num(m['final_d_accuracy'][0], 2)} | {_num(m.get('step_s', (float('nan'),))[0], 3)} | "
+                     f"{_num(m.get('memory_mib', (float('nan'),))[0], 1)} | "
+                     f"{_num(m.get('activations_mib', (float('nan'),))[0], 1)} | {m['train_wall_s'][0]:.0f} |")
     lines += ["", "Same noise and prompts in every block (rows: classes; teacher 8 steps, naive 2 steps, each arm's "
               "seed 0):", "", f"![samples per arm]({images.get('samples', '')})", "",
               "Learning curves (mean over seeds; band: min..max), the discriminator's and the fake score's health:",
               "", f"![learning curves]({images.get('curves', '')})", "", "Reading (generated from the numbers above; a "
               "quality difference counts only beyond the seeds' spread"
               + ("; with one seed there is no spread, so read every difference as indicative only" if bench["seeds"] < 2
-                 else "") + "):", "", *suite_reading(report["summary"], measures)]
-    return "\n".join(lines)
+                 else "") + "):", "", *suite_reading(report["summary"])]
+    return "\n".join(lines + discriminator_health(report["summary"]))
+
+
+def discriminator_health(summary: dict) -> list[str]:
+    """The discriminator's accuracy at the end of each arm that has one, stated as a measurement and not a verdict:
+    a stronger critic is a means, and whether it helped is what the quality measures above say."""
+    health = [f"`{n}` {v['final_d_accuracy'][0]:.2f}" for n, v in summary.items()
+              if math.isfinite(v.get("final_d_accuracy", (float("nan"),))[0])]
+    return (["- Discriminator accuracy over the last fifth of training (0.5 = chance): " + ", ".join(health) + "."]
+            if health else [])
