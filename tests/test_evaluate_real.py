@@ -438,3 +438,27 @@ def test_eval_every_refuses_a_bad_prompt_file_before_writing(world, tmp_path, ca
     assert main(["train", "--config", DEFAULT_ZIMAGE_CONFIG, "--data", world["data"], "--out", str(run), *TRAIN,
                  "train.eval_every=1", f"evaluation.prompts={tmp_path / 'missing.txt'}"]) == 2
     assert "missing.txt" in capsys.readouterr().err and not run.exists()
+
+
+def test_a_guided_teachers_rows_are_its_pipeline_at_its_guidance_and_the_students_is_not(world):
+    """A student distilled from guided teacher data is measured against that teacher: the teacher and naive rows
+    run the stock pipeline at the data's guidance and negative prompt, the student row one forward per step."""
+    import dataclasses
+
+    from diffusers import ZImagePipeline
+
+    from twostep.real.evaluation.run import noise_for
+    from twostep.real.evaluation.sampling import Samplers, read_student
+
+    student = dataclasses.replace(read_student(world["export"]), guidance_scale=3.0, negative_prompt="a blurry photo")
+    guided = Samplers(world["pipe"], student, torch.device("cpu"), torch.float32, RES, teacher_steps=8)
+    plain = Samplers(world["pipe"], read_student(world["export"]), torch.device("cpu"), torch.float32, RES, 8)
+    embed, negative = guided.encode([PROMPTS[0], "a blurry photo"])
+    noise = noise_for(0, 0, guided.family.latent_shape(world["pipe"], RES))
+    pipe = ZImagePipeline.from_pretrained(world["pipe"])
+    reference = pipe(prompt_embeds=[embed], negative_prompt_embeds=[negative], guidance_scale=3.0, latents=noise,
+                     num_inference_steps=8, height=RES, width=RES, output_type="latent").images
+    teacher, _ = guided.sample("teacher", embed, noise)
+    assert (teacher - reference.float()).abs().max() < 1e-4
+    assert (plain.sample("teacher", embed, noise)[0] - teacher).abs().max() > 1e-3  # guidance moved it
+    assert torch.equal(guided.sample("student", embed, noise)[0], plain.sample("student", embed, noise)[0])

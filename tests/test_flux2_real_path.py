@@ -53,6 +53,7 @@ def test_teacher_data_is_the_stock_pipelines_output_at_the_same_noise(klein):
 
     from twostep.engine.teacher_data import TeacherData
     from twostep.families.flux2.pipeline_io import from_vae_latents
+    from twostep.real.evaluation.sampling import Samplers, read_student
     from twostep.real.text_cache import PromptEmbeds
 
     data = TeacherData(klein["data"])
@@ -228,6 +229,7 @@ def test_a_guided_klein_base_teacher_is_the_stock_pipeline_at_the_same_guidance(
 
     from twostep.engine.teacher_data import TeacherData
     from twostep.families.flux2.pipeline_io import from_vae_latents
+    from twostep.real.evaluation.sampling import Samplers, read_student
     from twostep.real.text_cache import PromptEmbeds
 
     base = str(tmp_path / "base")
@@ -254,6 +256,29 @@ def test_a_guided_klein_base_teacher_is_the_stock_pipeline_at_the_same_guidance(
                    width=RES, output_type="latent").images
         errors[scale] = float((batch["final"][:1].float() - from_vae_latents(pipe.vae, out)).abs().max())
     assert errors[4.0] < 1e-4 and errors[1.0] > 1e-3 and errors[5.0] > 1e-3, errors
+
+    # evaluate measures the student against the teacher it learned from: guided at 4, the same negative prompt
+    run, export = str(tmp_path / "run"), str(tmp_path / "export")
+    assert main(["train", "--data", data, "--out", run, *TRAIN]) == 0
+    assert main(["export", run, "--format", "diffusers", "--out", export, "--dtype", "float32"]) == 0
+    assert json.load(open(os.path.join(export, "twostep.json")))["teacher_guidance"] == cache.provenance["guidance"]
+    samplers = Samplers(base, read_student(export), torch.device("cpu"), torch.float32, RES, teacher_steps=4)
+    embed, negative_embed = samplers.encode([PROMPTS[0], "a blurry photo"])  # the pipeline's own, 512 tokens
+    for name in ("teacher", "naive"):
+        ours, _ = samplers.sample(name, embed, batch["noise"][:1].float())
+        steps = ({"num_inference_steps": 4} if name == "teacher" else
+                 {"num_inference_steps": 2, "sigmas": list(samplers.switch.sigmas)})  # the step count sets the shift
+        for scale in (4.0, 1.0):
+            out = pipe(prompt_embeds=embed[None], negative_prompt_embeds=negative_embed[None], guidance_scale=scale,
+                       latents=batch["noise"][:1].float(), height=RES, width=RES, output_type="latent", **steps).images
+            errors[name, scale] = float((ours - from_vae_latents(pipe.vae, out)).abs().max())
+    assert errors["teacher", 4.0] < 1e-4 and errors["naive", 4.0] < 1e-4, errors
+    assert errors["teacher", 1.0] > 1e-3 and errors["naive", 1.0] > 1e-3, errors
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", run, "--prompts", str(prompts), "--out", str(out), "models.clip=none",
+                 "models.dino=none", "models.preference=none", "device=cpu", "dtype=float32"]) == 0
+    assert json.load(open(out / "manifest.json"))["provenance"]["teacher_guidance"] == cache.provenance["guidance"]
+    assert "teacher, 4 steps, guidance 4" in (out / "report.md").read_text()
 
     assert main(["teacher-data", "--teacher", base, "--prompts", str(prompts), "--resolution", str(RES),
                  "--out", str(tmp_path / "online"), *SCHEDULE, *guided, "teacher_data.mode=online"]) == 2

@@ -124,6 +124,12 @@ class ModelFamily:
         between the model's output and ours commutes with them)."""
         raise NotImplementedError
 
+    def guidance_call_kwargs(self, guidance_scale: float, negative: Tensor) -> dict[str, Any]:
+        """What a call of the stock pipeline adds to sample with CFG at ``guidance_scale`` against the negative
+        prompt's features ``negative`` (as :meth:`encode_with_pipeline` gives them); only asked of a family whose
+        :meth:`check_guidance` said yes."""
+        raise NotImplementedError
+
     def load_pipeline(self, folder: str, dtype: torch.dtype):
         """The stock diffusers pipeline of ``folder``."""
         raise NotImplementedError

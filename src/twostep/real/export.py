@@ -95,7 +95,15 @@ def _run_info(cfg, meta: dict, family: ModelFamily) -> dict:
             "base_model": family.teacher_name(cfg.model.path, meta.get("teacher_fingerprint")),
             "teacher_fingerprint": meta.get("teacher_fingerprint"),
             "resolution": cfg.teacher_data.resolution, "teacher_steps": cfg.teacher_data.teacher_steps,
-            "train_steps": meta.get("steps")}
+            "train_steps": meta.get("steps"), **teacher_guidance_record(cfg.teacher_data)}
+
+
+def teacher_guidance_record(data_cfg) -> dict:
+    """``{"teacher_guidance": {"scale", "negative_prompt"}}`` when the teacher data was sampled with CFG, else ``{}``:
+    evaluate then runs the teacher as the data was made."""
+    if not data_cfg.guidance_scale:
+        return {}
+    return {"teacher_guidance": {"scale": float(data_cfg.guidance_scale), "negative_prompt": data_cfg.negative_prompt}}
 
 
 def _config_summary(cfg, meta: dict) -> dict[str, str]:
@@ -113,7 +121,8 @@ def _config_summary(cfg, meta: dict) -> dict[str, str]:
                    f"end to end {r.end_to_end}, reals from the {r.real_source}"),
         "discriminator": f"heads on blocks {list(cfg.discriminator.blocks)}, {cfg.discriminator.loss} loss",
         "training": f"{meta.get('steps')} steps, batch {t.batch_size}, lr {t.g_lr} / {t.d_lr}, EMA {t.ema_decay}",
-        "teacher data": f"{cfg.teacher_data.resolution}px, {cfg.teacher_data.teacher_steps} teacher steps",
+        "teacher data": f"{cfg.teacher_data.resolution}px, {cfg.teacher_data.teacher_steps} teacher steps"
+                        + (f", guidance {cfg.teacher_data.guidance_scale:g}" if cfg.teacher_data.guidance_scale else ""),
         "exported with": f"twostep, diffusers {diffusers.__version__}",
     }
 

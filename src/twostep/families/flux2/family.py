@@ -93,6 +93,9 @@ class Flux2KleinFamily(ModelFamily):
     def guided_velocity(self, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
         return uncond + guidance_scale * (cond - uncond)  # Flux2KleinPipeline: neg + g (pos - neg)
 
+    def guidance_call_kwargs(self, guidance_scale: float, negative: Tensor) -> dict[str, Any]:
+        return {"guidance_scale": guidance_scale, "negative_prompt_embeds": negative[None]}
+
     def load_pipeline(self, folder: str, dtype: torch.dtype):
         from diffusers import Flux2KleinPipeline
 

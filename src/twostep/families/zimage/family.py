@@ -83,6 +83,9 @@ class ZImageFamily(ModelFamily):
     def guided_velocity(self, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
         return cond + guidance_scale * (cond - uncond)  # ZImagePipeline: pos + g (pos - neg)
 
+    def guidance_call_kwargs(self, guidance_scale: float, negative: Tensor) -> dict[str, Any]:
+        return {"guidance_scale": guidance_scale, "negative_prompt_embeds": [negative]}
+
     def load_pipeline(self, folder: str, dtype: torch.dtype):
         from diffusers import ZImagePipeline
 

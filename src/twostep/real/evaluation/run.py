@@ -121,8 +121,9 @@ class Plan:
 
     def labels(self, short: bool = False) -> dict[str, str]:
         k = self.student.num_steps
-        return {"teacher": f"teacher, {self.cfg.teacher_steps} steps",
-                "naive": f"{'naive' if short else 'teacher naive'}, {k} steps", "student": f"student, {k} steps"}
+        cfg = f", guidance {self.student.guidance_scale:g}" if "teacher_guidance" in self.provenance else ""
+        return {"teacher": f"teacher, {self.cfg.teacher_steps} steps{cfg}",
+                "naive": f"{'naive' if short else 'teacher naive'}, {k} steps{cfg}", "student": f"student, {k} steps"}
 
     def steps(self) -> dict[str, int]:
         return {"teacher": self.cfg.teacher_steps, "naive": self.student.num_steps, "student": self.student.num_steps}
@@ -228,6 +229,8 @@ def prepare(model: str, teacher: str | None, prompts: str, out: str, cfg: Evalua
                   "samples_per_prompt": cfg.samples_per_prompt, "resolution": resolution, "seed": cfg.seed,
                   "teacher_steps": cfg.teacher_steps, "student_sigmas": student.sigmas, "shift": student.shift,
                   "shard_size": cfg.shard_size, **_resolved_precision(cfg)}
+    if resolved.family.check_guidance(resolved.folder, student.guidance_scale):  # recorded only when on
+        provenance["teacher_guidance"] = {"scale": student.guidance_scale, "negative_prompt": student.negative_prompt}
     _check_out(out, provenance)
     return Plan(cfg, out, teacher_id, prompt_list, prompts_path, student, resolved.folder, resolved.latent_shape, resolution,
                 real_files, skipped, provenance)

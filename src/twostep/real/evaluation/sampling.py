@@ -2,6 +2,7 @@
 
 - ``teacher``: the pipeline as users run it, ``num_inference_steps = teacher_steps`` (8), every adapter off;
 - ``naive``: the same teacher on the student's sigmas (2 steps: ``[1, .75]`` after the shift), adapters off;
+  a guided teacher (its data made with CFG) runs both rows at its guidance, the student none;
 - ``student``: the student's per-step LoRA adapters switched by :class:`~twostep.real.pipeline.StepAdapterSwitch`, on
   the same explicit sigmas, exactly as ``twostep generate`` and the export's usage code run it.
 
@@ -42,6 +43,8 @@ class StudentSource:
     resolution: int | None = None
     loras: list[dict[str, Tensor]] = field(default_factory=list, repr=False)
     teacher_steps: int | None = None  # the teacher's step count in training (None: not recorded)
+    guidance_scale: float = 0.0  # the teacher's CFG scale when its data was made (0: none)
+    negative_prompt: str = ""  # and its unconditional prompt
 
     @property
     def num_steps(self) -> int:
@@ -98,9 +101,15 @@ def _read_export(folder: str) -> StudentSource:
                                                   else None)
     identity = file_sha256_of(paths)
     resolution = info.get("resolution") if isinstance(info.get("resolution"), int) else None
+    guidance = info.get("teacher_guidance", {})
+    if not (isinstance(guidance, dict) and isinstance(guidance.get("scale", 0.0), (int, float))
+            and isinstance(guidance.get("negative_prompt", ""), str)):
+        raise TwostepError(f"{record}: 'teacher_guidance' must be {{\"scale\": number, \"negative_prompt\": text}}; "
+                           "export again")
     return StudentSource(folder, "export", [float(s) for s in info["student_sigmas"]], float(info["shift"]), identity,
                          info.get("teacher_fingerprint"), default, resolution, [_load_lora(p) for p in paths],
-                         info.get("teacher_steps") if isinstance(info.get("teacher_steps"), int) else None)
+                         info.get("teacher_steps") if isinstance(info.get("teacher_steps"), int) else None,
+                         float(guidance.get("scale", 0.0)), guidance.get("negative_prompt", ""))
 
 
 def file_sha256_of(paths: list[str]) -> str:
@@ -128,7 +137,8 @@ def _read_run(run_dir: str) -> StudentSource:
     default = recorded if isinstance(recorded, str) and os.path.isdir(recorded) else cfg.model.path
     return StudentSource(run_dir, "run", [float(s) for s in cfg.student.sigmas], float(cfg.teacher_data.shift),
                          file_sha256(os.path.join(run_dir, STUDENT_WEIGHTS)), meta.get("teacher_fingerprint"),
-                         default, cfg.teacher_data.resolution, loras, cfg.teacher_data.teacher_steps)
+                         default, cfg.teacher_data.resolution, loras, cfg.teacher_data.teacher_steps,
+                         float(cfg.teacher_data.guidance_scale), cfg.teacher_data.negative_prompt)
 
 
 def read_student(path: str) -> StudentSource:
@@ -172,6 +182,12 @@ class Samplers:
         sigmas = family.pipeline_sigmas(student.sigmas, student.shift, height * width)
         self.switch = StepAdapterSwitch(adapters, student.num_steps, sigmas,
                                         family.pipeline_call_kwargs(student.num_steps))
+        # a guided teacher (its data made with CFG) is sampled as the data was, at its 8 steps and on the student's
+        # sigmas alike: the student is measured against the teacher it learned from
+        self.guidance: dict = {}
+        if family.check_guidance(teacher_folder, student.guidance_scale):
+            negative = self.encode([student.negative_prompt])[0]
+            self.guidance = family.guidance_call_kwargs(student.guidance_scale, negative)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[Tensor]:
@@ -181,10 +197,11 @@ class Samplers:
     def _kwargs(self, name: str) -> dict:
         if name == "teacher":
             self.pipe.disable_lora()
-            return {**self.family.pipeline_call_kwargs(self.teacher_steps), "num_inference_steps": self.teacher_steps}
+            return {**self.family.pipeline_call_kwargs(self.teacher_steps), "num_inference_steps": self.teacher_steps,
+                    **self.guidance}
         if name == "naive":
             self.pipe.disable_lora()
-            return {"sigmas": list(self.switch.sigmas), **self.switch.extra}
+            return {"sigmas": list(self.switch.sigmas), **self.switch.extra, **self.guidance}
         self.pipe.enable_lora()
         self.switch.reset(self.pipe)
         return self.switch.call_kwargs()
