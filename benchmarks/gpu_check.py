@@ -11,12 +11,12 @@ steps, its 512 padded prompt tokens). Measures, on one CUDA device:
 ``--tiny`` runs the same code on a tiny config (CPU is fine: memory is reported as n/a there). Results go to
 ``OUT/gpu_check.json`` (rewritten after every measurement, so a killed run keeps what it measured).
 
-  (c) with ``--end-to-end`` (Z-Image only so far): the whole ``pipe(prompt)`` (text encoder, 2 vs 8 transformer
-      steps, VAE decode) at 1024^2 with full-size random weights, the latency a user sees, plus the text encoder
+  (c) with ``--end-to-end``: the whole ``pipe(prompt)`` (text encoder, 2 vs the teacher's transformer steps,
+      VAE decode) at 1024^2 with full-size random weights, the latency a user sees, plus the text encoder
       and VAE decode alone.
 
     python benchmarks/gpu_check.py --out runs/gpu_check [--end-to-end]  # CUDA, ~3-6 min on one H100 (+1-2 min)
-    python benchmarks/gpu_check.py --family flux2 --out runs/gpu_check_klein  # CUDA, ~2-4 min
+    python benchmarks/gpu_check.py --family flux2 --out runs/gpu_check_klein [--end-to-end]  # CUDA, ~2-4 min
     python benchmarks/gpu_check.py --tiny --end-to-end --out /tmp/gpu_check   # CPU smoke run, seconds
 """
 
@@ -278,73 +278,60 @@ def measure_training(run: Run, backbone, target: Target, resolutions: list[int],
 
 # Z-Image-Turbo's other components as published (text_encoder/config.json: Qwen3-4B; vae/config.json: the 16-channel
 # AutoencoderKL); with the transformer, what a user's `pipe(prompt)` runs.
-QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
-                max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
-ZIMAGE_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
-                  use_quant_conv=False, use_post_quant_conv=False, sample_size=1024)
 E2E_PROMPT = "a red fox standing in fresh snow at golden hour, detailed fur, soft light, shallow depth of field"
 
 
-def full_size_pipeline(run: Run, transformer_config: dict):
-    """A ``ZImagePipeline`` with random weights at full size (text encoder, transformer, VAE), built on the device
-    in the run's dtype. The tokenizer is a local word-level one (the real one is not downloadable here): the
-    text encoder still sees a prompt-length sequence, which is what its cost depends on."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    from twostep.families.zimage.text import build_local_tokenizer
+def end_to_end_pipeline(run: Run, target: Target, tiny: bool) -> tuple[object, int]:
+    """``(pipeline, px)``: the family's stock pipeline with random weights, full size at 1024² in the run's dtype
+    on the device (built there directly: no fp32 copy of 8B parameters on the host), or tiny at 64²."""
     from twostep.testing import TINY_WORDS
 
     words = TINY_WORDS + E2E_PROMPT.replace(",", " ").split()
+    if tiny:
+        return target.family.random_pipeline(words).to(run.device), 64
     previous = torch.get_default_dtype()
     torch.set_default_dtype(run.dtype)
     try:
         with torch.device(run.device):
-            torch.manual_seed(0)
-            text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B)).eval()
-            transformer = ZImageTransformer2DModel(**transformer_config).eval()
-            vae = AutoencoderKL(**ZIMAGE_VAE).eval()
+            return target.family.random_pipeline(words, full=True), 1024
     finally:
         torch.set_default_dtype(previous)
-    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
-                          vae=vae, text_encoder=text_encoder, tokenizer=build_local_tokenizer(words),
-                          transformer=transformer)
 
 
-def measure_end_to_end(run: Run, pipe, px: int, repeats: int) -> None:
-    """What a user waits for: ``pipe(prompt)`` with text encoding, 2 (student schedule, explicit sigmas) vs 8
-    (teacher) transformer steps and VAE decode to a PIL image, medians after warm-up; plus the shared parts
-    (text encoder, VAE decode) timed alone."""
-    from twostep.families.zimage.model_card import pipeline_sigmas
-
-    result = {"resolution": px, "repeats": repeats}
-    calls = {2: {"sigmas": pipeline_sigmas([1.0, 0.75], 3.0)}, 8: {"num_inference_steps": 8}}
+def measure_end_to_end(run: Run, pipe, target: Target, px: int, repeats: int) -> None:
+    """What a user waits for: ``pipe(prompt)`` with text encoding, 2 (the packaged student schedule, explicit
+    sigmas) vs the teacher's transformer steps and VAE decode to a PIL image, medians after warm-up; plus the shared
+    parts (text encoder, VAE decode to uint8) timed alone."""
+    family, teacher = target.family, target.teacher_steps
+    result = {"resolution": px, "repeats": repeats, "teacher_steps": teacher}
     with torch.no_grad():
+        embed = family.encode_with_pipeline(pipe, [E2E_PROMPT], run.device)[0]
+        # one teacher sample (the pipeline draws its noise): its latent cells set klein's shift, and it is what
+        # the decode timing decodes
+        teacher_call = {**family.pipeline_call_kwargs(teacher), "num_inference_steps": teacher}
+        latents = family.pipeline_latents(pipe, embed, None, px, **teacher_call)
+        sigmas = family.pipeline_sigmas(list(target.cfg.student.sigmas), target.shift,
+                                        latents.shape[-2] * latents.shape[-1])
+        calls = {2: {**family.pipeline_call_kwargs(2), "sigmas": sigmas}, teacher: teacher_call}
         for steps, kwargs in calls.items():
             if run.over_budget(f"end_to_end_{steps}"):
                 break
-            call = lambda: pipe(E2E_PROMPT, height=px, width=px, guidance_scale=0.0,  # noqa: E731
+            call = lambda: pipe(prompt=E2E_PROMPT, height=px, width=px,  # noqa: E731
                                 generator=torch.Generator().manual_seed(0), **kwargs)
             call()
             times = [timed(run, call) for _ in range(repeats)]
             result[f"pipeline_{steps}"] = statistics.median(times)
             print(f"end to end, {steps} steps at {px}²: median {result[f'pipeline_{steps}']:.3f}s", flush=True)
         if not run.over_budget("end_to_end_parts"):
-            encode = lambda: pipe.encode_prompt(E2E_PROMPT, device=run.device,  # noqa: E731
-                                                do_classifier_free_guidance=False)
+            encode = lambda: family.encode_with_pipeline(pipe, [E2E_PROMPT], run.device)  # noqa: E731
             encode()
             result["text_encoder"] = statistics.median([timed(run, encode) for _ in range(repeats)])
-            latent = torch.randn(1, 16, px // pipe.vae_scale_factor, px // pipe.vae_scale_factor,
-                                 generator=torch.Generator().manual_seed(0)).to(run.device, run.dtype)
-            decode = lambda: pipe.vae.decode(latent).sample  # noqa: E731
+            decode = lambda: family.decode_to_uint8(pipe.vae, latents.to(run.device, pipe.vae.dtype))  # noqa: E731
             decode()
             result["vae_decode"] = statistics.median([timed(run, decode) for _ in range(repeats)])
-    if "pipeline_2" in result and "pipeline_8" in result:
-        result["ratio"] = result["pipeline_8"] / result["pipeline_2"]
-        print(f"end to end, 8-step / 2-step: {result['ratio']:.2f}x", flush=True)
+    if "pipeline_2" in result and f"pipeline_{teacher}" in result:
+        result["ratio"] = result[f"pipeline_{teacher}"] / result["pipeline_2"]
+        print(f"end to end, {teacher}-step / 2-step: {result['ratio']:.2f}x", flush=True)
     run.record["end_to_end"] = result
     run.save()
 
@@ -368,20 +355,12 @@ def measure_all(run: Run, args, target: Target, sample_px: int, train_px: list[i
         measure_latency(run, backbone, target, sample_px, args.repeats)
     measure_training(run, backbone, target, train_px, blocks, [1, 2] if args.tiny else [1, 2, 4])
     run.save()
-    if args.end_to_end and target.family.name != "zimage":
-        run.record["skipped"].append(f"end_to_end (not built for {target.family.title} yet: Z-Image only)")
-        run.save()
-    elif args.end_to_end and not run.over_budget("end_to_end"):
+    if args.end_to_end and not run.over_budget("end_to_end"):
         del backbone  # the pipeline brings its own transformer
         if run.cuda:
             torch.cuda.empty_cache()
-        if args.tiny:
-            from twostep.testing import tiny_zimage_pipeline
-
-            pipe, px = tiny_zimage_pipeline(seed=0).to(run.device), 64
-        else:
-            pipe, px = full_size_pipeline(run, target.config), 1024
-        measure_end_to_end(run, pipe, px, max(1, min(args.repeats, 5)))
+        pipe, px = end_to_end_pipeline(run, target, args.tiny)
+        measure_end_to_end(run, pipe, target, px, max(1, min(args.repeats, 5)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what is left after this many seconds")
     parser.add_argument("--results", help="also write the numbers into a marked section of this markdown file")
     parser.add_argument("--end-to-end", action="store_true",
-                        help="also time the whole pipeline (text encoder, 2 vs 8 steps, VAE decode) at 1024² with "
-                             "full-size random weights (--tiny: the tiny pipeline at 64²); Z-Image only")
+                        help="also time the whole pipeline (text encoder, 2 vs the teacher's steps, VAE decode) at "
+                             "1024² with full-size random weights (--tiny: the tiny pipeline at 64²)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_check: the full-size check needs a CUDA GPU; use --tiny on CPU", file=sys.stderr)
@@ -452,12 +431,13 @@ def results_section(record: dict, command: str) -> str:
                      f"(checkpointing): {step['step_s']:.2f} s, peak memory {peak} (plan without overhead: "
                      f"{step['plan_gib_without_overhead']:.2f} GiB{error}).")
     e2e = record.get("end_to_end", {})
+    e2e_teacher = e2e.get("teacher_steps", 8)  # records from before klein's end-to-end part: Z-Image's 8
     if "ratio" in e2e:
         parts = "".join(f", {name.replace('_', ' ')} {e2e[name] * 1e3:.1f} ms" for name in ("text_encoder", "vae_decode")
                         if name in e2e)
         lines.append(f"- End to end (`pipe(prompt)` at {e2e['resolution']}², text encoder + transformer steps + VAE "
-                     f"decode, medians of {e2e['repeats']}): 2 steps {e2e['pipeline_2']:.3f} s, 8 steps "
-                     f"{e2e['pipeline_8']:.3f} s: **{e2e['ratio']:.2f}×** faster as a user sees it{parts}.")
+                     f"decode, medians of {e2e['repeats']}): 2 steps {e2e['pipeline_2']:.3f} s, {e2e_teacher} steps "
+                     f"{e2e[f'pipeline_{e2e_teacher}']:.3f} s: **{e2e['ratio']:.2f}×** faster as a user sees it{parts}.")
     if record.get("skipped"):
         lines.append(f"- Skipped (budget or memory): {', '.join(map(str, record['skipped']))}.")
     return "\n".join(lines)

@@ -333,3 +333,21 @@ def test_zimage_dmd2_with_its_gan_trains_under_ddp_and_resumes(zimage_data, tmp_
     assert log[-1]["grad_norm/fake_score"] > 0 and log[-1]["grad_norm/step0"] > 0
     assert main(["train", "--out", run, "--resume", "latest", "train.steps=3", "--allow-config-change"]) == 0
     assert _log(run)[-1]["step"] == 3
+
+
+def test_zimage_dmd2_with_full_copies_trains_under_ddp_and_resumes(zimage_data, tmp_path):
+    """`recipe.kind: dmd2` with `student.form=full` on 2 processes: per-step full copies for the student and a full
+    copy for the fake score, each its own DDP module; the checkpoint resumes in one process."""
+    run = str(tmp_path / "run")
+    proc = torchrun(2, "train", "--config", "zimage_turbo_2step_dmd2", "--data", zimage_data, "--out", run,
+                    "student.form=full", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
+                    "train.sample_every=100", "train.bf16=false", "model.dtype=float32", "train.fake_steps_per_g=2",
+                    "train.log_every=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = _log(run)
+    assert [r["step"] for r in log] == [1, 2]
+    for key in ("dmd_loss", "fake_score_total", "grad_norm/fake_score"):
+        assert all(math.isfinite(r[key]) for r in log), key
+    assert log[-1]["grad_norm/fake_score"] > 0 and log[-1]["grad_norm/step0"] > 0
+    assert main(["train", "--out", run, "--resume", "latest", "train.steps=3", "--allow-config-change"]) == 0
+    assert _log(run)[-1]["step"] == 3

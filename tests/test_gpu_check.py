@@ -44,7 +44,7 @@ def test_tiny_run_writes_all_measurements(tmp_path, capsys):
 
 def test_tiny_klein_run_measures_2_against_its_4_teacher_steps(tmp_path):
     """--family flux2: klein's random transformer, its packaged recipe (LoRA on its modules, 4 teacher steps, its
-    image-size shift), latents at 16 px per cell; the end-to-end part is reported as not built, not left out."""
+    image-size shift), latents at 16 px per cell, and klein's own pipeline end to end."""
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n")
     assert _load().main(["--tiny", "--family", "flux2", "--end-to-end", "--repeats", "1", "--out", str(tmp_path),
@@ -58,10 +58,14 @@ def test_tiny_klein_run_measures_2_against_its_4_teacher_steps(tmp_path):
     assert training["lora_params"] > 0
     assert training["train_step_128_b2"]["latent_shape"] == [2, 16, 8, 8]
     assert math.isfinite(training["train_step_128_b2"]["g_total"])
-    assert record["skipped"] == ["end_to_end (not built for FLUX.2 klein yet: Z-Image only)"]
+    assert record["skipped"] == []
+    e2e = record["end_to_end"]  # klein's own pipeline: 2 against its 4 teacher steps
+    assert e2e["teacher_steps"] == 4 and all(e2e[k] > 0 for k in ("pipeline_2", "pipeline_4", "text_encoder",
+                                                                     "vae_decode"))
+    assert e2e["ratio"] == e2e["pipeline_4"] / e2e["pipeline_2"]
     section = doc.read_text()
     assert "twostep:gpu-check-flux2-tiny:begin" in section and "GPU check, FLUX.2 klein" in section
-    assert "4 steps" in section and "×** faster" in section
+    assert "4 steps" in section and "×** faster" in section and "as a user sees it" in section
 
 
 def test_full_size_targets_are_each_familys_published_model_and_recipe():
@@ -93,17 +97,24 @@ def test_budget_skips_and_full_size_needs_cuda(tmp_path):
 
 
 def test_full_size_components_have_the_published_sizes():
-    """The end-to-end check builds Z-Image-Turbo's text encoder and VAE from their published configs (on meta
-    here): Qwen3-4B's 4.02B parameters and the 16-channel AutoencoderKL's 84M."""
+    """The end-to-end check builds each release's pipeline from its published configs (on meta here): Qwen3-4B's
+    4.02B parameters for both, Z-Image's 6.15B transformer and 16-channel AutoencoderKL (84M), klein's 3.88B
+    transformer and the FLUX.2 VAE (32 latent channels at 8x)."""
     import torch
-    from diffusers import AutoencoderKL
-    from transformers import Qwen3Config, Qwen3Model
 
-    module = _load()
+    from twostep.families.registry import family_named
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
     with torch.device("meta"):
-        text = sum(p.numel() for p in Qwen3Model(Qwen3Config(**module.QWEN3_4B)).parameters())
-        vae = sum(p.numel() for p in AutoencoderKL(**module.ZIMAGE_VAE).parameters())
-    assert round(text / 1e9, 2) == 4.02 and round(vae / 1e6) == 84, (text, vae)
+        zimage = family_named("zimage").random_pipeline(["a"], full=True)
+        klein = family_named("flux2").random_pipeline(["a"], full=True)
+    sizes = {name: (round(count(p.text_encoder) / 1e9, 2), round(count(p.transformer) / 1e9, 2))
+             for name, p in (("zimage", zimage), ("klein", klein))}
+    assert sizes == {"zimage": (4.02, 6.15), "klein": (4.02, 3.88)}, sizes
+    assert round(count(zimage.vae) / 1e6) == 84 and zimage.vae.config.latent_channels == 16
+    assert klein.vae.config.latent_channels == 32 and klein.vae_scale_factor == 8
 
 
 def test_cuda_smoke_runs_every_real_path_stage_and_reports_a_failure(tmp_path):

@@ -448,6 +448,23 @@ def test_resume_takes_the_runs_config_and_lists_allowed_changes(world, tmp_path,
     assert "adv_weight: 0.5" in (run / "config.yaml").read_text()
 
 
+def test_a_key_the_checkpoint_predates_is_no_change_at_its_default_and_refused_otherwise():
+    """A run written by an older twostep lacks the keys added since; resuming it with their defaults (the behaviour
+    before them) goes on and says so, while a non-default value is a change like any other."""
+    from twostep.core.errors import TwostepError
+    from twostep.engine.run_folder import check_config_change
+
+    defaults = {"teacher_data": {"guidance_scale": 0.0, "seed": 0}, "train": {"g_lr": 1e-4}}
+    saved = {"teacher_data": {"seed": 0}, "train": {"g_lr": 1e-4}}
+    notes = check_config_change(saved, defaults, "step_000002", False, defaults=defaults)
+    assert notes == ["teacher_data.guidance_scale: (absent: step_000002 predates it) -> 0.0, its default"]
+    with pytest.raises(TwostepError, match="teacher_data.guidance_scale"):  # an identity key, now guided
+        check_config_change(saved, {**defaults, "teacher_data": {"guidance_scale": 4.0, "seed": 0}}, "step_000002",
+                            True, defaults=defaults)
+    with pytest.raises(TwostepError, match="teacher_data.guidance_scale"):  # without the class's defaults
+        check_config_change(saved, defaults, "step_000002", True)
+
+
 def test_a_refused_teacher_resume_changes_nothing(tmp_path, monkeypatch, capsys):
     import twostep.offline.teacher as teacher_mod
 

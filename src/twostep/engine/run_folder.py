@@ -79,12 +79,15 @@ def _matches(key: str, patterns) -> bool:
 
 
 def check_config_change(saved: dict, new: dict, where: str, allow_change: bool, identity_keys=IDENTITY_KEYS,
-                        operational_keys=OPERATIONAL_KEYS) -> list[str]:
+                        operational_keys=OPERATIONAL_KEYS, defaults: dict | None = None) -> list[str]:
     """Compare a checkpoint's config with the one a resume would use. Identity keys that differ are refused;
-    other differences are refused unless ``allow_change`` (``--allow-config-change``). Returns the changes
-    accepted, as ``"key: old -> new"``."""
-    old, cur = _flatten(saved), _flatten(new)
-    changed = [k for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)]
+    other differences are refused unless ``allow_change`` (``--allow-config-change``). A key the checkpoint
+    predates (written by an older twostep) that the resume leaves at its default in ``defaults`` (the config
+    class's defaults) is no change: new keys default to the behaviour before them. Returns the changes accepted
+    and the keys taken at their default, as ``"key: old -> new"``."""
+    old, cur, default = _flatten(saved), _flatten(new), _flatten(defaults or {})
+    predates = [k for k in sorted(set(cur) - set(old)) if k in default and cur[k] == default[k]]
+    changed = [k for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k) and k not in predates]
     fixed = [f"'{k}' ({old.get(k)!r} in {where}, {cur.get(k)!r} now)" for k in changed if _matches(k, identity_keys)]
     if fixed:
         raise TwostepError(f"--resume: config key {', '.join(fixed)} differs; "
@@ -94,7 +97,7 @@ def check_config_change(saved: dict, new: dict, where: str, allow_change: bool, 
     if notable and not allow_change:
         raise TwostepError(f"--resume: the config differs from {where} in " + ", ".join(notable)
                            + "; add --allow-config-change to continue with the new values")
-    return notable
+    return notable + [f"{k}: (absent: {where} predates it) -> {cur[k]!r}, its default" for k in predates]
 
 
 def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_config_change: bool = False,
@@ -124,6 +127,14 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
     return value
 
 
+def _defaults_of(cfg) -> dict:
+    """The config class's defaults as a dict; empty for a class that needs arguments (nothing counts as default)."""
+    try:
+        return to_dict(type(cfg)())
+    except TypeError:
+        return {}
+
+
 def _verified_resume(cfg: RunConfig, run_dir: str, resume: str, allow_config_change: bool, identity_keys,
                      operational_keys) -> str:
     if os.path.isfile(run_dir):
@@ -140,7 +151,8 @@ def _verified_resume(cfg: RunConfig, run_dir: str, resume: str, allow_config_cha
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {checkpoint} records no config")
     changes = check_config_change(saved, to_dict(cfg), os.path.basename(checkpoint), allow_config_change,
-                                  identity_keys=identity_keys, operational_keys=operational_keys)
+                                  identity_keys=identity_keys, operational_keys=operational_keys,
+                                  defaults=_defaults_of(cfg))
     for change in changes:
         print(f"twostep: resuming with a changed config: {change}")
     return checkpoint

@@ -143,6 +143,12 @@ class ModelFamily:
         final latents ``(1, C, h, w)`` on the CPU in float32 (``kwargs``: sigmas or steps, callbacks)."""
         raise NotImplementedError
 
+    def random_pipeline(self, words: Sequence[str], full: bool = False, seed: int = 0):
+        """The stock pipeline with random weights and a local tokenizer over ``words``: tiny (tests, CPU runs) or at
+        the release's full size (its text encoder, transformer and VAE from their published configs: GPU timing
+        where the weights cannot be downloaded), built on the current default device and dtype."""
+        raise NotImplementedError
+
     def load_transformer(self, folder: str, dtype: torch.dtype):
         """The bare diffusers transformer of ``folder`` (merged exports)."""
         raise NotImplementedError

@@ -31,3 +31,10 @@ def build_local_tokenizer(words: Sequence[str]):
                                   eos_token="<|im_end|>", additional_special_tokens=SPECIAL_TOKENS[1:5])
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+# Qwen3-4B, the text encoder of Z-Image-Turbo and FLUX.2 klein 4B (its config.json): what a full-size random
+# pipeline builds for GPU timing, where the weights cannot be downloaded
+QWEN3_4B_CONFIG = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                       max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)

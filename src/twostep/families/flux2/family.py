@@ -110,6 +110,15 @@ class Flux2KleinFamily(ModelFamily):
                        output_type="latent", **kwargs).images  # the VAE's latents: back to the engine's
         return pipeline_io.from_vae_latents(pipe.vae, latents).float().cpu()
 
+    def random_pipeline(self, words: Sequence[str], full: bool = False, seed: int = 0):
+        if full:
+            from twostep.families.flux2.full_size import full_size_random_pipeline
+
+            return full_size_random_pipeline(words, self.published_config(), seed)
+        from twostep.families.flux2.tiny import tiny_flux2_klein_pipeline
+
+        return tiny_flux2_klein_pipeline(words, seed)
+
     def load_transformer(self, folder: str, dtype: torch.dtype):
         from diffusers import Flux2Transformer2DModel
 

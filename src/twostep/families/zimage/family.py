@@ -100,6 +100,15 @@ class ZImageFamily(ModelFamily):
                        output_type="latent", **kwargs).images
         return latents.float().cpu()
 
+    def random_pipeline(self, words: Sequence[str], full: bool = False, seed: int = 0):
+        if full:
+            from twostep.families.zimage.full_size import full_size_random_pipeline
+
+            return full_size_random_pipeline(words, self.published_config(), seed)
+        from twostep.families.zimage.tiny import tiny_zimage_pipeline
+
+        return tiny_zimage_pipeline(words, seed)
+
     def load_transformer(self, folder: str, dtype: torch.dtype):
         from diffusers import ZImageTransformer2DModel
 
