@@ -342,7 +342,7 @@ def test_zimage_dmd2_with_full_copies_trains_under_ddp_and_resumes(zimage_data, 
     proc = torchrun(2, "train", "--config", "zimage_turbo_2step_dmd2", "--data", zimage_data, "--out", run,
                     "student.form=full", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
                     "train.sample_every=100", "train.bf16=false", "model.dtype=float32", "train.fake_steps_per_g=2",
-                    "train.log_every=1")
+                    "train.log_every=1", "discriminator.blocks=[0,1]", "discriminator.hidden=16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = _log(run)
     assert [r["step"] for r in log] == [1, 2]
