@@ -599,6 +599,41 @@ def _ms(ms, p: int = 3) -> str:
     return f"{ms[0]:.{p}f} ± {ms[1]:.{p}f}"
 
 
+# A table column: (header, summary key, kind, decimals). Kinds: "seeds", the mean ± spread over seeds (a reference
+# row shows its own value); "once", one measurement per arm (references: none); "seconds", the run's wall time.
+GAP_COLUMNS = [("gap closure ↑", "gap_closure", "seeds", 3), ("FD real ↓", "fd_real", "seeds", 3),
+               ("FD to teacher ↓", "fd_teacher", "seeds", 3)]
+DETAIL_QUALITY = [("high-band ratio (→ 1)", "high_band_ratio", "seeds", 3), ("edge width px ↓", "edge_width", "seeds", 2)]
+TRAIN_SECONDS = ("train s", "train_wall_s", "seconds", 0)
+DIGITS_COLUMNS = [*GAP_COLUMNS, ("FD of x̂1 ↓", "fd_step1", "seeds", 3), ("class acc ↑", "class_accuracy", "seeds", 3),
+                  ("diversity", "diversity", "seeds", 3), ("PSNR vs teacher", "psnr_vs_teacher", "seeds", 2),
+                  TRAIN_SECONDS]
+DETAIL_COLUMNS = [*GAP_COLUMNS, *DETAIL_QUALITY, ("class acc ↑", "class_accuracy", "seeds", 3),
+                  ("PSNR vs teacher", "psnr_vs_teacher", "seeds", 2), ("D acc (end)", "final_d_accuracy", "once", 2),
+                  ("D logit gap (end)", "final_d_logit_gap", "once", 2), TRAIN_SECONDS]
+SUITE_COLUMNS = [*GAP_COLUMNS, *DETAIL_QUALITY, ("PSNR vs teacher", "psnr_vs_teacher", "seeds", 2),
+                 ("D acc (end)", "final_d_accuracy", "once", 2), ("s / step ↓", "step_s", "once", 3),
+                 ("memory MiB ↓", "memory_mib", "once", 1), ("of it activations", "activations_mib", "once", 1),
+                 TRAIN_SECONDS]
+
+
+def results_table(columns: list, references: dict[str, dict], summary: dict[str, dict]) -> list[str]:
+    """A markdown table: one row per reference (its measured values; ``–`` where it has none), then one per arm."""
+    lines = ["| arm | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, row in references.items():
+        cells = [_num(row.get(key), p) if kind == "seeds" else "–" for _, key, kind, p in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, arm in summary.items():
+        cells = [_ms(arm[key], p) if kind == "seeds" else f"{arm[key][0]:.0f}" if kind == "seconds"
+                 else _num(arm.get(key, (float("nan"),))[0], p) for _, key, kind, p in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reference_rows(refs: dict, keep) -> dict[str, dict]:
+    return {name.replace("_", " "): row for name, row in refs.items() if keep(name)}
+
+
 def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
     if report.get("suite", SUITE_DEFAULT) != SUITE_DEFAULT:
         return suite_section(report, command, images)
@@ -619,26 +654,11 @@ def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
         + ("" if report["quick"] else f" (bar: ≤ {bar_min} min — {'**met**' if minutes <= bar_min else '**NOT met**'})")
         + ".", "",
     ]
-    fmt, num = _ms, _num  # short names keep the table rows on one line each
     if detail:
-        lines += ["| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | high-band ratio (→ 1) | edge width px ↓ | "
-                  "class acc ↑ | PSNR vs teacher | D acc (end) | D logit gap (end) | train s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for ref_name, row in refs.items():
-            if ref_name == "real_floor":
-                continue
-            lines.append(f"| {ref_name.replace('_', ' ')} | – | {num(row['fd_real'])} | {num(row['fd_teacher'])} | "
-                         f"{num(row.get('high_band_ratio'))} | {num(row.get('edge_width'), 2)} | "
-                         f"{num(row['class_accuracy'])} | {num(row.get('psnr_vs_teacher'), 2)} | – | – | – |")
-        floor = refs.get("real_floor")
-        if floor:
-            lines.append(f"| real images (floor) | – | {num(floor['fd_real'])} | – | – | {num(floor.get('edge_width'), 2)} "
-                         f"| {num(floor['class_accuracy'])} | – | – | – | – |")
-        for name, s in report["summary"].items():
-            lines.append(f"| {name} | {fmt(s['gap_closure'])} | {fmt(s['fd_real'])} | {fmt(s['fd_teacher'])} | "
-                         f"{fmt(s['high_band_ratio'])} | {fmt(s['edge_width'], 2)} | {fmt(s['class_accuracy'])} | "
-                         f"{fmt(s['psnr_vs_teacher'], 2)} | {num(s['final_d_accuracy'][0], 2)} | "
-                         f"{num(s['final_d_logit_gap'][0], 2)} | {s['train_wall_s'][0]:.0f} |")
+        references = _reference_rows(refs, lambda name: name != "real_floor")
+        if "real_floor" in refs:
+            references["real images (floor)"] = refs["real_floor"]
+        lines += results_table(DETAIL_COLUMNS, references, report["summary"])
         lines += ["", "Same noise and prompts in every block (rows: classes; teacher 8 steps, naive 2 steps, each arm's "
                   "seed 0):", "", f"![samples per arm]({images['samples']})", "",
                   "Learning curves (mean over seeds; band: min..max) and the discriminator's health:", "",
@@ -648,18 +668,7 @@ def bench_section(report: dict, command: str, images: dict[str, str]) -> str:
         lines.append(f"- The shipped detail config (`{report.get('config')}`) is the arm `{chosen}`." if chosen else
                      f"- The shipped detail config (`{report.get('config')}`) matches none of these arms.")
         return "\n".join(lines)
-    lines += ["| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | FD of x̂1 ↓ | class acc ↑ | diversity | "
-              "PSNR vs teacher | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for ref_name, row in refs.items():
-        if ref_name == "real_floor":
-            continue
-        lines.append(f"| {ref_name.replace('_', ' ')} | – | {row['fd_real']:.3f} | {row['fd_teacher']:.3f} | – | "
-                     f"{row['class_accuracy']:.3f} | {row['diversity']:.3f} | "
-                     f"{'–' if row['psnr_vs_teacher'] == float('inf') else format(row['psnr_vs_teacher'], '.2f')} | – |")
-    for name, s in report["summary"].items():
-        lines.append(f"| {name} | {fmt(s['gap_closure'])} | {fmt(s['fd_real'])} | {fmt(s['fd_teacher'])} | "
-                     f"{fmt(s['fd_step1'])} | {fmt(s['class_accuracy'])} | {fmt(s['diversity'])} | "
-                     f"{fmt(s['psnr_vs_teacher'], 2)} | {s['train_wall_s'][0]:.0f} |")
+    lines += results_table(DIGITS_COLUMNS, _reference_rows(refs, lambda name: name != "real_floor"), report["summary"])
     lines += ["", f"![gap closure per arm]({images['gap_closure']})", "", "Reading (generated from the numbers above):",
               "", *reading(report["summary"])]
     return "\n".join(lines)
@@ -770,21 +779,8 @@ def suite_section(report: dict, command: str, images: dict[str, str]) -> str:
           "score); memory is the weights, gradients, optimiser and EMA state plus the peak of the activations "
           "autograd saves over two steps (`engine/memory.py`; on a GPU the allocator's peak measures the same). "
           "`train s` is each run's wall time, two runs at a time on a shared machine: read it as a rough total.", "",
-        "| arm | gap closure ↑ | FD real ↓ | FD to teacher ↓ | high-band ratio (→ 1) | edge width px ↓ | PSNR vs "
-        "teacher | D acc (end) | s / step ↓ | memory MiB ↓ | of it activations | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for ref_name, row in refs.items():
-        if ref_name == "real_floor" or "blurred" in ref_name:
-            continue
-        lines.append(f"| {ref_name.replace('_', ' ')} | – | {_num(row['fd_real'])} | {_num(row['fd_teacher'])} | "
-                     f"{_num(row.get('high_band_ratio'))} | {_num(row.get('edge_width'), 2)} | "
-                     f"{_num(row.get('psnr_vs_teacher'), 2)} | – | – | – | – | – |")
-    for name, m in report["summary"].items():
-        lines.append(f"| {name} | {_ms(m['gap_closure'])} | {_ms(m['fd_real'])} | {_ms(m['fd_teacher'])} | "
-                     f"{_ms(m['high_band_ratio'])} | {_ms(m['edge_width'], 2)} | {_ms(m['psnr_vs_teacher'], 2)} | "
-                     f"{_num(m['final_d_accuracy'][0], 2)} | {_num(m.get('step_s', (float('nan'),))[0], 3)} | "
-                     f"{_num(m.get('memory_mib', (float('nan'),))[0], 1)} | "
-                     f"{_num(m.get('activations_mib', (float('nan'),))[0], 1)} | {m['train_wall_s'][0]:.0f} |")
+        *results_table(SUITE_COLUMNS, _reference_rows(refs, lambda n: n != "real_floor" and "blurred" not in n),
+                       report["summary"])]
     lines += ["", "Same noise and prompts in every block (rows: classes; teacher 8 steps, naive 2 steps, each arm's "
               "seed 0):", "", f"![samples per arm]({images.get('samples', '')})", "",
               "Learning curves (mean over seeds; band: min..max), the discriminator's and the fake score's health:",
