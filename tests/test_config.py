@@ -75,6 +75,25 @@ def test_zimage_yaml_equals_the_real_paths_defaults():
     assert is_real_config("configs/zimage_turbo_2step_lora.yaml") and not is_real_config("configs/toy_demo.yaml")
 
 
+def test_a_section_given_in_part_keeps_the_rest_of_its_default(tmp_path):
+    """The config's own section defaults (default factories) fill what a YAML section or an override leaves out, not
+    the section class's: `student.lora_rank=32` on the Z-Image config keeps its lora_alpha 64, and
+    `recipe.adv_weight=0.5` on the toy config keeps its step-1 loss and final regression."""
+    from twostep.offline.distill import DistillConfig
+    from twostep.real.train import ZImageDistillConfig
+
+    real = load_config(ZImageDistillConfig, overrides=["student.lora_rank=32"])
+    assert (real.student.lora_rank, real.student.lora_alpha) == (32, 64.0)
+    assert real.discriminator.blocks == [7, 15, 23, 26]
+    yaml = tmp_path / "partial.yaml"
+    yaml.write_text("discriminator:\n  hidden: 128\n")
+    assert load_config(ZImageDistillConfig, str(yaml)).discriminator.blocks == [7, 15, 23, 26]
+    toy = load_config(DistillConfig, overrides=["recipe.adv_weight=0.5"])
+    assert (toy.recipe.adv_weight, toy.recipe.step1_loss, toy.recipe.final_reg_weight) == (0.5, "final", 1.0)
+    assert to_dict(load_config(DistillConfig, overrides=["student.params=decoupled"]).student) == \
+        {**to_dict(DistillConfig().student), "params": "decoupled"}
+
+
 def test_packaged_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
     from twostep.cli import main
     from twostep.core.packaged_configs import packaged_configs, resolve_config

@@ -20,8 +20,8 @@ TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.model.axe
            "teacher.model.n_layers=4", "teacher.text.hidden_size=8", "teacher.train.steps=3",
            "teacher.train.batch_size=16", "teacher.train.warmup_steps=1"]
 DISTILL = ["teacher_data.num_samples=48", "teacher_data.shard_size=16", "teacher_data.batch_size=16",
-           "student.lora_rank=4", "discriminator.hidden=16", "train.batch_size=8", "train.steps=5",
-           "train.log_every=1", "train.sample_every=100", "train.checkpoint_every=2"]
+           "student.lora_rank=4", "student.params=decoupled", "discriminator.hidden=16", "train.batch_size=8",
+           "train.steps=5", "train.log_every=1", "train.sample_every=100", "train.checkpoint_every=2"]
 
 
 def strip_prefix(overrides, prefix="teacher."):

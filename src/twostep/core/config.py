@@ -97,12 +97,20 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names, key=str)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known in this section: "
-                          f"{', '.join(sorted(names))})")
-    kwargs = {name: _check_value(f"{prefix}{name}", value, hints[name]) for name, value in data.items()}
+                          f"{', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # a section given in part keeps what its own default sets apart from the section class's defaults (the
+            # Z-Image config's student has rank 64, StudentConfig 16), as if the config had written those keys;
+            # the keys it leaves at the class's defaults stay unset, so presets such as recipe.kind still apply
+            value = merge(_set_apart(default), value)
+        kwargs[name] = _check_value(f"{prefix}{name}", value, hints[name])
     try:
         obj = cls(**kwargs)
     except TypeError as err:
@@ -115,6 +123,30 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
             key, message = err.args if len(err.args) == 2 else ("?", str(err))
             raise ConfigError(f"config key '{prefix}{key}' {message}") from err
     return obj
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _set_apart(obj: Any) -> dict:
+    """The constructor fields of dataclass instance ``obj`` whose values differ from its class's defaults (all of
+    them when the class has no defaults), nested sections likewise."""
+    import copy
+
+    try:
+        base = type(obj)()
+    except TypeError:
+        base = None
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not f.init or (base is not None and value == getattr(base, f.name)):
+            continue
+        out[f.name] = _set_apart(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def require(condition: bool, key: str, message: str) -> None:
