@@ -276,8 +276,6 @@ def measure_training(run: Run, backbone, target: Target, resolutions: list[int],
                   f"{entry['plan_gib_without_overhead']:.2f} GiB (+ overhead){error}", flush=True)
 
 
-# Z-Image-Turbo's other components as published (text_encoder/config.json: Qwen3-4B; vae/config.json: the 16-channel
-# AutoencoderKL); with the transformer, what a user's `pipe(prompt)` runs.
 E2E_PROMPT = "a red fox standing in fresh snow at golden hour, detailed fur, soft light, shallow depth of field"
 
 

@@ -600,11 +600,11 @@ def _ms(ms, p: int = 3) -> str:
 
 
 # A table column: (header, summary key, kind, decimals). Kinds: "seeds", the mean ± spread over seeds (a reference
-# row shows its own value); "once", one measurement per arm (references: none); "seconds", the run's wall time.
+# row shows its own value); "once", one measurement per arm (references: none).
 GAP_COLUMNS = [("gap closure ↑", "gap_closure", "seeds", 3), ("FD real ↓", "fd_real", "seeds", 3),
                ("FD to teacher ↓", "fd_teacher", "seeds", 3)]
 DETAIL_QUALITY = [("high-band ratio (→ 1)", "high_band_ratio", "seeds", 3), ("edge width px ↓", "edge_width", "seeds", 2)]
-TRAIN_SECONDS = ("train s", "train_wall_s", "seconds", 0)
+TRAIN_SECONDS = ("train s", "train_wall_s", "once", 0)
 DIGITS_COLUMNS = [*GAP_COLUMNS, ("FD of x̂1 ↓", "fd_step1", "seeds", 3), ("class acc ↑", "class_accuracy", "seeds", 3),
                   ("diversity", "diversity", "seeds", 3), ("PSNR vs teacher", "psnr_vs_teacher", "seeds", 2),
                   TRAIN_SECONDS]
@@ -624,8 +624,8 @@ def results_table(columns: list, references: dict[str, dict], summary: dict[str,
         cells = [_num(row.get(key), p) if kind == "seeds" else "–" for _, key, kind, p in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, arm in summary.items():
-        cells = [_ms(arm[key], p) if kind == "seeds" else f"{arm[key][0]:.0f}" if kind == "seconds"
-                 else _num(arm.get(key, (float("nan"),))[0], p) for _, key, kind, p in columns]
+        cells = [_ms(arm[key], p) if kind == "seeds" else _num(arm.get(key, (float("nan"),))[0], p)
+                 for _, key, kind, p in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -721,7 +721,7 @@ def _versus(summary: dict, a: str, b: str, metric: str, direction) -> tuple[str,
     return compare(summary, a, b, metric, higher_is_better=direction)
 
 
-def suite_reading(summary: dict, measures: list = DMD2_MEASURES) -> list[str]:
+def suite_reading(summary: dict) -> list[str]:
     """Metric by metric: where the paper's recipe beats each other arm, where it loses, and whether the difference
     exceeds the seeds' spread (time and memory: beyond 5 %, they are one measurement per arm)."""
     lines = []
@@ -730,7 +730,7 @@ def suite_reading(summary: dict, measures: list = DMD2_MEASURES) -> list[str]:
     fidelity = {"fd_teacher", "high_band_ratio"}
     for rival in [n for n in summary if n != FULL]:
         wins, losses, ties = [], [], []
-        for metric, label, direction in measures:
+        for metric, label, direction in DMD2_MEASURES:
             if metric not in summary[FULL] or metric not in summary[rival]:
                 continue
             if not (math.isfinite(summary[FULL][metric][0]) and math.isfinite(summary[rival][metric][0])):

@@ -131,15 +131,20 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None if field.default is dataclasses.MISSING else field.default
 
 
+def class_defaults(cls: type[T]) -> T | None:
+    """``cls()``, or None for a class whose fields are not all defaulted."""
+    try:
+        return cls()
+    except TypeError:
+        return None
+
+
 def _set_apart(obj: Any) -> dict:
     """The constructor fields of dataclass instance ``obj`` whose values differ from its class's defaults (all of
     them when the class has no defaults), nested sections likewise."""
     import copy
 
-    try:
-        base = type(obj)()
-    except TypeError:
-        base = None
+    base = class_defaults(type(obj))
     out = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)

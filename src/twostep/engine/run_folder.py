@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from twostep.core.config import save_config, to_dict
+from twostep.core.config import class_defaults, save_config, to_dict
 from twostep.core.errors import TwostepError
 from twostep.core.utils import (
     check_output_dir,
@@ -127,14 +127,6 @@ def prepare_resume(cfg: RunConfig, run_dir: str, resume: str | None, allow_confi
     return value
 
 
-def _defaults_of(cfg) -> dict:
-    """The config class's defaults as a dict; empty for a class that needs arguments (nothing counts as default)."""
-    try:
-        return to_dict(type(cfg)())
-    except TypeError:
-        return {}
-
-
 def _verified_resume(cfg: RunConfig, run_dir: str, resume: str, allow_config_change: bool, identity_keys,
                      operational_keys) -> str:
     if os.path.isfile(run_dir):
@@ -150,9 +142,10 @@ def _verified_resume(cfg: RunConfig, run_dir: str, resume: str, allow_config_cha
     saved = read_state_json(checkpoint).get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {checkpoint} records no config")
+    defaults = class_defaults(type(cfg))
     changes = check_config_change(saved, to_dict(cfg), os.path.basename(checkpoint), allow_config_change,
                                   identity_keys=identity_keys, operational_keys=operational_keys,
-                                  defaults=_defaults_of(cfg))
+                                  defaults=None if defaults is None else to_dict(defaults))
     for change in changes:
         print(f"twostep: resuming with a changed config: {change}")
     return checkpoint

@@ -14,11 +14,11 @@ def full_size_random_pipeline(words: Sequence[str], transformer_config: dict, se
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from twostep.families.flux2.tiny import klein_scheduler
+    from twostep.families.flux2.pipeline_io import release_scheduler
     from twostep.families.qwen3_text import QWEN3_4B_CONFIG, build_local_tokenizer
 
     torch.manual_seed(seed)
-    return Flux2KleinPipeline(scheduler=klein_scheduler(), vae=AutoencoderKLFlux2().eval(),
+    return Flux2KleinPipeline(scheduler=release_scheduler(), vae=AutoencoderKLFlux2().eval(),
                               text_encoder=Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B_CONFIG)).eval(),
                               tokenizer=build_local_tokenizer(words),
                               transformer=Flux2Transformer2DModel(**transformer_config).eval(), is_distilled=True)

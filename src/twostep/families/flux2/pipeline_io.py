@@ -43,6 +43,15 @@ def schedule_shift(image_tokens: int, num_steps: int) -> float:
     return math.exp(empirical_mu(image_tokens, num_steps))
 
 
+def release_scheduler():
+    """The release's scheduler: its shift grows with the image size (:func:`empirical_mu`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                           max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
+                                           time_shift_type="exponential")
+
+
 def check_pipeline(folder: str, need: tuple[str, ...] = ("transformer",)) -> dict:
     """The pipeline's ``model_index.json`` (``{}`` for a bare transformer folder); raises if it is not klein."""
     index_path = os.path.join(folder, "model_index.json")

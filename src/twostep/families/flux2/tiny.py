@@ -20,15 +20,6 @@ def tiny_transformer_config(text_width: int = 48, in_channels: int = 16) -> dict
                 axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, guidance_embeds=False)
 
 
-def klein_scheduler():
-    """The release's scheduler: its shift grows with the image size (``compute_empirical_mu``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
-                                           max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
-                                           time_shift_type="exponential")
-
-
 def tiny_flux2_klein_pipeline(words: Sequence[str], seed: int = 0, distilled: bool = True):
     """A random ``Flux2KleinPipeline`` small enough for CPU tests; ``distilled`` sets ``is_distilled`` (the
     released klein 4B is; klein base, a guidance model, is not)."""
@@ -38,6 +29,7 @@ def tiny_flux2_klein_pipeline(words: Sequence[str], seed: int = 0, distilled: bo
         Flux2Transformer2DModel,
     )
 
+    from twostep.families.flux2.pipeline_io import release_scheduler
     from twostep.families.flux2.text import build_tiny_qwen3_lm
 
     tokenizer = build_local_tokenizer(words)
@@ -51,5 +43,5 @@ def tiny_flux2_klein_pipeline(words: Sequence[str], seed: int = 0, distilled: bo
     with torch.no_grad():  # batch-norm statistics that are not the identity, so a wrong normalisation shows
         vae.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, vae.bn.num_features))
         vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.num_features))
-    return Flux2KleinPipeline(scheduler=klein_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    return Flux2KleinPipeline(scheduler=release_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=transformer, is_distilled=distilled)

@@ -23,6 +23,7 @@ def full_size_random_pipeline(words: Sequence[str], transformer_config: dict, se
 
     torch.manual_seed(seed)
     return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
-                          vae=AutoencoderKL(**VAE_CONFIG).eval(), text_encoder=Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG)).eval(),
+                          vae=AutoencoderKL(**VAE_CONFIG).eval(),
+                          text_encoder=Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG)).eval(),
                           tokenizer=build_local_tokenizer(words),
                           transformer=ZImageTransformer2DModel(**transformer_config).eval())
