@@ -391,3 +391,15 @@ def test_the_activation_meter_counts_what_autograd_keeps_and_releases_it():
     opt.step()
     state = training_state_bytes([torch.nn.Linear(2, 2, bias=False).requires_grad_(False)], [opt], [x])
     assert state == {"weights": 16, "gradients": 0, "optimizer": 2 * 256 * 256 * 4 + 4, "ema": 256 * 256 * 4}
+
+
+def test_the_step_price_refuses_gradient_checkpointing_which_hides_activations_from_the_meter(tmp_path):
+    import dataclasses
+
+    from twostep.offline.distill import probe_step_cost
+
+    cfg = DistillConfig()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=True))
+    with pytest.raises(TwostepError, match="train.gradient_checkpointing=true"):
+        probe_step_cost(str(tmp_path / "teacher"), str(tmp_path / "data"), cfg, str(tmp_path / "scratch"))
+    assert os.listdir(tmp_path) == []

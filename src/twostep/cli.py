@@ -7,6 +7,7 @@ SIGTERM/SIGINT saves its state and exits with code 75 (``engine.preemption.EXIT_
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -579,9 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _leave_process_group() -> None:
     """Under torchrun: wait for every rank (rank 0 writes the last files), then close the process group. A gloo
-    process that exits with its group open can abort at interpreter shutdown, failing the whole job."""
+    process that exits with its group open can abort at interpreter shutdown, failing the whole job. The collection
+    first: a DDP module caught in a reference cycle keeps the group alive through its reducer until the interpreter
+    tears down, where gloo's threads abort the process ("terminate called without an active exception")."""
     dist = sys.modules.get("torch.distributed")  # never imported: no group to leave
     if dist is not None and dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

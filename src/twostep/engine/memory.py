@@ -6,6 +6,9 @@ allocator statistics): the persistent training state, and the peak of the activa
 - :class:`SavedActivationMeter`: a ``saved_tensors_hooks`` context that tracks the bytes of the tensors autograd
   keeps for backward while they are alive (each storage once; parameters are not activations) and records the peak.
 
+Gradient checkpointing hides a checkpointed block's activations from the meter (``torch.utils.checkpoint`` saves
+and recomputes them under hooks of its own), so it would count only the block inputs: meter with it off.
+
 Their sum is the training memory of one step up to the allocator's slack and the transient buffers inside a kernel.
 On a GPU, ``torch.cuda.max_memory_allocated`` measures the real thing (``benchmarks/gpu_check.py``).
 """

@@ -192,6 +192,9 @@ def probe_step_cost(teacher_run: str, data_dir: str, cfg: DistillConfig, scratch
 
     from twostep.engine.memory import SavedActivationMeter, training_state_bytes
 
+    if cfg.train.gradient_checkpointing:  # the recomputed activations are saved by checkpoint's hooks, not ours
+        raise TwostepError("train.gradient_checkpointing=true: the step's price meters the activations autograd "
+                           "saves, which checkpointing hides from it; measure with train.gradient_checkpointing=false")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, d_warmup_steps=0, eval_every=0))
     student, disc, base = build_student(teacher_run, cfg, for_training=True)
     trainer = Trainer(cfg, student, disc, load_teacher_data(base, cfg, data_dir), base.prompt_table,
