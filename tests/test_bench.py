@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from twostep.bench import ABLATIONS, ARMS, DEFAULTS, DMD2, FULL, REGRESSION, reading
 from twostep.cli import main
+from twostep.offline.bench.arms import ABLATIONS, ARMS, DEFAULTS, DMD2, FULL, REGRESSION
+from twostep.offline.bench.reading import reading
 
 
 # `make test` runs these arms (the paper's recipe, the defaults, the regression reference and an ablation the
@@ -21,7 +22,7 @@ def _arm_flags(arms):
 
 
 def test_every_arm_of_every_world_is_a_valid_config_that_changes_the_recipe():
-    from twostep.bench import WORLD_BENCHES, arm_overrides
+    from twostep.offline.bench.arms import WORLD_BENCHES, arm_overrides
     from twostep.core.config import load_config, to_dict
     from twostep.core.packaged_configs import resolve_config
     from twostep.offline.distill import DistillConfig
@@ -72,7 +73,7 @@ def test_reading_compares_against_the_spread():
 
 
 def test_arms_are_relative_to_the_papers_recipe_and_defaults_are_the_config():
-    from twostep.bench import PAPER, arm_overrides
+    from twostep.offline.bench.arms import PAPER, arm_overrides
     from twostep.core.config import load_config
     from twostep.offline.distill import DistillConfig
 
@@ -88,7 +89,7 @@ def test_arms_are_relative_to_the_papers_recipe_and_defaults_are_the_config():
                                   pytest.param(None, id="every-arm", marks=pytest.mark.slow)])
 def test_detail_bench_quick_writes_curves_samples_and_reading(tmp_path, arms):
     """`twostep bench --world detail --quick`: the arms run, with curves, D health and calibration rows."""
-    from twostep.bench import WORLD_BENCHES
+    from twostep.offline.bench.arms import WORLD_BENCHES
 
     arms = arms or WORLD_BENCHES["detail"].arms
     out, results = str(tmp_path / "bench"), tmp_path / "results.md"
@@ -126,7 +127,7 @@ def test_detail_bench_quick_writes_curves_samples_and_reading(tmp_path, arms):
 
 
 def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
-    from twostep.bench import detail_reading
+    from twostep.offline.bench.reading import detail_reading
 
     summary = {FULL: {"gap_closure": (0.9, 0.02), "high_band_ratio": (0.95, 0.02), "final_d_accuracy": (0.7, 0),
                       "fd_teacher": (2.0, 0.1)},
@@ -144,7 +145,7 @@ def test_detail_reading_compares_recipe_and_regression_beyond_the_spread():
 
 
 def test_suite_reading_names_wins_losses_and_ties_beyond_the_spread():
-    from twostep.bench import suite_reading
+    from twostep.offline.bench.reading import suite_reading
 
     base = {"gap_closure": (1.0, 0.01), "fd_teacher": (2.0, 0.2), "high_band_ratio": (0.99, 0.01),
             "edge_width": (1.4, 0.02), "psnr_vs_teacher": (23.0, 0.1), "step_s": (1.0, 0.0), "memory_mib": (100, 0)}
@@ -159,7 +160,7 @@ def test_suite_reading_names_wins_losses_and_ties_beyond_the_spread():
 
 
 def test_discriminator_accuracy_is_reported_as_a_measurement_not_as_a_win_or_loss():
-    from twostep.bench import discriminator_health, suite_reading
+    from twostep.offline.bench.reading import discriminator_health, suite_reading
 
     base = {"gap_closure": (1.0, 0.0), "fd_teacher": (2.0, 0.0), "final_d_accuracy": (0.56, 0.0)}
     summary = {FULL: base, DMD2: {**base, "final_d_accuracy": (0.71, 0.0)},

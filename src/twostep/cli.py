@@ -376,7 +376,9 @@ def cmd_plan(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from twostep.bench import WORLD_BENCHES, bench_images, bench_section, run_bench, write_bench_section
+    from twostep.bench import run_bench
+    from twostep.offline.bench.arms import WORLD_BENCHES
+    from twostep.offline.bench.report import bench_images, bench_section, write_bench_section
 
     if args.world not in WORLD_BENCHES:
         raise TwostepError(f"--world {args.world}: known worlds are {', '.join(WORLD_BENCHES)}")
@@ -395,8 +397,8 @@ def cmd_bench(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from twostep.bench import WORLD_BENCHES
     from twostep.demo import run_demo
+    from twostep.offline.bench.arms import WORLD_BENCHES
 
     if args.world not in WORLD_BENCHES:
         raise TwostepError(f"--world {args.world}: known worlds are {', '.join(WORLD_BENCHES)}")

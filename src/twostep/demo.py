@@ -20,7 +20,7 @@ import shutil
 import torch
 
 from twostep.core.config import load_config, read_yaml, to_dict
-from twostep.core.reports import image_grid, save_figure, save_image
+from twostep.core.reports import save_figure, save_image
 from twostep.core.utils import ensure_writable_dir, platform_summary, read_json_object, read_jsonl_file, write_text
 from twostep.engine.teacher_data import CacheMismatch
 from twostep.offline.distill import (
@@ -31,7 +31,7 @@ from twostep.offline.distill import (
     make_teacher_data,
     train_student,
 )
-from twostep.offline.evaluate import build_evaluator, evaluate_teacher_steps
+from twostep.offline.evaluate import build_evaluator, comparison_grid, evaluate_teacher_steps
 from twostep.offline.results import distill_bars, metrics_table, write_distill_section, write_teacher_section
 from twostep.offline.ship import matching_shipped_teacher
 from twostep.offline.shipped import read_provenance
@@ -46,25 +46,6 @@ def same_config(run_dir: str, cfg_dict: dict, required_file: str) -> bool:
     if not (os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, required_file))):
         return False
     return read_yaml(path) == cfg_dict
-
-
-def comparison_grid(images: dict[str, torch.Tensor], labels: torch.Tensor, per_prompt: int,
-                    class_names: list[str]):
-    """Rows = prompts 0..9; one block of ``per_prompt`` columns per sampler, same noise in every block."""
-    names = list(images)
-    shape = next(iter(images.values())).shape[1:]
-    blocks = []
-    for name in names:
-        imgs = images[name]
-        picked = torch.stack([imgs[labels == c][:per_prompt] for c in range(len(class_names))])  # (K, P, C, H, W)
-        blocks.append(picked)
-    gap = torch.ones(len(class_names), 1, *shape)
-    rows = torch.cat([b if i == 0 else torch.cat([gap, b], 1) for i, b in enumerate(blocks)], dim=1)
-    header = []
-    for i, name in enumerate(names):
-        header += [name.replace("_", " ")] + [""] * (per_prompt - 1) + ([""] if i < len(names) - 1 else [])
-    return image_grid(rows.reshape(-1, *shape), ncols=rows.shape[1], row_labels=class_names,
-                      col_labels=header, scale=4)
 
 
 def loss_curves(log_path: str, out_path: str) -> None:

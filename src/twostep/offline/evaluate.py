@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from twostep.core.reports import image_grid
 from twostep.core.utils import progress
 from twostep.offline.sampling import generate, make_noise
 from twostep.offline.teacher import Teacher
@@ -79,3 +80,21 @@ def format_table(result: dict) -> str:
                  f"{floor['diversity']:.3f} | – |")
     return "\n".join(lines)
 
+
+def comparison_grid(images: dict[str, torch.Tensor], labels: torch.Tensor, per_prompt: int,
+                    class_names: list[str]):
+    """Rows = prompts 0..9; one block of ``per_prompt`` columns per sampler, same noise in every block."""
+    names = list(images)
+    shape = next(iter(images.values())).shape[1:]
+    blocks = []
+    for name in names:
+        imgs = images[name]
+        picked = torch.stack([imgs[labels == c][:per_prompt] for c in range(len(class_names))])  # (K, P, C, H, W)
+        blocks.append(picked)
+    gap = torch.ones(len(class_names), 1, *shape)
+    rows = torch.cat([b if i == 0 else torch.cat([gap, b], 1) for i, b in enumerate(blocks)], dim=1)
+    header = []
+    for i, name in enumerate(names):
+        header += [name.replace("_", " ")] + [""] * (per_prompt - 1) + ([""] if i < len(names) - 1 else [])
+    return image_grid(rows.reshape(-1, *shape), ncols=rows.shape[1], row_labels=class_names,
+                      col_labels=header, scale=4)
