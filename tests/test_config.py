@@ -113,3 +113,15 @@ def test_packaged_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatc
         assert len(line.split(None, 1)) == 2, line
     readme = open(os.path.join(os.path.dirname(names["toy_demo"]), "README.md"), encoding="utf-8").read()
     assert all(f"`{name}.yaml`" in readme for name in names), "configs/README.md lists every config"
+
+
+def test_a_config_written_before_a_key_existed_is_the_same_config_at_its_default():
+    from twostep.core.config import same_config
+
+    defaults = {"recipe": {"kind": "turbo", "shift": 1.0}}
+    saved = {"recipe": {"kind": "dmd2"}}
+    assert same_config(saved, {"recipe": {"kind": "dmd2", "shift": 1.0}}, defaults)
+    assert not same_config(saved, {"recipe": {"kind": "dmd2", "shift": 3.0}}, defaults), "a new key set apart"
+    assert not same_config(saved, {"recipe": {"kind": "turbo", "shift": 1.0}}, defaults)
+    assert not same_config({"recipe": {"kind": "dmd2", "gone": 1}}, {"recipe": {"kind": "dmd2", "shift": 1.0}},
+                           defaults), "a key the current config lacks"

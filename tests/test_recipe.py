@@ -389,3 +389,45 @@ def test_a_dmd2_trainer_state_resumes_its_fake_score_and_refuses_a_turbo_checkpo
     turbo, _, _ = make_trainer(world)
     with pytest.raises(TwostepError, match="fake-score network"):
         turbo.load_state_dict(state)
+
+
+def test_the_dmd_gradient_takes_the_teacher_as_real_and_the_fake_score_as_fake(world, monkeypatch):
+    """The wiring of the distribution matching term: the callable handed to ``dmd_loss`` as the real score is the
+    frozen teacher, the fake one the fake-score adapter (moved off the teacher here so that a swap shows), and the
+    levels are drawn with ``dmd_sigma_shift``."""
+    import twostep.engine.recipe as recipe
+    from twostep.engine.recipe import clean_estimate, distribution_matching
+
+    trainer, student, _ = make_dmd_trainer(world, "recipe.dmd_sigma_shift=3.0")
+    with torch.no_grad():
+        for p in student.fake_score_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen(1)))
+    batch, cond, x_hats = d_batch(trainer, student)
+    calls = []
+    monkeypatch.setattr(recipe, "dmd_loss", lambda x, sigma, noise, real_x0, fake_x0: calls.append(
+        (x, sigma, real_x0, fake_x0)) or (x.sum() * 0, {}))
+    distribution_matching(student, x_hats, cond, trainer.cfg.recipe, gen(2))
+    assert len(calls) == 2  # backward simulation: both outputs
+    u = torch.rand(len(cond), generator=gen(2))  # the first draw of the same stream: the step-1 output's levels
+    torch.testing.assert_close(calls[0][1], flow.shift_sigma(0.02 + 0.96 * u, 3.0))
+    x, sigma, real_x0, fake_x0 = calls[-1]
+    x_sigma = flow.add_noise(x, torch.randn(x.shape, generator=gen(3)), sigma)
+    with torch.no_grad():
+        with student.teacher() as teacher:
+            expected_real = clean_estimate(teacher, x_sigma, sigma, cond)
+        with student.fake_score() as fake:
+            expected_fake = clean_estimate(fake, x_sigma, sigma, cond)
+        assert not torch.allclose(expected_real, expected_fake, atol=1e-4)
+        torch.testing.assert_close(real_x0(x_sigma, sigma), expected_real)
+        torch.testing.assert_close(fake_x0(x_sigma, sigma), expected_fake)
+
+
+def test_without_a_discriminator_the_generator_scores_no_output(world, spies):
+    """Plain regression and DMD2 without its GAN train no discriminator: the generator step runs no teacher
+    feature pass for an untrained head and logs no logit of one."""
+    for extra in (["recipe.adv_weight=0", "recipe.step1_loss=none", "recipe.final_reg_weight=1.0"], []):
+        trainer, student, _ = (make_trainer(world, *extra) if extra else make_dmd_trainer(world))
+        spies["features"].clear()
+        logs = trainer.g_step()
+        assert spies["features"] == [] and not any(k.startswith("g_fake_logit") for k in logs), extra
+        assert math.isfinite(logs["g_total"])

@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 
-from twostep.core.config import load_config, to_dict
+from twostep.core.config import load_config, same_config, to_dict
 from twostep.core.errors import TwostepError
 from twostep.core.utils import (
     ensure_writable_dir,
@@ -48,6 +48,11 @@ from twostep.offline.distill import (
 from twostep.offline.evaluate import build_evaluator, eval_set
 from twostep.offline.ship import matching_shipped_teacher
 from twostep.offline.teacher import load_teacher, train_teacher
+
+
+# a finished run is read back when its config is this one; keys added to twostep since, at their defaults, count
+# as the same (they default to the behaviour before them)
+DEFAULT_CONFIG = to_dict(DistillConfig())
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -203,7 +208,7 @@ def _probe_cost(config_path: str | None, overrides: list[str], teacher_dir: str,
     path = os.path.join(run_dir, "bench_cost.json")
     if os.path.isfile(path):
         saved = read_json_object(path, what="bench cost record", hint=f"delete {path} to measure it again")
-        if saved.get("config") == to_dict(cfg):
+        if same_config(saved.get("config") or {}, to_dict(cfg), DEFAULT_CONFIG):
             return saved["cost"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -233,7 +238,7 @@ def _run_job(job: tuple, context: dict) -> dict:
     if os.path.isfile(record_path):
         saved = read_json_object(record_path, what="bench record", hint=f"delete {run_dir} to retrain this arm")
         images_path = os.path.join(run_dir, "bench_samples.safetensors")
-        if saved.get("config") == to_dict(arm_cfg) and os.path.isfile(images_path):
+        if same_config(saved.get("config") or {}, to_dict(arm_cfg), DEFAULT_CONFIG) and os.path.isfile(images_path):
             from safetensors.torch import load_file
 
             return {**saved, "images": load_file(images_path)["images"], "reused": True}

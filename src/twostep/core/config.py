@@ -131,6 +131,25 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None if field.default is dataclasses.MISSING else field.default
 
 
+def flatten(data: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested config dict by dotted key."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def same_config(saved: dict, current: dict, defaults: dict) -> bool:
+    """Whether a config written earlier (``saved``) is ``current``, a key that ``saved`` predates counting as the
+    same when ``current`` leaves it at its value in ``defaults`` (new keys default to the behaviour before them)."""
+    old, cur, base = flatten(saved), flatten(current), flatten(defaults)
+    missing = object()
+    return set(old) <= set(cur) and all(old.get(k, base.get(k, missing)) == v for k, v in cur.items())
+
+
 def class_defaults(cls: type[T]) -> T | None:
     """``cls()``, or None for a class whose fields are not all defaulted."""
     try:

@@ -67,9 +67,12 @@ def fake_score_loss(x: Tensor, sigma: Tensor, noise: Tensor, fake_velocity: Call
     return torch.mean((fake_velocity(x_sigma, sigma).float() - flow.velocity_target(x, noise).float()) ** 2)
 
 
-def sample_dmd_sigmas(n: int, low: float, high: float, generator: torch.Generator | None = None) -> Tensor:
-    """``(n,)`` noise levels uniform in ``[low, high]`` (DMD draws t uniformly over the teacher's range; DMD2 trims
-    the ends: ``low`` > 0 keeps the teacher's estimate informative, ``high`` < 1 keeps some of ``x`` in ``x_sigma``)."""
+def sample_dmd_sigmas(n: int, low: float, high: float, generator: torch.Generator | None = None,
+                      shift: float = 1.0) -> Tensor:
+    """``(n,)`` noise levels ``shift_sigma(u, shift)`` of ``u`` uniform in ``[low, high]`` (DMD draws t uniformly over
+    the teacher's range; DMD2 trims the ends: ``low`` > 0 keeps the teacher's estimate informative, ``high`` < 1
+    keeps some of ``x`` in ``x_sigma``; a ``shift`` > 1 moves the levels toward noise, as flow-matching ports of DMD
+    shift their timesteps like the sampling schedule)."""
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"need 0 <= low < high <= 1, got {low}, {high}")
-    return low + (high - low) * torch.rand(n, generator=generator)
+    return flow.shift_sigma(low + (high - low) * torch.rand(n, generator=generator), shift)

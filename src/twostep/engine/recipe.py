@@ -106,6 +106,9 @@ class RecipeConfig:
     dmd_weight: float | None = None
     dmd_sigma_min: float = 0.02
     dmd_sigma_max: float = 0.98
+    # the time shift of those levels (flow.shift_sigma on the uniform draw; 1 = uniform, > 1 = more at high noise),
+    # for the generator's gradient and the fake score's training alike, as flow-matching DMD ports shift them
+    dmd_sigma_shift: float = 1.0
 
     def __post_init__(self) -> None:
         for key, value in KIND_DEFAULTS.get(self.kind, KIND_DEFAULTS["turbo"]).items():
@@ -116,6 +119,12 @@ class RecipeConfig:
     def uses_dmd(self) -> bool:
         """A fake-score network is trained and the generator gets the distribution matching gradient."""
         return self.dmd_weight > 0
+
+    @property
+    def uses_discriminator(self) -> bool:
+        """Some output gets an adversarial loss. Without one (plain regression, DMD2 without its GAN) no
+        discriminator is trained, and scoring the outputs would cost a teacher forward for an untrained head."""
+        return self.adv_weight > 0 or (self.step1_loss == "adversarial" and self.step1_weight > 0)
 
     def validate(self) -> None:
         for key in ("adv_weight", "step1_weight", "final_reg_weight", "dmd_weight"):
@@ -134,6 +143,7 @@ class RecipeConfig:
         require(0 < self.dmd_sigma_max <= 1, "dmd_sigma_max", "must be in (0, 1] (a noise level)")
         require(self.dmd_sigma_min < self.dmd_sigma_max, "dmd_sigma_max",
                 f"must be above dmd_sigma_min ({self.dmd_sigma_min})")
+        require(self.dmd_sigma_shift > 0, "dmd_sigma_shift", "must be > 0 (1 = no shift)")
         require(self.adv_ramp_steps >= 0, "adv_ramp_steps", "must be >= 0 (0 = no ramp)")
         if self.student_inputs == "teacher_renoised":
             require(not self.end_to_end, "end_to_end", "must be false with student_inputs=teacher_renoised (no step "
@@ -159,9 +169,12 @@ def adv_ramp(rc: RecipeConfig, generator_step: int) -> float:
 def adversarial_outputs(rc: RecipeConfig, num_steps: int) -> list[int]:
     """Indices k of the outputs x_hat_k scored by the discriminator, the final one first.
 
-    The final output always is (its D logs are the run's health signal even when ``adv_weight`` is 0); the earlier
-    ones when ``step1_loss`` is adversarial. The generator and the discriminator step both follow this list.
+    The final output is whenever a discriminator is trained (its D logs are the run's health signal even when
+    ``adv_weight`` is 0); the earlier ones when ``step1_loss`` is adversarial; none without a discriminator. The
+    generator and the discriminator step both follow this list.
     """
+    if not rc.uses_discriminator:
+        return []
     final = [num_steps - 1]
     if rc.step1_loss == "adversarial" and rc.step1_weight > 0:
         return final + list(range(num_steps - 1))
@@ -255,7 +268,7 @@ def generator_loss(student: Student, disc: Discriminator, batch: dict[str, Tenso
             with torch.set_grad_enabled(torch.is_grad_enabled() and (rc.adv_weight if k == num - 1 else 1.0) > 0):
                 fake_logits[k] = disc.score(teacher.features, x_hats[k], sigma_d, d_noise, cond)
                 adv_terms[k] = g_loss(fake_logits[k], disc.cfg.loss)
-    adv = adv_terms[num - 1]
+    adv = adv_terms.get(num - 1, final.new_zeros(()))
     dmd, dmd_logs = distribution_matching(student, x_hats, cond, rc, generator)
 
     # step-1 regulariser on every non-final output
@@ -286,8 +299,8 @@ def generator_loss(student: Student, disc: Discriminator, batch: dict[str, Tenso
 def distribution_matching(student: Student, x_hats: list[Tensor], cond: Conditioning, rc: RecipeConfig,
                           generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
     """The sum of :func:`~twostep.engine.dmd.dmd_loss` over :func:`dmd_outputs` (0 and no logs without DMD): the
-    teacher's and the fake score's clean estimates at ``sigma ~ U[dmd_sigma_min, dmd_sigma_max]``, drawn from
-    ``generator`` (sigmas, then noise, per output)."""
+    teacher's and the fake score's clean estimates at ``sigma = shift_sigma(u, dmd_sigma_shift)``, ``u ~
+    U[dmd_sigma_min, dmd_sigma_max]``, drawn from ``generator`` (sigmas, then noise, per output)."""
     outputs = dmd_outputs(rc, len(x_hats))
     total = x_hats[-1].new_zeros((), dtype=torch.float32)
     if not outputs:
@@ -304,7 +317,8 @@ def distribution_matching(student: Student, x_hats: list[Tensor], cond: Conditio
 
     for k in outputs:
         x = x_hats[k]
-        sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator).to(x.device)
+        sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator,
+                                  shift=rc.dmd_sigma_shift).to(x.device)
         loss, part = dmd_loss(x, sigma, _randn_like(x, generator), real_x0, fake_x0)
         total = total + loss
         sfx = _suffix(k, len(x_hats))
@@ -315,8 +329,8 @@ def distribution_matching(student: Student, x_hats: list[Tensor], cond: Conditio
 def fake_score_step_loss(student: Student, batch: dict[str, Tensor], cond: Conditioning, rc: RecipeConfig,
                          generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
     """One update of the fake-score network: flow matching on sg(x_hat_k) of every output in :func:`dmd_outputs`
-    (fresh student outputs of this batch, computed without a graph), each at ``sigma ~ U[dmd_sigma_min,
-    dmd_sigma_max]``. Returns ``(loss, logs)``."""
+    (fresh student outputs of this batch, computed without a graph), each at a level drawn as the generator's
+    (:func:`distribution_matching`). Returns ``(loss, logs)``."""
     with torch.no_grad():
         x_hats = student_outputs(student, batch, cond, rc, generator)["x_hat"]
     total = x_hats[-1].new_zeros((), dtype=torch.float32)
@@ -324,7 +338,8 @@ def fake_score_step_loss(student: Student, batch: dict[str, Tensor], cond: Condi
     with student.fake_score() as fake:
         for k in dmd_outputs(rc, len(x_hats)):
             x = x_hats[k]
-            sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator).to(x.device)
+            sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator,
+                                      shift=rc.dmd_sigma_shift).to(x.device)
             loss = fake_score_loss(x, sigma, _randn_like(x, generator),
                                    lambda x_sigma, s: fake.velocity(x_sigma, s, cond))
             total = total + loss

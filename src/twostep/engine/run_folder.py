@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from twostep.core.config import class_defaults, save_config, to_dict
+from twostep.core.config import class_defaults, flatten, save_config, to_dict
 from twostep.core.errors import TwostepError
 from twostep.core.utils import (
     check_output_dir,
@@ -64,16 +64,6 @@ OPERATIONAL_KEYS = ("train.threads", "train.log_every", "train.checkpoint_every"
                     "train.keep_every", "train.max_bad_steps")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _matches(key: str, patterns) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
@@ -85,7 +75,7 @@ def check_config_change(saved: dict, new: dict, where: str, allow_change: bool, 
     predates (written by an older twostep) that the resume leaves at its default in ``defaults`` (the config
     class's defaults) is no change: new keys default to the behaviour before them. Returns the changes accepted
     and the keys taken at their default, as ``"key: old -> new"``."""
-    old, cur, default = _flatten(saved), _flatten(new), _flatten(defaults or {})
+    old, cur, default = flatten(saved), flatten(new), flatten(defaults or {})
     predates = [k for k in sorted(set(cur) - set(old)) if k in default and cur[k] == default[k]]
     changed = [k for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k) and k not in predates]
     fixed = [f"'{k}' ({old.get(k)!r} in {where}, {cur.get(k)!r} now)" for k in changed if _matches(k, identity_keys)]

@@ -416,9 +416,8 @@ class Trainer:
 
     @property
     def uses_discriminator(self) -> bool:
-        """False for pure regression (no adversarial term anywhere): the D step would cost time and change nothing."""
-        rc = self.cfg.recipe
-        return rc.adv_weight > 0 or (rc.step1_loss == "adversarial" and rc.step1_weight > 0)
+        """False without an adversarial term anywhere: the D step would cost time and change nothing."""
+        return self.cfg.recipe.uses_discriminator
 
     def train_step(self) -> dict[str, float] | None:
         """One generator step: any discriminator warm-up still due, ``d_steps_per_g`` D updates, one G update.

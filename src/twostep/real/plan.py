@@ -54,10 +54,9 @@ STEP_FORWARDS = 13.4
 # DMD2 (recipe.dmd_weight > 0), per sample, with S student steps, K outputs under the DMD loss and N fake-score
 # updates per generator step: a fake-score update runs the student without a graph (S F) and the fake score with its
 # backward (3 F per output); the generator update adds the teacher's and the fake score's estimates without a graph
-# (2 F per output). Without an adversarial term the generator update is the student with its backward (3 S F) and the
-# discriminator's health pass under no_grad (0.9 F) instead of Turbo++'s 13.4 F: 50.9 / 13.4 = 3.8x a Turbo++ step
-# (the detail bench's measured ratio per step is in the DMD2 block of docs/results.md)
-DMD_HEALTH_FORWARDS = 0.9
+# (2 F per output). Without an adversarial term the generator update is the student with its backward (3 S F) instead
+# of Turbo++'s 13.4 F (no discriminator, so no feature pass): 50 / 13.4 = 3.7x a Turbo++ step (the detail bench's
+# measured ratio per step is in the DMD2 block of docs/results.md)
 H100_BF16_FLOPS = 989e12
 MFU_RANGE = (0.30, 0.50)
 TYPICAL_CAPTION_TOKENS = 128
@@ -316,7 +315,7 @@ def step_forwards(req: PlanRequest) -> float:
     estimate; :data:`STEP_FORWARDS`, and the DMD2 terms above it)."""
     if not req.dmd:
         return STEP_FORWARDS
-    base = STEP_FORWARDS if req.adversarial else 3 * req.num_steps + DMD_HEALTH_FORWARDS
+    base = STEP_FORWARDS if req.adversarial else 3 * req.num_steps
     return base + req.fake_steps_per_g * (req.num_steps + 3 * req.dmd_outputs) + 2 * req.dmd_outputs
 
 
