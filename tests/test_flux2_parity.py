@@ -136,6 +136,36 @@ def test_vae_latents_are_batch_norm_normalised_patches(pipe):
     assert np.abs(unnormalised[0].permute(1, 2, 0).numpy().astype(int) - ours.astype(int)).max() > 0
 
 
+def test_the_batch_norm_is_the_pipelines_own_with_its_eps_and_direction(pipe):
+    """With non-trivial running statistics (the tiny VAE's are 0 and 1): decoding denormalises as the pipeline's
+    ``__call__`` does before ``_unpatchify_latents``, encoding normalises as its ``_encode_vae_image`` does after
+    ``_patchify_latents``, eps included."""
+    import copy
+
+    vae = copy.deepcopy(pipe.vae)
+    channels = vae.bn.running_mean.numel()
+    g = torch.Generator().manual_seed(7)
+    vae.bn.running_mean.copy_(torch.randn(channels, generator=g))
+    vae.bn.running_var.copy_(torch.rand(channels, generator=g) * 0.01)  # small: eps is a visible share of the std
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    latents = _noise(seed=6, batch=1)
+    torch.testing.assert_close(pipeline_io.to_vae_latents(vae, latents),
+                               Flux2KleinPipeline._unpatchify_latents(latents * std + mean))
+    vae_latents = torch.randn(1, 4, 16, 16, generator=g)
+    torch.testing.assert_close(pipeline_io.from_vae_latents(vae, vae_latents),
+                               (Flux2KleinPipeline._patchify_latents(vae_latents) - mean) / std)
+
+
+def test_the_prompt_length_is_the_pipelines_512_tokens(pipe):
+    """The transformer reads the padded prompt with no mask, so the length is part of the conditioning: ours is
+    the pipeline's own, in its tokenizer limit and in its call's default."""
+    import inspect
+
+    assert pipeline_io.MAX_SEQUENCE_LENGTH == pipe.tokenizer_max_length == 512
+    assert inspect.signature(Flux2KleinPipeline.__call__).parameters["max_sequence_length"].default == 512
+
+
 def test_single_stream_features_are_the_image_tokens_after_the_text(pipe):
     backbone, cond, x = Flux2Backbone(pipe.transformer), _cond(pipe), _noise()
     sigma = torch.tensor([0.7, 0.7])

@@ -21,7 +21,7 @@ RES = 32  # tiny VAE 2x, 2x2 patches: engine latents (16, 8, 8), 64 image tokens
 PROMPTS = ["a red cat on a sofa", "a photo of a small house", "the city at night"]
 SHIFT = schedule_shift(64, 4)  # exp(compute_empirical_mu(64, 4)): the tiny pipeline's 4-step schedule
 SIGMA2 = round(float(flow.turbo_sigmas(4, SHIFT)[2]), 6)  # the teacher's state after 2 of 4 steps
-SCHEDULE = [f"teacher_data.shift={SHIFT}", f"teacher_data.student_sigmas=[1.0,{SIGMA2}]", "teacher_data.max_length=24",
+SCHEDULE = [f"teacher_data.shift={SHIFT}", f"teacher_data.student_sigmas=[1.0,{SIGMA2}]", "teacher_data.max_length=512",
             f"student.sigmas=[1.0,{SIGMA2}]"]
 TRAIN = ["train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "train.d_warmup_steps=0",
          "train.sample_every=2", "train.checkpoint_every=2", "train.bf16=false", "model.dtype=float32",
@@ -48,6 +48,16 @@ def klein(tmp_path_factory):
     return {"root": root, "pipe": pipe, "prompts": str(prompts), "data": data, "run": run, **exports}
 
 
+def test_a_klein_cache_at_another_prompt_length_is_refused_before_anything_is_written(klein, tmp_path, capsys):
+    """klein's transformer reads the padded prompt unmasked: a cache at 256 tokens would train the student on
+    prompts that generate, evaluate and ComfyUI (always 512) never give it."""
+    out = tmp_path / "data"
+    assert main(["teacher-data", "--teacher", klein["pipe"], "--prompts", klein["prompts"], "--resolution", str(RES),
+                 "--out", str(out), *SCHEDULE, "teacher_data.max_length=256"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher_data.max_length=256" in err and "set teacher_data.max_length=512" in err and not out.exists()
+
+
 def test_teacher_data_is_the_stock_pipelines_output_at_the_same_noise(klein):
     from diffusers import Flux2KleinPipeline
 
@@ -60,7 +70,7 @@ def test_teacher_data_is_the_stock_pipelines_output_at_the_same_noise(klein):
     assert data.provenance["teacher_id"] == "flux2" and data.provenance["sample_shape"] == [16, 8, 8]
     batch = data.batch(torch.arange(2))
     embeds = PromptEmbeds(os.path.join(klein["data"], "text"))
-    assert embeds.get(0).shape == (24, 48)  # the full padded prompt, three hidden layers
+    assert embeds.get(0).shape == (512, 48)  # the full padded prompt, three hidden layers
     pipe = Flux2KleinPipeline.from_pretrained(klein["pipe"])
     for i in range(2):
         prompt = int(batch["prompt_index"][i])
@@ -208,6 +218,38 @@ def test_comfyui_export_uses_comfyuis_flux2_names_and_ships_a_valid_workflow(kle
     assert len(by_class["SamplerCustomAdvanced"]) == 2 and "ModelSamplingAuraFlow" not in by_class
     card = open(os.path.join(folder, "README.md")).read()
     assert "workflow_api.json" in card and all(f"`{n['class_type']}`" in card for n in graph.values())
+
+
+def test_comfyui_names_map_back_to_each_diffusers_module_through_diffusers_own_converter():
+    """Which module goes to which ComfyUI name, pinned by diffusers' converter from the original (BFL / ComfyUI)
+    layout: every exported update, read back into diffusers names, is its own module's ``B @ A`` (same-shaped
+    swaps, img_mlp with txt_mlp or linear1 with linear2, would load silently in ComfyUI)."""
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from twostep.families.flux2.comfy_workflow import comfy_lora
+    from twostep.families.flux2.tiny import tiny_transformer_config
+
+    model = Flux2Transformer2DModel(**tiny_transformer_config())
+    g = torch.Generator().manual_seed(0)
+    lora, expected = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "blocks." in name:
+            a, b = torch.randn(4, module.in_features, generator=g), torch.randn(module.out_features, 4, generator=g)
+            lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"] = a, b
+            expected[f"{name}.weight"] = b @ a
+    exported = comfy_lora(lora)
+    original = {}
+    for key, down in exported.items():
+        if key.endswith(".lora_A.weight"):
+            stem = key[len("diffusion_model."):-len(".lora_A.weight")]
+            up, alpha = exported[key.replace("lora_A", "lora_B")], exported[key.replace("lora_A.weight", "alpha")]
+            original[f"{stem}.weight"] = alpha.item() / down.shape[0] * (up @ down)
+    back = convert_flux2_transformer_checkpoint_to_diffusers(original)
+    assert set(back) == set(expected), sorted(set(back) ^ set(expected))[:4]
+    for key, weight in expected.items():
+        torch.testing.assert_close(back[key], weight, msg=key)
+
 
 
 def test_plan_of_a_klein_model_reads_the_klein_recipe(klein, capsys):

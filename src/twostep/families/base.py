@@ -29,6 +29,9 @@ class ModelFamily:
     default_model: str = ""  # hub id of the release the defaults are for
     default_config: str = ""  # packaged config name (`--config NAME`)
     max_sequence_length: int = 512  # prompt tokens the pipeline encodes
+    # the transformer reads every prompt padded to max_sequence_length with no mask (FLUX.2): the padding is part of
+    # the conditioning, so a text cache must encode at exactly that length
+    prompt_padded: bool = False
     default_teacher_steps: int = 8  # the release's own step count (what the student is distilled from)
 
     # ------------------------------------------------------------------ pipeline folder (no model loads)

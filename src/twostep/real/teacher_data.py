@@ -166,6 +166,11 @@ def make_real_teacher_data(cfg: ZImageDataConfig, model: str, out_dir: str, dtyp
     if cfg.max_length > limit:
         raise TwostepError(f"teacher_data.max_length={cfg.max_length} is more than {teacher.family.title}'s pipeline "
                            f"encodes ({limit} tokens); set teacher_data.max_length={limit}")
+    if teacher.family.prompt_padded and cfg.max_length != limit:
+        raise TwostepError(f"teacher_data.max_length={cfg.max_length}: {teacher.family.title}'s transformer reads "
+                           f"the prompt padded to {limit} tokens with no mask, and its pipeline and ComfyUI always "
+                           f"pad to {limit}; a cache at another length trains the student on prompts it never sees "
+                           f"at inference; set teacher_data.max_length={limit}")
     check_prompt_lengths(teacher.folder, prompts, cfg.max_length, cfg.prompts)
     if is_guided(cfg, teacher):
         check_prompt_lengths(teacher.folder, [cfg.negative_prompt], cfg.max_length)

@@ -25,6 +25,7 @@ class Flux2KleinFamily(ModelFamily):
     default_model = "black-forest-labs/FLUX.2-klein-4B"
     default_config = "flux2_klein_4b_2step_lora"
     max_sequence_length = pipeline_io.MAX_SEQUENCE_LENGTH
+    prompt_padded = True
     default_teacher_steps = 4
     plan_aliases = ("flux2-klein-4b",)
     vae_downsample = 16  # the VAE's 8x, then the pipeline's 2x2 patchify (latents (128, H/16, W/16))
@@ -165,7 +166,7 @@ class Flux2KleinFamily(ModelFamily):
                 "ffn_hidden": ffn, "text_dim": int(config["joint_attention_dim"]),
                 "patch": 2, "in_channels": int(config.get("in_channels", 128)),
                 "vae_latent_channels": int(config.get("in_channels", 128)) // 4,  # latents patchified 2x2
-                "text_padded": True}  # every prompt reaches the transformer padded to max_sequence_length
+                "text_padded": self.prompt_padded}
 
 
 FAMILY = Flux2KleinFamily()
