@@ -119,3 +119,12 @@ def test_merge_student_raises_no_warning(tiny_student, caplog):
     assert not caught, [str(w.message) for w in caught]
     assert not caplog.records, caplog.text
     assert all(p.dtype == torch.float32 for p in merged.parameters())
+
+
+def test_the_progress_bar_shows_the_critics_a_recipe_trains():
+    from twostep.engine.train import progress_postfix
+
+    assert progress_postfix({"g_total": 0.5, "d_loss": 1.25, "d_accuracy": 0.56}) == {"g": "0.500", "d": "1.250",
+                                                                                     "acc": "0.56"}
+    assert progress_postfix({"g_total": 0.5, "fake_score_total": 0.031}) == {"g": "0.500", "fake": "0.031"}
+    assert progress_postfix({"g_total": 0.5}) == {"g": "0.500"}, "regression: no critic, no nan columns"

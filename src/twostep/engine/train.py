@@ -101,6 +101,17 @@ def _data_parallel(module: nn.Module, device: torch.device, ignore: list[nn.Para
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
+def progress_postfix(logs: dict[str, float]) -> dict[str, str]:
+    """The progress bar's health line: the generator's loss, and each critic's where the recipe trains one (the
+    discriminator's loss and accuracy, the fake score's flow-matching loss)."""
+    shown = {"g": f"{logs['g_total']:.3f}"}
+    if "d_loss" in logs:
+        shown.update(d=f"{logs['d_loss']:.3f}", acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
+    if "fake_score_total" in logs:
+        shown["fake"] = f"{logs['fake_score_total']:.3f}"
+    return shown
+
+
 class Trainer:
     """Holds the student, discriminator, optimizers and EMA; :meth:`fit` runs the loop."""
 
@@ -483,8 +494,7 @@ class Trainer:
                     # a stop logs the step it saves
                     log.write(step_record(self.step, self.elapsed, self.sched_g.get_last_lr()[0], logs,
                                           self.problems), logs)
-                    bar.set_postfix(g=f"{logs['g_total']:.3f}", d=f"{logs.get('d_loss', float('nan')):.3f}",
-                                    acc=f"{logs.get('d_accuracy', float('nan')):.2f}")
+                    bar.set_postfix(progress_postfix(logs))
                 if stopping:
                     if every_rank:
                         self.save_checkpoint()
