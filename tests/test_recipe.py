@@ -431,3 +431,23 @@ def test_without_a_discriminator_the_generator_scores_no_output(world, spies):
         logs = trainer.g_step()
         assert spies["features"] == [] and not any(k.startswith("g_fake_logit") for k in logs), extra
         assert math.isfinite(logs["g_total"])
+
+
+def test_the_fake_score_lora_takes_its_own_rank_at_the_students_scale(world):
+    from twostep.engine.student import Student
+
+    trainer, student, _ = make_dmd_trainer(world, "student.fake_score_rank=8")
+    rank = trainer.cfg.student.lora_rank
+    downs = [p for n, p in student.named_parameters() if f".{Student.FAKE_SCORE}." in n and "lora_A" in n]
+    assert downs and all(p.shape[0] == 8 for p in downs) and rank != 8
+    steps = [p for n, p in student.named_parameters() if ".step1." in n and "lora_A" in n]
+    assert steps and all(p.shape[0] == rank for p in steps)
+    layer = next(m for m in student.modules() if hasattr(m, "scaling") and Student.FAKE_SCORE in m.scaling)
+    assert layer.scaling[Student.FAKE_SCORE] == pytest.approx(layer.scaling["step1"])  # alpha / rank, both
+    batch, cond = trainer._batch()
+    x, sigma = batch["states"][:, 1], torch.full((len(cond),), 0.75)
+    with torch.no_grad():
+        with student.teacher() as teacher:
+            v_teacher = teacher.velocity(x, sigma, cond)
+        with student.fake_score() as fake:
+            torch.testing.assert_close(fake.velocity(x, sigma, cond), v_teacher)  # still the teacher at the start

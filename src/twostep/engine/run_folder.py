@@ -57,8 +57,9 @@ def write_checkpoint(run_dir: str, step: int, state: dict, keep_last: int, keep_
 
 # Config keys that define what a checkpoint's tensors are (or the teacher and data they were fitted to): a resume
 # that changes one is refused. A trailing "." covers a whole section.
-IDENTITY_KEYS = ("student.sigmas", "student.params", "student.form", "student.lora_rank", "student.lora_targets",
-                 "discriminator.blocks", "discriminator.hidden", "teacher.", "teacher_data.", "model.path")
+IDENTITY_KEYS = ("student.sigmas", "student.params", "student.form", "student.lora_rank", "student.fake_score_rank",
+                 "student.lora_targets", "discriminator.blocks", "discriminator.hidden", "teacher.", "teacher_data.",
+                 "model.path")
 # Keys that do not change what a run computes: a resume may change them freely.
 OPERATIONAL_KEYS = ("train.threads", "train.log_every", "train.checkpoint_every", "train.keep_last",
                     "train.keep_every", "train.max_bad_steps")

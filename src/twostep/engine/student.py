@@ -44,6 +44,9 @@ class StudentConfig:
     form: Literal["lora", "full"] = "lora"
     lora_rank: int = 16
     lora_alpha: float = 16.0
+    # DMD's fake-score LoRA (form: lora): its rank, 0 = lora_rank; its scale stays lora_alpha / lora_rank. DMD2 trains
+    # a full copy: a fake score that lags the student's distribution biases the DMD gradient
+    fake_score_rank: int = 0
     # attention and feed-forward linears of every block (module-name suffixes, as peft matches them)
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"])
     renoise: Literal["euler", "fresh"] = "euler"
@@ -54,12 +57,17 @@ class StudentConfig:
                 "must be strictly decreasing and above 0")
         require(self.lora_rank >= 1, "lora_rank", "must be at least 1")
         require(self.lora_alpha > 0, "lora_alpha", "must be positive (the LoRA scale is lora_alpha / lora_rank)")
+        require(self.fake_score_rank >= 0, "fake_score_rank", "must be >= 0 (0 = lora_rank)")
         require(len(self.lora_targets) >= 1 and all(t.strip() for t in self.lora_targets), "lora_targets",
                 "must name at least one module (no empty names)")
 
     @property
     def num_steps(self) -> int:
         return len(self.sigmas)
+
+    @property
+    def fake_score_lora_rank(self) -> int:
+        return self.fake_score_rank or self.lora_rank
 
 
 def lora_target_names(transformer: nn.Module, suffixes: list[str]) -> list[str]:
@@ -151,10 +159,15 @@ class Student(KStepSampler, nn.Module):
                                    "layer of the transformer")
             lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
                               init_lora_weights=True)
+            fake_rank = cfg.fake_score_lora_rank
+            fake_lora = LoraConfig(r=fake_rank, lora_alpha=cfg.lora_alpha * fake_rank / cfg.lora_rank,
+                                   target_modules=targets, init_lora_weights=True)
             with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point
                 warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-                for name in self.adapter_names + ([self.FAKE_SCORE] if fake_score else []):
+                for name in self.adapter_names:
                     teacher.transformer.add_adapter(lora, adapter_name=name)
+                if fake_score:
+                    teacher.transformer.add_adapter(fake_lora, adapter_name=self.FAKE_SCORE)
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             self._lora_params = {name: [p for n, p in teacher.named_parameters() if f".{name}." in n]

@@ -89,6 +89,7 @@ class PlanRequest:
     dmd: bool = False  # distribution matching: a fake-score network (recipe.dmd_weight > 0)
     dmd_outputs: int = 1  # outputs under the DMD loss (every step's with end_to_end false, the final one else)
     fake_steps_per_g: int = 5  # train.fake_steps_per_g
+    fake_score_rank: int = 0  # student.fake_score_rank (0 = lora_rank)
 
     @property
     def parameter_sets(self) -> int:
@@ -253,9 +254,10 @@ def plan_memory(req: PlanRequest, config: dict[str, Any] | None = None, family=N
             parts["FSDP2 unsharded block buffers"] = n["block"] * (FSDP_PREFETCH_BLOCKS * BF16 + FP32)
     if req.dmd:  # DMD's fake-score network: one more adapter on the same base, or one more (sharded) copy
         if req.mode == "lora":
-            parts["fake-score LoRA + grads + AdamW (fp32)"] = n["lora_per_step"] * optim
+            fake = n["lora_per_step"] * (req.fake_score_rank or req.lora_rank) // req.lora_rank  # linear in rank
+            parts["fake-score LoRA + grads + AdamW (fp32)"] = fake * optim
             if req.gpus > 1:
-                parts["DDP gradient buckets (fake score)"] = n["lora_per_step"] * FP32
+                parts["DDP gradient buckets (fake score)"] = fake * FP32
         else:
             parts["fake-score copy: bf16 + fp32 master/grads/AdamW (sharded)"] = -(-n["base"] * (BF16 + optim)
                                                                                  // req.gpus)
@@ -540,6 +542,7 @@ def request_from_config(cfg, **flags) -> PlanRequest:
                       adversarial=cfg.recipe.adv_weight > 0 or (cfg.recipe.step1_loss == "adversarial"
                                                                 and cfg.recipe.step1_weight > 0),
                       dmd=cfg.recipe.uses_dmd, fake_steps_per_g=cfg.train.fake_steps_per_g,
+                      fake_score_rank=cfg.student.fake_score_rank,
                       dmd_outputs=cfg.student.num_steps if cfg.recipe.uses_dmd and not cfg.recipe.end_to_end else 1)
     return dataclasses.replace(req, **{k: v for k, v in flags.items() if v is not None})
 

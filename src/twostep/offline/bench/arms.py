@@ -28,6 +28,7 @@ REGRESSION = "regression only"
 DMD2 = "DMD2"
 DMD2_GAN = "DMD2 + GAN"
 DMD2_SHIFTED = "DMD2, shifted σ"
+DMD2_WIDE_FAKE = "DMD2, fake score rank 16"
 
 # name -> (overrides on top of PAPER, what it tests); DEFAULTS takes the config as it is
 ARMS: dict[str, tuple[list[str], str]] = {
@@ -71,6 +72,11 @@ ARMS: dict[str, tuple[list[str], str]] = {
                     "recipe.end_to_end=false", "recipe.adv_ramp_steps=0", "discriminator.r1_weight=0.0",
                     "recipe.dmd_sigma_shift=3.0"],
                    "DMD2 with its renoising levels time-shifted as the sampling schedule (shift 3)"),
+    # DMD2 trains a full copy as its fake score; a rank-4 LoRA may lag the student's distribution
+    DMD2_WIDE_FAKE: (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0", "recipe.step1_loss=none",
+                      "recipe.end_to_end=false", "recipe.adv_ramp_steps=0", "discriminator.r1_weight=0.0",
+                      "student.fake_score_rank=16"],
+                     "DMD2 with a fake-score LoRA of rank 16 (4x the student's)"),
     # the discriminator's strength and placement (issue 21): it ends near chance in every arm with teacher reals
     "D: every block": (["discriminator.blocks=[0,1,2,3]"], "heads on all 4 teacher blocks instead of blocks 1 and 3"),
     "D: wider heads": (["discriminator.hidden=128"], "heads twice as wide (128 channels)"),
@@ -132,8 +138,9 @@ QUICK_TEACHER = ["teacher.model.dim=32", "teacher.model.n_heads=2", "teacher.mod
 QUICK_WARMUPS = ["train.d_warmup_steps=1", "recipe.adv_ramp_steps=2"]
 WORLD_BENCHES = {
     # digits: the original ablation table (endpoints; 100 steps x 3 seeds)
-    "digits": WorldBench("toy_demo", [a for a in ARMS if a not in (DMD2_GAN, DMD2_SHIFTED, "DMD2 end-to-end",
-                                                                  "Turbo++ + DMD") and not a.startswith("D: ")],
+    "digits": WorldBench("toy_demo", [a for a in ARMS if a not in (DMD2_GAN, DMD2_SHIFTED, DMD2_WIDE_FAKE,
+                                                                  "DMD2 end-to-end", "Turbo++ + DMD")
+                                      and not a.startswith("D: ")],
                          BenchConfig(), QUICK_TEACHER, QUICK),
     # detail: learning curves on the world where blur is measurable, 2 seeds. A detail step costs ~6x a digits step
     # on 2 CPU cores (64 image tokens, RGB), so 500 steps at batch 16 is what fits the 90-minute bar: 5x the digits
@@ -145,7 +152,7 @@ WORLD_BENCHES = {
                          QUICK_TEACHER + ["teacher.model.axes_lens=[64,16,16]"],
                          dataclasses.replace(QUICK, curve_every=2),
                          # DMD2 against the paper's recipe (issue 21): the detail block's budget and seeds
-                         suites={"dmd2": [FULL, DMD2, DMD2_GAN, DMD2_SHIFTED],
+                         suites={"dmd2": [FULL, DMD2, DMD2_GAN, DMD2_SHIFTED, DMD2_WIDE_FAKE],
                                  "discriminator": [FULL, "D: every block", "D: wider heads", "D: lower σ_d",
                                                    "D: 2 updates per G"]}),
 }
