@@ -311,6 +311,17 @@ def make_dmd_trainer(world, *extra):
     return Trainer(cfg, student, disc, data, base.prompt_table, None, str(world["root"] / "run")), student, disc
 
 
+def assert_fake_score_is_the_teacher(trainer, student):
+    """A fresh fake score (LoRA B = 0) predicts exactly what the frozen teacher does."""
+    batch, cond = trainer._batch()
+    x, sigma = batch["states"][:, 1], torch.full((len(cond),), 0.75)
+    with torch.no_grad():
+        with student.teacher() as teacher:
+            v_teacher = teacher.velocity(x, sigma, cond)
+        with student.fake_score() as fake:
+            torch.testing.assert_close(fake.velocity(x, sigma, cond), v_teacher)
+
+
 def test_kind_dmd2_is_dmd2_as_published_and_explicit_keys_win():
     from twostep.core.config import from_dict
     from twostep.engine.recipe import RecipeConfig
@@ -342,13 +353,7 @@ def test_the_fake_score_starts_as_the_teacher_and_each_network_trains_apart(worl
     trainer, student, disc = make_dmd_trainer(world)
     fake_ids = {id(p) for p in student.fake_score_parameters()}
     assert fake_ids and not fake_ids & {id(p) for ps in student.parameter_groups().values() for p in ps}
-    batch, cond = trainer._batch()
-    x, sigma = batch["states"][:, 1], torch.full((len(cond),), 0.75)
-    with torch.no_grad():
-        with student.teacher() as teacher:
-            v_teacher = teacher.velocity(x, sigma, cond)
-        with student.fake_score() as fake:
-            torch.testing.assert_close(fake.velocity(x, sigma, cond), v_teacher)  # LoRA B = 0: the teacher
+    assert_fake_score_is_the_teacher(trainer, student)
 
     def snapshot():
         return {n: p.detach().clone() for n, p in [*student.named_parameters(), *disc.named_parameters()]}
@@ -444,10 +449,4 @@ def test_the_fake_score_lora_takes_its_own_rank_at_the_students_scale(world):
     assert steps and all(p.shape[0] == rank for p in steps)
     layer = next(m for m in student.modules() if hasattr(m, "scaling") and Student.FAKE_SCORE in m.scaling)
     assert layer.scaling[Student.FAKE_SCORE] == pytest.approx(layer.scaling["step1"])  # alpha / rank, both
-    batch, cond = trainer._batch()
-    x, sigma = batch["states"][:, 1], torch.full((len(cond),), 0.75)
-    with torch.no_grad():
-        with student.teacher() as teacher:
-            v_teacher = teacher.velocity(x, sigma, cond)
-        with student.fake_score() as fake:
-            torch.testing.assert_close(fake.velocity(x, sigma, cond), v_teacher)  # still the teacher at the start
+    assert_fake_score_is_the_teacher(trainer, student)

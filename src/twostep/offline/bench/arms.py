@@ -30,6 +30,12 @@ DMD2_GAN = "DMD2 + GAN"
 DMD2_SHIFTED = "DMD2, shifted σ"
 DMD2_WIDE_FAKE = "DMD2, fake score rank 16"
 
+# DMD2 as published, on top of PAPER: the distribution matching gradient on every step's output of the student's own
+# chain (backward simulation), a fake-score LoRA trained 5x per generator step, no GAN; PAPER's D-only warm-up
+# becomes the fake score's warm-up
+DMD2_OVERRIDES = ["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0", "recipe.step1_loss=none",
+                  "recipe.end_to_end=false", "recipe.adv_ramp_steps=0", "discriminator.r1_weight=0.0"]
+
 # name -> (overrides on top of PAPER, what it tests); DEFAULTS takes the config as it is
 ARMS: dict[str, tuple[list[str], str]] = {
     FULL: ([], "all three components as the paper states them (with the discriminator fixes)"),
@@ -49,33 +55,24 @@ ARMS: dict[str, tuple[list[str], str]] = {
             "recipe.end_to_end=false"],
            "reference (LADD): step k's input is the teacher's output renoised to σ_k; adversarial loss only"),
     DEFAULTS: ([], "the shipped defaults of this world's config, chosen from this bench"),
-    # DMD2 (issue 21), at the same budget: the distribution matching gradient on every step's output of the student's
-    # own chain (backward simulation), a fake-score LoRA trained 5x per generator step; PAPER's D-only warm-up
-    # becomes the fake score's warm-up
-    DMD2: (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0", "recipe.step1_loss=none",
-            "recipe.end_to_end=false", "recipe.adv_ramp_steps=0", "discriminator.r1_weight=0.0"],
+    # DMD2 (issue 21), at the same budget
+    DMD2: (DMD2_OVERRIDES,
            "reference (DMD2): distribution matching with a fake-score LoRA, backward simulation, no GAN"),
     # DMD2's GAN: on dataset images, at a weight scaled from DMD2's (5e-3 on SDXL's 65,536 latent values, 3e-3 on
     # ImageNet's 12,288) by the number of values per image: the DMD term's gradient per value is 1 / numel
     DMD2_GAN: (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.1", "recipe.step1_loss=none",
                 "recipe.end_to_end=false", "recipe.real_source=data"],
                "reference (DMD2 + GAN): DMD2 with its GAN term on dataset images (weight 0.1)"),
-    "DMD2 end-to-end": (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0",
-                         "recipe.step1_loss=none", "recipe.end_to_end=true", "recipe.adv_ramp_steps=0",
-                         "discriminator.r1_weight=0.0"],
+    "DMD2 end-to-end": ([*DMD2_OVERRIDES, "recipe.end_to_end=true"],
                         "DMD2 trained end to end as Turbo++ (DMD on the final output only, gradient through both "
                         "steps)"),
     "Turbo++ + DMD": (["recipe.dmd_weight=1.0"], "the paper's recipe plus DMD2's distribution matching term"),
     # uniform levels put half of DMD's gradient below σ = 0.5, on fine detail; flow-matching ports of DMD shift them
     # toward noise as the sampling schedule is (shift 3 here): does that curb DMD2's over-sharpening?
-    DMD2_SHIFTED: (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0", "recipe.step1_loss=none",
-                    "recipe.end_to_end=false", "recipe.adv_ramp_steps=0", "discriminator.r1_weight=0.0",
-                    "recipe.dmd_sigma_shift=3.0"],
+    DMD2_SHIFTED: ([*DMD2_OVERRIDES, "recipe.dmd_sigma_shift=3.0"],
                    "DMD2 with its renoising levels time-shifted as the sampling schedule (shift 3)"),
     # DMD2 trains a full copy as its fake score; a rank-4 LoRA may lag the student's distribution
-    DMD2_WIDE_FAKE: (["recipe.kind=dmd2", "recipe.dmd_weight=1.0", "recipe.adv_weight=0.0", "recipe.step1_loss=none",
-                      "recipe.end_to_end=false", "recipe.adv_ramp_steps=0", "discriminator.r1_weight=0.0",
-                      "student.fake_score_rank=16"],
+    DMD2_WIDE_FAKE: ([*DMD2_OVERRIDES, "student.fake_score_rank=16"],
                      "DMD2 with a fake-score LoRA of rank 16 (4x the student's)"),
     # the discriminator's strength and placement (issue 21): it ends near chance in every arm with teacher reals
     "D: every block": (["discriminator.blocks=[0,1,2,3]"], "heads on all 4 teacher blocks instead of blocks 1 and 3"),
