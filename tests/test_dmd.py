@@ -96,13 +96,13 @@ def test_gradient_scale_is_the_estimates_gap_over_the_teachers_error_per_sample(
 def test_the_losss_gradient_is_the_dmd_gradient_over_numel_and_trains_neither_network():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 2, 4, 4, generator=g).requires_grad_(True)
-    sigma, noise = torch.full((3,), 0.5), torch.randn(3, 2, 4, 4, generator=g)
+    sigma, noise = torch.full((3,), 0.3), torch.randn(3, 2, 4, 4, generator=g)  # not 0.5: σ and 1 - σ differ
     weight = torch.nn.Parameter(torch.tensor(0.7))
     teacher = lambda xs, s: weight * xs  # noqa: E731  (a network with a parameter: must get no gradient)
     fake = lambda xs, s: 0.2 * xs  # noqa: E731
     loss, _ = dmd_loss(x, sigma, noise, teacher, fake)
     loss.backward()
-    x_sigma = flow.add_noise(x.detach(), noise, sigma)
+    x_sigma = 0.7 * x.detach() + 0.3 * noise  # DESIGN §2, written out: x_σ = (1 - σ) x + σ ε
     expected = dmd_gradient(x, teacher(x_sigma, sigma), fake(x_sigma, sigma)) / x.numel()
     torch.testing.assert_close(x.grad, expected)
     assert weight.grad is None
