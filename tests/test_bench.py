@@ -159,6 +159,19 @@ def test_suite_reading_names_wins_losses_and_ties_beyond_the_spread():
     assert "ahead of the paper's recipe beyond the spread on 1 of 2" in verdict and "behind on 1 of 2" in verdict
 
 
+def test_a_variant_is_read_against_the_arm_it_changes():
+    from twostep.offline.bench.arms import VARIANT_OF
+    from twostep.offline.bench.reading import suite_reading
+
+    variant = next(v for v, base in VARIANT_OF.items() if base == DMD2)
+    base = {"fd_teacher": (40.0, 5.0), "high_band_ratio": (1.22, 0.01)}
+    lines = suite_reading({FULL: {"fd_teacher": (2.0, 0.5), "high_band_ratio": (0.99, 0.01)}, DMD2: base,
+                           variant: {"fd_teacher": (30.0, 4.0), "high_band_ratio": (1.225, 0.01)}})
+    (line,) = [line for line in lines if line.startswith(f"- **`{variant}` vs `{DMD2}`**")]
+    assert f"FD to the teacher's 8-step samples 30.000 ± 4.000, better than `{DMD2}`'s" in line
+    assert f"within the spread of `{DMD2}`'s 1.220 ± 0.010" in line  # 0.005 farther from 1: within ±0.01
+
+
 def test_discriminator_accuracy_is_reported_as_a_measurement_not_as_a_win_or_loss():
     from twostep.offline.bench.reading import discriminator_health, suite_reading
 

@@ -81,6 +81,8 @@ ARMS: dict[str, tuple[list[str], str]] = {
     "D: 2 updates per G": (["train.d_steps_per_g=2"], "two discriminator updates per generator update"),
 }
 ABLATIONS = ["real_source=data", "params=shared", "end_to_end=false", "step1_loss=none"]
+# arms that change one thing of another arm (not of PAPER): the reading also compares each with that arm
+VARIANT_OF = {DMD2_SHIFTED: DMD2, DMD2_WIDE_FAKE: DMD2}
 
 
 def arm_overrides(name: str, common: list[str] | tuple = ()) -> list[str]:

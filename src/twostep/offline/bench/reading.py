@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from twostep.offline.bench.arms import ABLATIONS, ARMS, DEFAULTS, FULL, REGRESSION
+from twostep.offline.bench.arms import ABLATIONS, ARMS, DEFAULTS, FULL, REGRESSION, VARIANT_OF
 
 
 def reading(summary: dict) -> list[str]:
@@ -152,6 +152,24 @@ def suite_reading(summary: dict) -> list[str]:
                      f"is ahead of the paper's recipe beyond the spread on {len(ahead)} of 2"
                      + (f" ({'; '.join(ahead)})" if ahead else "") + f", behind on {len(behind)} of 2"
                      + (f" ({'; '.join(behind)})" if behind else "") + ".")
+    return lines + variant_reading(summary)
+
+
+def variant_reading(summary: dict) -> list[str]:
+    """Each variant of an arm (``VARIANT_OF``) against that arm on the measures that decide a distillation: did
+    its one change help, beyond the seeds' spread?"""
+    lines = []
+    words = {"better": "better than", "worse": "worse than", "tie": "within the spread of"}
+    for variant, base in VARIANT_OF.items():
+        if variant not in summary or base not in summary:
+            continue
+        parts = []
+        for metric, label, direction in DMD2_MEASURES:
+            if metric in ("fd_teacher", "high_band_ratio") and metric in summary[variant]:
+                verdict, _, margin = _versus(summary, variant, base, metric, direction)
+                parts.append(f"{label} {mean_spread(summary[variant][metric])}, {words[verdict]} `{base}`'s "
+                             f"{mean_spread(summary[base][metric])} (spread ±{margin:.3f})")
+        lines.append(f"- **`{variant}` vs `{base}`** (its one change): " + "; ".join(parts) + ".")
     return lines
 
 
