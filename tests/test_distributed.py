@@ -323,8 +323,8 @@ def test_zimage_dmd2_with_its_gan_trains_under_ddp_and_resumes(zimage_data, tmp_
     proc = torchrun(2, "train", "--config", "zimage_turbo_2step_dmd2", "--data", zimage_data, "--out", run,
                     "train.steps=2", "train.batch_size=4", "train.warmup_steps=1", "train.sample_every=100",
                     "train.bf16=false", "model.dtype=float32", "discriminator.blocks=[0,1]", "discriminator.hidden=16",
-                    "student.lora_rank=4", "train.fake_steps_per_g=2", "train.d_warmup_steps=1", "train.log_every=1",
-                    "recipe.adv_weight=0.1")
+                    "student.lora_rank=4", "student.fake_score_rank=16", "train.fake_steps_per_g=2",
+                    "train.d_warmup_steps=1", "train.log_every=1", "recipe.adv_weight=0.1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = _log(run)
     assert [r["step"] for r in log] == [1, 2]
