@@ -142,12 +142,17 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
+def predated_keys(old: dict, cur: dict, default: dict) -> list[str]:
+    """The flat keys of ``cur`` that ``old`` (written by an older twostep) lacks and ``cur`` leaves at their value in
+    ``default``: no change, as new keys default to the behaviour before them. All three flat (:func:`flatten`)."""
+    return [k for k in sorted(set(cur) - set(old)) if k in default and cur[k] == default[k]]
+
+
 def same_config(saved: dict, current: dict, defaults: dict) -> bool:
-    """Whether a config written earlier (``saved``) is ``current``, a key that ``saved`` predates counting as the
-    same when ``current`` leaves it at its value in ``defaults`` (new keys default to the behaviour before them)."""
-    old, cur, base = flatten(saved), flatten(current), flatten(defaults)
-    missing = object()
-    return set(old) <= set(cur) and all(old.get(k, base.get(k, missing)) == v for k, v in cur.items())
+    """Whether a config written earlier (``saved``) is ``current``, up to :func:`predated_keys`."""
+    old, cur = flatten(saved), flatten(current)
+    predates = set(predated_keys(old, cur, flatten(defaults)))
+    return set(old) <= set(cur) and all(old.get(k) == v for k, v in cur.items() if k not in predates)
 
 
 def class_defaults(cls: type[T]) -> T | None:

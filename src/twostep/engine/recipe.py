@@ -296,11 +296,18 @@ def generator_loss(student: Student, disc: Discriminator, batch: dict[str, Tenso
     return total, logs, out
 
 
+def dmd_sigmas(rc: RecipeConfig, x: Tensor, generator: torch.Generator) -> Tensor:
+    """``(B,)`` renoising levels for DMD's outputs ``x``: ``shift_sigma(u, dmd_sigma_shift)`` of ``u`` uniform in
+    ``[dmd_sigma_min, dmd_sigma_max]``, the same for the generator's gradient and the fake score's training."""
+    return sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator,
+                             shift=rc.dmd_sigma_shift).to(x.device)
+
+
 def distribution_matching(student: Student, x_hats: list[Tensor], cond: Conditioning, rc: RecipeConfig,
                           generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
     """The sum of :func:`~twostep.engine.dmd.dmd_loss` over :func:`dmd_outputs` (0 and no logs without DMD): the
-    teacher's and the fake score's clean estimates at ``sigma = shift_sigma(u, dmd_sigma_shift)``, ``u ~
-    U[dmd_sigma_min, dmd_sigma_max]``, drawn from ``generator`` (sigmas, then noise, per output)."""
+    teacher's and the fake score's clean estimates at :func:`dmd_sigmas`, drawn from ``generator`` (sigmas, then
+    noise, per output)."""
     outputs = dmd_outputs(rc, len(x_hats))
     total = x_hats[-1].new_zeros((), dtype=torch.float32)
     if not outputs:
@@ -317,8 +324,7 @@ def distribution_matching(student: Student, x_hats: list[Tensor], cond: Conditio
 
     for k in outputs:
         x = x_hats[k]
-        sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator,
-                                  shift=rc.dmd_sigma_shift).to(x.device)
+        sigma = dmd_sigmas(rc, x, generator)
         loss, part = dmd_loss(x, sigma, _randn_like(x, generator), real_x0, fake_x0)
         total = total + loss
         sfx = _suffix(k, len(x_hats))
@@ -329,8 +335,8 @@ def distribution_matching(student: Student, x_hats: list[Tensor], cond: Conditio
 def fake_score_step_loss(student: Student, batch: dict[str, Tensor], cond: Conditioning, rc: RecipeConfig,
                          generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
     """One update of the fake-score network: flow matching on sg(x_hat_k) of every output in :func:`dmd_outputs`
-    (fresh student outputs of this batch, computed without a graph), each at a level drawn as the generator's
-    (:func:`distribution_matching`). Returns ``(loss, logs)``."""
+    (fresh student outputs of this batch, computed without a graph), each at :func:`dmd_sigmas`. Returns
+    ``(loss, logs)``."""
     with torch.no_grad():
         x_hats = student_outputs(student, batch, cond, rc, generator)["x_hat"]
     total = x_hats[-1].new_zeros((), dtype=torch.float32)
@@ -338,8 +344,7 @@ def fake_score_step_loss(student: Student, batch: dict[str, Tensor], cond: Condi
     with student.fake_score() as fake:
         for k in dmd_outputs(rc, len(x_hats)):
             x = x_hats[k]
-            sigma = sample_dmd_sigmas(x.shape[0], rc.dmd_sigma_min, rc.dmd_sigma_max, generator,
-                                      shift=rc.dmd_sigma_shift).to(x.device)
+            sigma = dmd_sigmas(rc, x, generator)
             loss = fake_score_loss(x, sigma, _randn_like(x, generator),
                                    lambda x_sigma, s: fake.velocity(x_sigma, s, cond))
             total = total + loss

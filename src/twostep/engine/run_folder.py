@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from twostep.core.config import class_defaults, flatten, save_config, to_dict
+from twostep.core.config import class_defaults, flatten, predated_keys, save_config, to_dict
 from twostep.core.errors import TwostepError
 from twostep.core.utils import (
     check_output_dir,
@@ -77,7 +77,7 @@ def check_config_change(saved: dict, new: dict, where: str, allow_change: bool, 
     class's defaults) is no change: new keys default to the behaviour before them. Returns the changes accepted
     and the keys taken at their default, as ``"key: old -> new"``."""
     old, cur, default = flatten(saved), flatten(new), flatten(defaults or {})
-    predates = [k for k in sorted(set(cur) - set(old)) if k in default and cur[k] == default[k]]
+    predates = predated_keys(old, cur, default)
     changed = [k for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k) and k not in predates]
     fixed = [f"'{k}' ({old.get(k)!r} in {where}, {cur.get(k)!r} now)" for k in changed if _matches(k, identity_keys)]
     if fixed:

@@ -196,7 +196,8 @@ def count_parameters(config: dict[str, Any], lora_rank: int, lora_targets: list[
     from twostep.engine.student import StudentConfig
     from twostep.families.registry import all_families
 
-    layout = (family or all_families()[0]).transformer_layout(config)
+    family = family or all_families()[0]
+    layout = family.transformer_layout(config)
     model, blocks = layout["model"], layout["blocks"]
     with torch.device("meta"):
         disc = Discriminator(layout["dim"], layout["text_dim"], discriminator or _real_discriminator_config())
@@ -214,7 +215,7 @@ def count_parameters(config: dict[str, Any], lora_rank: int, lora_targets: list[
             "blocks": len(blocks), "dim": layout["dim"], "ffn_hidden": layout["ffn_hidden"],
             "lora_per_step": lora, "discriminator": sum(p.numel() for p in disc.parameters()),
             "cap_feat_dim": layout["text_dim"], "in_channels": layout["vae_latent_channels"], "patch": layout["patch"],
-            "text_padded": bool(layout.get("text_padded", False))}
+            "text_padded": family.prompt_padded}
 
 
 def _real_discriminator_config():
@@ -539,8 +540,7 @@ def request_from_config(cfg, **flags) -> PlanRequest:
                       params=cfg.student.params, lora_targets=list(cfg.student.lora_targets),
                       gradient_checkpointing=cfg.train.gradient_checkpointing, bf16=cfg.train.bf16,
                       base_dtype=cfg.model.dtype, discriminator=cfg.discriminator,
-                      adversarial=cfg.recipe.adv_weight > 0 or (cfg.recipe.step1_loss == "adversarial"
-                                                                and cfg.recipe.step1_weight > 0),
+                      adversarial=cfg.recipe.uses_discriminator,
                       dmd=cfg.recipe.uses_dmd, fake_steps_per_g=cfg.train.fake_steps_per_g,
                       fake_score_rank=cfg.student.fake_score_rank,
                       dmd_outputs=cfg.student.num_steps if cfg.recipe.uses_dmd and not cfg.recipe.end_to_end else 1)

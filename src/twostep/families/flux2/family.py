@@ -165,8 +165,7 @@ class Flux2KleinFamily(ModelFamily):
         return {"model": model, "main_blocks": blocks, "blocks": blocks, "dim": int(model.inner_dim),
                 "ffn_hidden": ffn, "text_dim": int(config["joint_attention_dim"]),
                 "patch": 2, "in_channels": int(config.get("in_channels", 128)),
-                "vae_latent_channels": int(config.get("in_channels", 128)) // 4,  # latents patchified 2x2
-                "text_padded": self.prompt_padded}
+                "vae_latent_channels": int(config.get("in_channels", 128)) // 4}  # latents patchified 2x2
 
 
 FAMILY = Flux2KleinFamily()
