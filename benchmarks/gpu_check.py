@@ -83,8 +83,7 @@ def make_target(family_name: str, tiny: bool) -> Target:
     if tiny:
         return Target(family, tiny_transformer_config_of(family_name), cfg, TINY_CAPTION_TOKENS)
     config = family.published_config()
-    padded = family.transformer_layout(config).get("text_padded", False)  # on the meta device
-    return Target(family, config, cfg, family.max_sequence_length if padded else CAPTION_TOKENS)
+    return Target(family, config, cfg, family.max_sequence_length if family.prompt_padded else CAPTION_TOKENS)
 
 
 def _gib(n: int | None) -> float | None:
